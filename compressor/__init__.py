@@ -1,0 +1,1 @@
+"""edgepack compressor: the five stages (depth, width, LoRA, GPTQ, EoRA), recipes and the pipeline."""

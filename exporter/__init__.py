@@ -1,0 +1,1 @@
+"""edgepack exporter: LoRA merge, safetensors and ONNX bundle writing, reference logits, manifest."""

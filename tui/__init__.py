@@ -1,0 +1,1 @@
+"""edgepack chat TUI (Textual) over runtime/."""

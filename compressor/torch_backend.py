@@ -1,0 +1,72 @@
+"""Harness backend for a Hugging Face causal LM in PyTorch (see runtime.harness.Backend).
+
+Batched on purpose: plain HF fp32 evaluation runs at ~100-150 tokens/s on a 2-core CPU one window at a
+time, so perplexity runs several windows per forward pass, and TriviaQA decodes left-padded batches.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.device import pick_device
+from runtime.errors import EdgepackError
+
+
+class TorchBackend:
+    def __init__(self, model, pad_id: int = 0, device: str | None = None):
+        self.device = pick_device(device)
+        self.model = model.to(self.device).eval()
+        self.pad_id = int(pad_id)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, pad_id: int = 0, device: str | None = None,
+                        dtype=torch.float32) -> "TorchBackend":
+        return cls(load_causal_lm(model_dir, dtype), pad_id, device)
+
+    @torch.no_grad()
+    def log_probs(self, ids: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=x, use_cache=False).logits
+        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+        from transformers import GenerationConfig
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding, so every row's next token is at the same column
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
+                               pad_token_id=self.pad_id)
+        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                  generation_config=gen)
+        results = []
+        for row in out[:, width:].tolist():
+            kept = []
+            for t in row:
+                if t in stop_ids:
+                    break
+                kept.append(t)
+            results.append(kept)
+        return results
+
+
+def load_causal_lm(model_dir: str | Path, dtype=torch.float32):
+    """Load an HF checkpoint directory for evaluation. Checkpoints whose layers were pruned to different
+    widths (compressor.channels) carry their per-layer shapes in config.json and load through that module."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise EdgepackError(f"{model_dir}: not a model directory (no config.json)")
+    config = AutoConfig.from_pretrained(model_dir)
+    if getattr(config, "edgepack_layer_widths", None):
+        from compressor.channels import load_channel_pruned
+
+        return load_channel_pruned(model_dir, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()

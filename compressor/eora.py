@@ -1,0 +1,147 @@
+"""Stage 5: EoRA, a training-free low-rank correction of the GPTQ error, with gptqmodel.
+
+For every quantized projection gptqmodel's EoRA finds A [r, in], B [out, r] such that W ≈ W_q + B·A where
+it matters: the error W - W_q is projected onto the eigenspace of the calibration activations' covariance
+before the truncated SVD, so the rank is spent on the input directions the model actually sees. Layers are
+processed in order with the corrected quantized weights, so each layer is fitted to the inputs the
+corrected model will give it. The result cannot be folded into int4 weights; it ships as a PEFT LoRA
+adapter and the runtime adds B(A x) to the int4 matmul's output.
+
+dtype choice (gptqmodel 7.5.0): `GPTQModel.adapter.generate` refuses float32 in two places, neither with an
+override: it loads the quantized model with BACKEND.GPTQ_TORCH, whose TorchLinear accepts only
+fp16/bf16, and EoraProcessor asserts the corrected weight is fp16/bf16. So the only supported knob is the
+`dtype` argument of generate(). We pass bfloat16 by default: on CPUs with AVX512-BF16 it is the fastest of
+the three (measured here on a SmolLM2-shaped block, 512 tokens: bf16 ~0.14 s, fp32 ~0.44 s, fp16 ~0.93 s;
+fp16 has no fast CPU kernels) and it cannot overflow on large activations. The precision cost is small:
+the covariance, eigendecomposition and SVD run in float32/float64 inside gptqmodel, only the weights and
+layer activations are held in bf16. "float16" is available as a setting (e.g. on CUDA).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.device import pick_device
+from compressor.gptq import (
+    calibration_rows,
+    check_model_dir,
+    gptqmodel_logs_into,
+    import_gptqmodel,
+    read_quantize_config,
+    staging_dir,
+)
+from runtime.errors import EdgepackError
+from runtime.fileio import atomic_write_json, sha256_file
+
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class EoraSettings:
+    rank: int = 32
+    calibration_samples: int = 128  # at most this many calibration rows are used (the first ones given)
+    dtype: str = "bfloat16"  # "bfloat16" or "float16": gptqmodel's EoRA refuses float32 (see module docstring)
+
+
+def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: EoraSettings | None = None) -> dict[str, Any]:
+    """Fit EoRA adapters for the GPTQ checkpoint `quantized_dir` of the float model `model_dir` and write
+    them to `out_dir` as a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json)."""
+    settings = settings or EoraSettings()
+    model_dir, quantized_dir, out_dir = Path(model_dir), Path(quantized_dir), Path(out_dir)
+    check_model_dir(model_dir)
+    read_quantize_config(quantized_dir)
+    if settings.dtype not in ("bfloat16", "float16"):
+        raise EdgepackError(f"eora dtype={settings.dtype!r}: gptqmodel's EoRA supports bfloat16 or float16 only")
+    if settings.rank < 1:
+        raise EdgepackError(f"eora rank={settings.rank}: must be >= 1")
+    rows = calibration_rows(calib_examples, settings.calibration_samples)
+
+    gptqmodel = import_gptqmodel()
+    from gptqmodel import GPTQModel
+    from gptqmodel.adapter.adapter import Lora
+
+    device = pick_device()
+    t0 = time.perf_counter()
+    with staging_dir(out_dir) as tmp, gptqmodel_logs_into(tmp / "logs"):
+        GPTQModel.adapter.generate(
+            adapter=Lora(rank=settings.rank, path=str(tmp)),
+            model_id_or_path=str(model_dir),
+            quantized_model_id_or_path=str(quantized_dir),
+            calibration_dataset=rows,
+            dtype=getattr(torch, settings.dtype),
+            device=device,
+        )
+        seconds = time.perf_counter() - t0
+        if not (tmp / ADAPTER_FILE).exists():
+            raise EdgepackError(f"{out_dir}: gptqmodel wrote no {ADAPTER_FILE}")
+        eora = load_eora(tmp)
+        record = {
+            "stage": "eora",
+            "settings": asdict(settings),
+            "source": str(model_dir),
+            "quantized": str(quantized_dir),
+            "gptqmodel_version": gptqmodel.__version__,
+            "device": device,
+            "calibration_rows": len(rows),
+            "calibration_tokens": sum(len(r) for r in rows),
+            "modules": len(eora),
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in eora}),
+            "extra_parameters": sum(a.numel() + b.numel() for a, b in eora.values()),
+            "seconds": round(seconds, 2),
+            "files": {ADAPTER_FILE: {"bytes": (tmp / ADAPTER_FILE).stat().st_size, "sha256": sha256_file(tmp / ADAPTER_FILE)}},
+        }
+        atomic_write_json(tmp / "eora_record.json", record)
+    return record
+
+
+def load_eora(eora_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A [r, in], B [out, r])} in float32 from a PEFT LoRA adapter, with PEFT's scaling
+    lora_alpha / r folded into B, so that the correction is exactly W_q + B·A.
+
+    gptqmodel saves lora_alpha = r (scaling 1) and its own runtime adds x·A·B with no scaling, so the two
+    readings agree."""
+    from safetensors.torch import load_file
+
+    eora_dir = Path(eora_dir)
+    cfg_path, weights_path = eora_dir / ADAPTER_CONFIG, eora_dir / ADAPTER_FILE
+    if not cfg_path.exists() or not weights_path.exists():
+        raise EdgepackError(f"{eora_dir}: not a LoRA adapter (needs {ADAPTER_CONFIG} and {ADAPTER_FILE})")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise EdgepackError(f"{cfg_path}: per-module rank/alpha patterns are not supported")
+    scaling = float(cfg.get("lora_alpha", cfg["r"])) / float(cfg["r"])
+    tensors = load_file(weights_path)
+    out = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[: -len(".lora_A.weight")].removeprefix(PEFT_PREFIX)
+        b = tensors.get(key.replace(".lora_A.weight", ".lora_B.weight"))
+        if b is None:
+            raise EdgepackError(f"{weights_path}: {name} has lora_A but no lora_B")
+        out[name] = (a.float(), b.float() * scaling)
+    if not out:
+        raise EdgepackError(f"{weights_path}: no lora_A/lora_B pairs")
+    return out
+
+
+def apply_eora_to_dequantized(state_dict: dict[str, torch.Tensor], eora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A new state dict with W_q + B·A for every corrected projection (for evaluation in plain torch;
+    the shipped model keeps the branch separate)."""
+    out = dict(state_dict)
+    for name, (a, b) in eora.items():
+        key = f"{name}.weight"
+        if key not in out:
+            raise EdgepackError(f"EoRA module {name} has no weight in the quantized checkpoint")
+        w = out[key]
+        if tuple(w.shape) != (b.shape[0], a.shape[1]):
+            raise EdgepackError(f"EoRA module {name}: B·A is {b.shape[0]}x{a.shape[1]}, weight is {tuple(w.shape)}")
+        out[key] = w.float() + b.float() @ a.float()
+    return out

@@ -1,0 +1,310 @@
+"""Stage 4: GPTQ 4-bit weight quantization with gptqmodel, and reading the result back in plain torch.
+
+gptqmodel does the quantization and writes a standard GPTQ checkpoint (format "gptq", the v1 layout that
+transformers, vLLM and GPTQModel load). Reading it back for evaluation does *not* go through gptqmodel's
+inference kernels by default, because on CPU none of them computes what the shipped int4 ONNX model
+computes:
+
+- the AUTO kernel (TorchFusedLinear, `_weight_int4pack_mm_for_cpu`) crashes when an in_features is not a
+  multiple of the group size (SmolLM2's K=576 with group 128);
+- GPTQ_TORCH (TorchLinear) refuses float32 and runs fp16/bf16 activations;
+- GPTQ_TORCH_INT8 re-quantizes the dequantized int4 weights to per-channel int8, a second lossy step.
+
+So `load_quantized` rebuilds the float32 model with the exact dequantized weights `s * (q - z)` (what
+onnxruntime's MatMulNBits computes); any gptqmodel backend can still be asked for by name.
+
+gptqmodel quirks handled here (7.5.0): it needs GPTQMODEL_CPU_WORKERS>=2 on a 2-core machine; it needs
+a tokenizer in the model directory even when given token ids; it writes per-run logs to ./logs of the
+current directory (redirected into the output directory); it drops calibration rows of <= 10 tokens.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compressor.device import pick_device
+from runtime.errors import EdgepackError
+from runtime.fileio import atomic_write_json, sha256_file
+
+MIN_CALIB_TOKENS = 11  # gptqmodel silently drops rows of <= 10 tokens (calibration_data_min_length=10)
+QUANT_TENSOR_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
+
+
+@dataclass
+class GptqSettings:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp_percent: float = 0.05  # gptqmodel's default; raised automatically (damp_auto_increment) if H is singular
+    calibration_samples: int = 256  # at most this many calibration rows are used (the first ones given)
+
+
+def import_gptqmodel():
+    """Import gptqmodel with the environment it needs on a small CPU machine.
+
+    With the default worker count (cpu_count/2 = 1 on a 2-core box) gptqmodel's CPU thread pool fails in
+    quantize(); 2 workers work. An explicit GPTQMODEL_CPU_WORKERS from the user wins."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import gptqmodel
+
+    return gptqmodel
+
+
+@contextmanager
+def gptqmodel_logs_into(log_dir: Path):
+    """gptqmodel writes one log file per processor run into ./logs relative to the current directory
+    (`gptqmodel.looper.loop_processor._PROJECT_LOG_DIR`, a private module constant). Point it into the
+    stage's own directory so runs leave nothing behind in the user's working directory."""
+    import gptqmodel.looper.loop_processor as lp
+
+    previous = getattr(lp, "_PROJECT_LOG_DIR", None)
+    if previous is None:  # a later gptqmodel without the constant: nothing to redirect
+        yield
+        return
+    lp._PROJECT_LOG_DIR = Path(log_dir)
+    try:
+        yield
+    finally:
+        lp._PROJECT_LOG_DIR = previous
+
+
+@contextmanager
+def staging_dir(out_dir: Path):
+    """A fresh sibling directory that becomes `out_dir` only when the block succeeds.
+
+    gptqmodel writes its files itself (not through runtime.fileio), so atomicity is at directory level:
+    everything is written into the staging directory and published with one rename; a crash leaves the
+    previous `out_dir` (or none) and a `.staging` folder that the next run deletes."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """gptqmodel loads the tokenizer of every model it loads, even when it is given token ids."""
+    if not (model_dir / "config.json").exists():
+        raise EdgepackError(f"{model_dir}: not a model directory (no config.json)")
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise EdgepackError(f"{model_dir}: no tokenizer files; gptqmodel needs the tokenizer saved next to the model")
+
+
+def calibration_rows(calib_examples, limit: int | None) -> list[list[int]]:
+    """Token-id rows for gptqmodel: lists of ints (or dicts with input_ids), long enough to be kept."""
+    rows = []
+    for i, ex in enumerate(calib_examples):
+        ids = ex["input_ids"] if isinstance(ex, dict) else ex
+        if torch.is_tensor(ids):
+            ids = ids.reshape(-1).tolist()
+        ids = [int(t) for t in ids]
+        if len(ids) >= MIN_CALIB_TOKENS:
+            rows.append(ids)
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise EdgepackError(f"calibration data: no example with at least {MIN_CALIB_TOKENS} tokens")
+    return rows
+
+
+def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqSettings | None = None) -> dict[str, Any]:
+    """Quantize the float checkpoint in `model_dir` (with its tokenizer) and write a GPTQ checkpoint to
+    `out_dir`. The model is loaded in float32: the LoRA merge before this stage is in float, and fp16
+    Hessians of a small model lose the precision GPTQ's error feedback relies on."""
+    settings = settings or GptqSettings()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_model_dir(model_dir)
+    rows = calibration_rows(calib_examples, settings.calibration_samples)
+
+    gptqmodel = import_gptqmodel()
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    device = pick_device()
+    qcfg = QuantizeConfig(
+        bits=settings.bits,
+        group_size=settings.group_size,
+        sym=settings.sym,
+        desc_act=settings.desc_act,
+        damp_percent=settings.damp_percent,
+        offload_to_disk=False,  # small models fit in memory; offloading only adds temp files
+    )
+    t0 = time.perf_counter()
+    with staging_dir(out_dir) as tmp, gptqmodel_logs_into(tmp / "logs"):
+        model = GPTQModel.load(str(model_dir), qcfg, dtype=torch.float32, device=device)
+        quant_log = model.quantize(rows, batch_size=1)
+        model.save(str(tmp))
+        del model
+        seconds = time.perf_counter() - t0
+        saved_cfg = json.loads((tmp / "quantize_config.json").read_text())
+        losses = module_losses(quant_log)
+        record = {
+            "stage": "gptq",
+            "settings": asdict(settings),
+            "source": str(model_dir),
+            "gptqmodel_version": gptqmodel.__version__,
+            "device": device,
+            "load_dtype": "float32",
+            "calibration_rows": len(rows),
+            "calibration_tokens": sum(len(r) for r in rows),
+            "quantize_config": saved_cfg,
+            "modules_quantized": len(losses),
+            "mean_module_loss": (sum(losses.values()) / len(losses)) if losses else None,
+            "module_loss": losses,
+            "seconds": round(seconds, 2),
+            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in sorted(tmp.glob("*.safetensors"))},
+        }
+        atomic_write_json(tmp / "gptq_record.json", record)
+    return record
+
+
+def module_losses(quant_log) -> dict[str, float]:
+    """Per-module GPTQ loss (the weighted reconstruction error gptqmodel reports) from quantize()'s log."""
+    out = {}
+    rows = quant_log.get("gptq", []) if isinstance(quant_log, dict) else []
+    for row in rows:
+        try:
+            out[f"layers.{row['layer']}.{row['module']}"] = float(row["loss"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a GPTQ checkpoint back
+
+
+def read_quantize_config(quant_dir: Path) -> dict:
+    path = Path(quant_dir) / "quantize_config.json"
+    if not path.exists():
+        raise EdgepackError(f"{quant_dir}: not a GPTQ checkpoint (no quantize_config.json)")
+    return json.loads(path.read_text())
+
+
+def checkpoint_tensors(quant_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(Path(quant_dir).glob("model*.safetensors"))
+    if not files:
+        raise EdgepackError(f"{quant_dir}: no model*.safetensors")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    return tensors
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unpack GPTQ's int32 words (32/bits codes per word, lowest bits first) along `dim`.
+
+    Written by hand: gptqmodel only unpacks inside its kernel classes, which need a loaded model and refuse
+    float32; the formula is the documented GPTQ layout and is tested against gptqmodel's own dequant."""
+    per_word = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    mask = (1 << bits) - 1
+    if dim == 0:  # qweight [K/per_word, N] -> [K, N]
+        codes = (packed.unsqueeze(1) >> shifts.view(1, per_word, 1)) & mask
+        return codes.reshape(packed.shape[0] * per_word, packed.shape[1])
+    codes = (packed.unsqueeze(2) >> shifts.view(1, 1, per_word)) & mask  # qzeros [G, N/per_word] -> [G, N]
+    return codes.reshape(packed.shape[0], packed.shape[1] * per_word)
+
+
+def dequantize_linear(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int) -> torch.Tensor:
+    """float32 weight [out, in] = scale * (q - zero), with the group of each input row from g_idx."""
+    q = unpack_int32(qweight, bits, dim=0).float()  # [K, N]
+    z = unpack_int32(qzeros, bits, dim=1)[:, : scales.shape[1]].float() + zero_offset  # [G, N]
+    groups = g_idx.long()
+    q = q[: groups.numel()]
+    w = scales.float()[groups] * (q - z[groups])
+    return w.t().contiguous()
+
+
+def dequantized_state_dict(quant_dir) -> dict[str, torch.Tensor]:
+    """The whole checkpoint as a float32 state dict: every GPTQ module's `qweight/qzeros/scales/g_idx`
+    becomes `<module>.weight = scale * (q - z)`; other tensors (embeddings, norms, lm_head) are cast.
+
+    Format "gptq" (v1) stores each zero point minus one, so z = stored + 1 (8 for symmetric 4-bit);
+    "gptq_v2" stores it as is."""
+    quant_dir = Path(quant_dir)
+    cfg = read_quantize_config(quant_dir)
+    bits = int(cfg.get("bits", 4))
+    if bits not in (2, 4, 8):
+        raise EdgepackError(f"{quant_dir}/quantize_config.json: bits={bits} not supported (2, 4 or 8)")
+    fmt = str(cfg.get("checkpoint_format", cfg.get("format", "gptq"))).lower()
+    if fmt not in ("gptq", "gptq_v2"):
+        raise EdgepackError(f"{quant_dir}/quantize_config.json: checkpoint format {fmt!r} is not GPTQ")
+    zero_offset = 1 if fmt == "gptq" else 0
+
+    tensors = checkpoint_tensors(quant_dir)
+    modules = sorted({k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")})
+    out = {}
+    for name in modules:
+        qweight = tensors[f"{name}.qweight"]
+        scales = tensors[f"{name}.scales"]
+        g_idx = tensors.get(f"{name}.g_idx")
+        if g_idx is None:  # checkpoints without g_idx use contiguous groups
+            k = qweight.shape[0] * (32 // bits)
+            g_idx = torch.arange(k) // int(cfg["group_size"])
+        out[f"{name}.weight"] = dequantize_linear(qweight, tensors[f"{name}.qzeros"], scales, g_idx, bits, zero_offset)
+    for key, t in tensors.items():
+        if key.endswith(QUANT_TENSOR_SUFFIXES):
+            continue
+        out[key] = t.float() if t.is_floating_point() else t
+    return out
+
+
+def float_model_from_state_dict(config_dir, state_dict: dict[str, torch.Tensor]):
+    """A float32 transformers model with the architecture of `config_dir` and the given weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights given are plain float tensors
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise EdgepackError(f"{config_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def load_quantized(quant_dir, backend: str = "dequant", device: str | None = None):
+    """A model of the GPTQ checkpoint in `quant_dir` that returns logits.
+
+    backend="dequant" (default): plain float32 transformers model with the exact dequantized weights, the
+    same numbers the int4 ONNX model uses; works on CPU for any shape. Any gptqmodel BACKEND value (e.g.
+    "gptq_torch_int8", "gptq_torch" with fp16/bf16) loads through gptqmodel's kernels instead."""
+    quant_dir = Path(quant_dir)
+    read_quantize_config(quant_dir)
+    device = pick_device(device)
+    if backend == "dequant":
+        return float_model_from_state_dict(quant_dir, dequantized_state_dict(quant_dir)).to(device)
+    import_gptqmodel()
+    from gptqmodel import GPTQModel
+
+    dtype = torch.float32 if backend in ("gptq_torch_int8", "auto") else torch.bfloat16
+    return GPTQModel.load(str(quant_dir), backend=backend, device=device, dtype=dtype).model.eval()

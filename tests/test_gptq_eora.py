@@ -1,0 +1,203 @@
+"""GPTQ (stage 4) and EoRA (stage 5) on a tiny Llama-3.2-shaped model, end to end with gptqmodel on CPU.
+
+The model is widened so every in_features (128, 256) is a multiple of the group size (32); one GPTQ run
+and one EoRA run are shared by all tests in this file (~30 s on 2 cores)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from runtime.errors import EdgepackError
+
+GROUP = 32
+RANK = 16
+VOCAB = 256
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def save_tiny_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
+    """gptqmodel loads a tokenizer with every model, so the tiny model needs one: a word-level vocabulary
+    't3'..'t255' with <pad>=0, <s>=1, </s>=2 matching the tiny config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                            unk_token="<pad>").save_pretrained(path)
+
+
+def calibration(n: int, seqlen: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, VOCAB, (seqlen - 1,), generator=g).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from compressor.eora import EoraSettings, generate_eora
+    from compressor.gptq import GptqSettings, quantize_gptq
+
+    root = tmp_path_factory.mktemp("gptq_eora")
+    base = root / "base"
+    model = make_tiny_llama("llama32", hidden_size=128, intermediate_size=256, head_dim=32)
+    model.save_pretrained(base)
+    save_tiny_tokenizer(base)
+    calib = calibration(24, 64, seed=1)
+    gptq_record = quantize_gptq(base, calib, root / "gptq", GptqSettings(group_size=GROUP, calibration_samples=16))
+    eora_record = generate_eora(base, root / "gptq", calib, root / "eora", EoraSettings(rank=RANK, calibration_samples=16))
+    return dict(root=root, base=base, model=model, calib=calib, gptq=gptq_record, eora=eora_record)
+
+
+@torch.no_grad()
+def logits_of(model, rows: list[list[int]]) -> torch.Tensor:
+    return model(input_ids=torch.tensor(rows)).logits.float()
+
+
+def test_gptq_writes_checkpoint_and_record(run):
+    q = run["root"] / "gptq"
+    rec = run["gptq"]
+    cfg = json.loads((q / "quantize_config.json").read_text())
+    assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (4, GROUP, True, False)
+    assert rec["calibration_rows"] == 16 and rec["calibration_tokens"] == 16 * 64
+    assert rec["modules_quantized"] == 4 * len(PROJ)
+    assert json.loads((q / "gptq_record.json").read_text())["settings"]["group_size"] == GROUP
+    assert (q / "tokenizer.json").exists() and "model.safetensors" in rec["files"]
+    assert list((q / "logs").glob("*.log")), "gptqmodel's run logs belong in the stage directory"
+    assert not list(run["root"].glob(".gptq.staging-*"))
+
+
+def test_dequantized_state_dict_matches_gptqmodel_dequantization(run):
+    """Our v1 unpacking (z = stored + 1) against gptqmodel's own TorchLinear.dequantize_weight. With fp16
+    scales, scale*(q-z) is exact in float32 and one rounding in fp16, so the two agree bit for bit."""
+    from compressor.gptq import dequantized_state_dict, import_gptqmodel
+
+    import_gptqmodel()
+    from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    ours = dequantized_state_dict(run["root"] / "gptq")
+    qm = GPTQModel.load(str(run["root"] / "gptq"), backend=BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float16)
+    checked = 0
+    for name, module in qm.model.named_modules():
+        if isinstance(module, TorchLinear):
+            theirs = module.dequantize_weight().T  # [out, in]
+            assert torch.equal(ours[f"{name}.weight"].half(), theirs), name
+            checked += 1
+    assert checked == 4 * len(PROJ)
+    assert not any(k.endswith((".qweight", ".qzeros", ".scales", ".g_idx")) for k in ours)
+    assert all(v.dtype == torch.float32 for v in ours.values() if v.is_floating_point())
+
+
+def test_dequantized_weights_are_a_4bit_grid_near_the_float_weights(run):
+    from compressor.gptq import dequantized_state_dict
+
+    deq = dequantized_state_dict(run["root"] / "gptq")
+    ref = run["model"].state_dict()
+    for name, w in deq.items():
+        if not any(name.endswith(f"{p}.weight") for p in PROJ):
+            assert torch.equal(w, ref[name]), name  # embeddings and norms pass through untouched
+            continue
+        rel = (w - ref[name]).norm() / ref[name].norm()
+        assert 0 < rel < 0.2, (name, rel)
+        groups = w.t().reshape(-1, GROUP, w.shape[0]).sort(dim=1).values  # [groups, GROUP, out]
+        levels = (groups[:, 1:] != groups[:, :-1]).sum(dim=1) + 1  # distinct values per (group, column)
+        assert levels.max() <= 16, name
+
+
+def test_load_quantized_gives_logits_close_to_the_float_model(run):
+    from compressor.gptq import load_quantized
+
+    rows = run["calib"][:4]
+    q = load_quantized(run["root"] / "gptq")
+    ref, got = logits_of(run["model"], rows), logits_of(q, rows)
+    assert got.shape == ref.shape
+    assert torch.isfinite(got).all()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.3, rel
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.5
+    # tied embeddings (Llama-3.2 style) survive the float rebuild
+    assert q.lm_head.weight.data_ptr() == q.model.embed_tokens.weight.data_ptr()
+
+
+def test_eora_adapter_layout(run):
+    from compressor.eora import load_eora
+
+    eora_dir = run["root"] / "eora"
+    cfg = json.loads((eora_dir / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == RANK
+    assert sorted(cfg["target_modules"]) == sorted(PROJ)
+    eora = load_eora(eora_dir)
+    assert len(eora) == 4 * len(PROJ) == run["eora"]["modules"]
+    ref = run["model"].state_dict()
+    for name, (a, b) in eora.items():
+        out_f, in_f = ref[f"{name}.weight"].shape
+        assert a.shape == (RANK, in_f) and b.shape == (out_f, RANK), name
+        assert a.dtype == b.dtype == torch.float32
+    assert json.loads((eora_dir / "eora_record.json").read_text())["settings"]["dtype"] == "bfloat16"
+
+
+def test_eora_reduces_the_quantization_error(run):
+    """On the calibration data, float model vs dequantized GPTQ model with and without W_q + B·A: EoRA must
+    shrink both the logits error and each projection's output error on the float model's own inputs."""
+    from compressor.eora import apply_eora_to_dequantized, load_eora
+    from compressor.gptq import dequantized_state_dict, float_model_from_state_dict
+
+    q_dir = run["root"] / "gptq"
+    deq = dequantized_state_dict(q_dir)
+    eora = load_eora(run["root"] / "eora")
+    corrected = apply_eora_to_dequantized(deq, eora)
+    rows = run["calib"][:16]
+    ref = logits_of(run["model"], rows)
+    err_q = (logits_of(float_model_from_state_dict(q_dir, deq), rows) - ref).pow(2).mean()
+    err_e = (logits_of(float_model_from_state_dict(q_dir, corrected), rows) - ref).pow(2).mean()
+    assert err_e < 0.8 * err_q, (err_e, err_q)
+
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args, output):
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
+
+    hooks = [m.register_forward_hook(keep_input(n)) for n, m in run["model"].named_modules() if n in eora]
+    try:
+        logits_of(run["model"], rows)
+    finally:
+        for h in hooks:
+            h.remove()
+    w = run["model"].state_dict()
+    improved = 0
+    for name in eora:
+        x, key = inputs[name], f"{name}.weight"
+        before = (x @ (w[key] - deq[key]).T).pow(2).mean()
+        after = (x @ (w[key] - corrected[key]).T).pow(2).mean()
+        improved += bool(after < before)
+    assert improved == len(eora), f"{improved}/{len(eora)} projections improved"
+
+
+def test_apply_eora_checks_shapes():
+    from compressor.eora import apply_eora_to_dequantized
+
+    sd = {"m.weight": torch.zeros(4, 6)}
+    out = apply_eora_to_dequantized(sd, {"m": (torch.ones(2, 6), torch.ones(4, 2))})
+    assert torch.equal(out["m.weight"], torch.full((4, 6), 2.0)) and torch.equal(sd["m.weight"], torch.zeros(4, 6))
+    with pytest.raises(EdgepackError, match="B·A is 4x5"):
+        apply_eora_to_dequantized(sd, {"m": (torch.ones(2, 5), torch.ones(4, 2))})
+    with pytest.raises(EdgepackError, match="no weight"):
+        apply_eora_to_dequantized(sd, {"x": (torch.ones(2, 6), torch.ones(4, 2))})
+
+
+def test_quantize_needs_a_tokenizer_next_to_the_model(tmp_path):
+    from compressor.gptq import quantize_gptq
+
+    make_tiny_llama("plain").save_pretrained(tmp_path / "m")
+    with pytest.raises(EdgepackError, match="no tokenizer"):
+        quantize_gptq(tmp_path / "m", calibration(2, 32, 0), tmp_path / "q")
+    with pytest.raises(EdgepackError, match="at least 11 tokens"):
+        save_tiny_tokenizer(tmp_path / "m")
+        quantize_gptq(tmp_path / "m", [[1, 2, 3]], tmp_path / "q")

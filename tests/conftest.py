@@ -78,6 +78,18 @@ def tiny_llama32():
     return make_tiny_llama("llama32")
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny LLaMA imported through `edgepack import` from a GGUF written in the test, so it is an HF
+    directory with a real byte-level tokenizer, like an imported SmolLM2."""
+    from compressor.importer import import_model
+    from gguf_fixture import write_tiny_llama_gguf
+
+    model = make_tiny_llama("plain", vocab_size=288, max_position_embeddings=512)
+    d = tmp_path_factory.mktemp("tiny")
+    return import_model(write_tiny_llama_gguf(model, d / "tiny.gguf"), d / "hf")
+
+
 def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("EDGEPACK_SLOW") == "1"
     if run_slow:

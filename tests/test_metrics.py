@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from gguf_fixture import write_tiny_llama_gguf
 from runtime import metrics
 
 
@@ -56,17 +55,6 @@ def test_topk_kl_is_a_close_lower_bound_of_full_kl():
     ids_all, lp_all = metrics.topk_reference(p, 300)
     np.testing.assert_allclose(metrics.topk_kl(ids_all, lp_all, q), full, rtol=1e-4, atol=1e-6)
     assert np.allclose(metrics.topk_kl(ids, lp, p), 0.0, atol=1e-6)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A tiny LLaMA imported through the GGUF path, so it has a real byte-level tokenizer."""
-    from compressor.importer import import_model
-
-    model = make_tiny_llama("plain", vocab_size=288, max_position_embeddings=512)
-    d = tmp_path_factory.mktemp("tiny")
-    out = import_model(write_tiny_llama_gguf(model, d / "tiny.gguf"), d / "hf")
-    return out
 
 
 def test_perplexity_equals_exp_mean_nll_from_hf_loss(tiny_checkpoint):

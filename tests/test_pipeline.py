@@ -1,0 +1,90 @@
+"""Recipes and the resumable pipeline, on a tiny imported model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from compressor import pipeline, stages
+from compressor.recipe import Calibration, DepthStage, Recipe, WidthStage, load_recipe, parse_preset
+from runtime.errors import EdgepackError
+from runtime.harness import EvalLimits
+
+TINY_LIMITS = EvalLimits(ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext",
+                         triviaqa="tiny-triviaqa")
+
+
+def tiny_recipe(model_dir, **stages_) -> Recipe:
+    return Recipe(name="t", model=str(model_dir), calibration=Calibration(samples=4, seqlen=32, batch_size=2),
+                  **stages_)
+
+
+def test_presets_parse_with_seed_notation():
+    r = parse_preset("D2+W1:8 lora=triviaqa quant=eora order=DLW")
+    assert r.depth.remove == 2 and (r.width.n, r.width.m) == (1, 8) and r.width.sparsity == 0.125
+    assert r.lora.dataset == "triviaqa" and r.gptq and r.eora.rank == 32
+    assert r.stage_names() == ["depth", "lora", "width", "gptq", "eora"]
+    assert parse_preset("W12:16").width.sparsity == 0.75
+    assert "12 pruned of every 16" in parse_preset("W12:16").describe()
+    for bad in ("W8:8", "X1", "D2 lora=books", "D2 quant=awq"):
+        with pytest.raises(EdgepackError):
+            parse_preset(bad)
+
+
+def test_toml_recipe_and_errors(tmp_path):
+    f = tmp_path / "r.toml"
+    f.write_text('name = "x"\npreset = "D2"\n[width]\nn = 2\nm = 4\n[calibration]\nsamples = 8\n')
+    r = load_recipe(f)
+    assert r.name == "x" and r.depth.remove == 2 and (r.width.n, r.width.m) == (2, 4) and r.calibration.samples == 8
+    f.write_text("[width]\nnn = 2\n")
+    with pytest.raises(EdgepackError, match="unknown setting"):
+        load_recipe(f)
+    f.write_text("[width\n")
+    with pytest.raises(EdgepackError, match="invalid TOML"):
+        load_recipe(f)
+
+
+def test_pipeline_resumes_after_interrupt_without_redoing_stages(tiny_checkpoint, tmp_path, monkeypatch):
+    calls = {"depth": 0, "width": 0}
+    real = dict(stages.STAGE_FUNCTIONS)
+
+    def counting(name, fail=False):
+        def run(ctx, src, out):
+            calls[name] += 1
+            if fail:
+                raise KeyboardInterrupt
+            return real[name](ctx, src, out)
+        return run
+
+    recipe = tiny_recipe(tiny_checkpoint, depth=DepthStage(remove=1), width=WidthStage(n=1, m=4))
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "depth", counting("depth"))
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "width", counting("width", fail=True))
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(recipe, tmp_path / "work", final_eval=False, log=lambda m: None)
+    assert (tmp_path / "work/01-depth/record.json").exists()
+    assert not (tmp_path / "work/02-width/record.json").exists()
+
+    monkeypatch.setitem(stages.STAGE_FUNCTIONS, "width", counting("width"))
+    summary = pipeline.run_pipeline(recipe, tmp_path / "work", eval_limits=TINY_LIMITS, log=lambda m: None)
+    assert calls == {"depth": 1, "width": 2}  # depth was not redone
+    assert [s["stage"] for s in summary["stages"]] == ["depth", "width"]
+    cfg = json.loads((tmp_path / "work/02-width/model/config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3
+    assert summary["eval"]["wikitext"]["windows"] == 2
+
+    # same recipe again: nothing runs; a changed width setting reruns width only
+    pipeline.run_pipeline(recipe, tmp_path / "work", final_eval=False, log=lambda m: None)
+    assert calls == {"depth": 1, "width": 2}
+    recipe.width = WidthStage(n=2, m=4)
+    pipeline.run_pipeline(recipe, tmp_path / "work", final_eval=False, log=lambda m: None)
+    assert calls == {"depth": 1, "width": 3}
+
+
+def test_depth_stage_records_every_layer_score(tiny_checkpoint, tmp_path):
+    recipe = tiny_recipe(tiny_checkpoint, depth=DepthStage(remove=2))
+    summary = pipeline.run_pipeline(recipe, tmp_path / "w", final_eval=False, log=lambda m: None)
+    rec = summary["stages"][0]
+    assert len(rec["layer_scores"]) == 4 and len(rec["dropped"]) == 2
+    ranked = sorted(range(4), key=lambda i: rec["layer_scores"][i])
+    assert sorted(rec["dropped"]) == sorted(ranked[:2])
+    assert rec["params"]["dense"] < 1e6

@@ -20,7 +20,6 @@ current directory (redirected into the output directory); it drops calibration r
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -133,8 +132,8 @@ def calibration_rows(calib_examples, limit: int | None) -> list[list[int]]:
 
 def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqSettings | None = None) -> dict[str, Any]:
     """Quantize the float checkpoint in `model_dir` (with its tokenizer) and write a GPTQ checkpoint to
-    `out_dir`. The model is loaded in float32: the LoRA merge before this stage is in float, and fp16
-    Hessians of a small model lose the precision GPTQ's error feedback relies on."""
+    `out_dir`. The model is loaded in float32, so GPTQ rounds the exact float weights the LoRA merge wrote
+    (not an fp16/bf16 copy of them); calibration rows are used as given, one per batch."""
     settings = settings or GptqSettings()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)

@@ -1,0 +1,473 @@
+"""Stage 3: LoRA fine-tuning with peft, checkpointed and resumable, and the float merge that keeps N:M masks.
+
+Training data arrives as token ids: a list of (input_ids, labels) pairs, labels -100 where no loss is taken
+(the prompt of a TriviaQA example; nothing in a WikiText window). The loop is plain torch: AdamW, gradient
+accumulation, linear warmup then cosine decay, held-out loss every `eval_every` steps.
+
+Checkpoints (adapter, optimizer, RNG, step, loss history) go to `out_dir/checkpoints/step-NNNNNN/` every
+`checkpoint_every` steps, each written into a temporary directory and published with one rename, then
+`out_dir/latest.json` is replaced atomically to point at it. Calling `train_lora` again with the same
+`out_dir` resumes from there; the batch order is a pure function of (seed, step), so an interrupted run
+resumed to the end gives the same adapter as an uninterrupted one. No pickle: safetensors and JSON only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compressor.device import pick_device
+from runtime.errors import EdgepackError
+from runtime.fileio import atomic_write_bytes, atomic_write_json, read_json
+
+Example = tuple[list[int], list[int]]
+IGNORE = -100
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# Settings that may change between a run and its resumption; any other change means a different training run.
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    steps: int = 200  # optimizer steps
+    samples: int | None = None  # use the first `samples` training examples (None: all)
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    checkpoint_every: int = 50
+    seed: int = 0
+    max_len: int = 512
+    pad_id: int = 0  # any id works: padded positions are masked out of attention and loss
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Examples
+
+
+def pack_lm_windows(token_ids: list[int], seqlen: int) -> list[Example]:
+    """Non-overlapping windows of `seqlen` tokens from one token stream, every token a target (the model
+    shifts labels itself). The ragged tail is dropped, as in the perplexity protocol."""
+    if seqlen < 2:
+        raise EdgepackError(f"lora seqlen={seqlen}: must be >= 2")
+    return [(list(token_ids[i:i + seqlen]), list(token_ids[i:i + seqlen]))
+            for i in range(0, len(token_ids) - seqlen + 1, seqlen)]
+
+
+def qa_example(prompt_ids: list[int], answer_ids: list[int], eos_id: int | None) -> Example:
+    """Prompt followed by answer (+ EOS, so the model learns to stop); loss only on the answer and EOS."""
+    target = list(answer_ids) + ([eos_id] if eos_id is not None else [])
+    return list(prompt_ids) + target, [IGNORE] * len(prompt_ids) + target
+
+
+def prepare_examples(examples: list[Example], max_len: int) -> tuple[list[Example], int]:
+    """Keep the last `max_len` tokens of each example (QA targets sit at the end) and drop examples that
+    are left with no predicted token (labels beyond position 0). Returns (kept, number dropped)."""
+    kept = []
+    for ids, labels in examples:
+        if len(ids) != len(labels):
+            raise EdgepackError(f"lora example: {len(ids)} input ids but {len(labels)} labels")
+        ids, labels = list(ids[-max_len:]), list(labels[-max_len:])
+        if any(t != IGNORE for t in labels[1:]):
+            kept.append((ids, labels))
+    return kept, len(examples) - len(kept)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def data_fingerprint(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ids, labels in examples:
+        h.update(json.dumps([ids, labels]).encode())
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def micro_batch(n: int, batch_size: int, seed: int, index: int) -> list[int]:
+    """Example indices of micro-batch `index`: the stream of shuffled epochs, cut into batches. A pure
+    function of its arguments, so resuming needs no data-loader state."""
+    out = []
+    for pos in range(index * batch_size, (index + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        out.append(epoch_order(n, seed, epoch)[i])
+    return out
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup then cosine decay to zero. Written out (4 lines) rather than a scheduler object so
+    that a resumed run with a different total step count gets the schedule for its new total."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL over labelled positions and their count (token-weighted, unlike HF's loss,
+    so held-out numbers do not depend on how examples fall into batches)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                          ignore_index=IGNORE, reduction="sum")
+    return nll, int((targets != IGNORE).sum())
+
+
+@torch.no_grad()
+def heldout_loss(model, examples: list[Example], settings: LoraSettings, device) -> float | None:
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), settings.batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + settings.batch_size], settings.pad_id).items()}
+        s, c = nll_sum(model, batch)
+        total, count = total + float(s), count + c
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter
+
+
+def attach_lora(model, settings: LoraSettings):
+    """Wrap a plain transformers model with fresh LoRA adapters (peft); the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model, "peft_config"):
+        raise EdgepackError("attach_lora: the model already carries a peft adapter; pass the base model")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(settings.seed)  # LoRA A's initialisation
+    return get_peft_model(model, config)
+
+
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state(peft_model, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(peft_model, tensors)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise EdgepackError(f"{source}: adapter keys do not match the model ({unexpected[:2]})")
+
+
+def adapter_config_json(peft_model) -> dict:
+    cfg = peft_model.peft_config["default"].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+
+
+def save_adapter(peft_model, adapter_dir: Path) -> None:
+    """PEFT's own layout (adapter_model.safetensors + adapter_config.json), written through fileio."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(adapter_dir / ADAPTER_FILE, save(adapter_state(peft_model)))
+    atomic_write_json(adapter_dir / ADAPTER_CONFIG, adapter_config_json(peft_model))
+
+
+def load_lora(model, out_dir, settings: LoraSettings | None = None):
+    """The base model with the trained adapter of `out_dir/adapter` attached, e.g. to merge it in a later
+    process. Settings default to the ones recorded with the adapter."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(out_dir) / "adapter"
+    if not (adapter_dir / ADAPTER_FILE).exists():
+        raise EdgepackError(f"{adapter_dir}: no trained adapter ({ADAPTER_FILE})")
+    if settings is None:
+        settings = settings_from_json(read_json(Path(out_dir) / "lora_record.json")["settings"])
+    peft_model = attach_lora(model, settings)
+    load_adapter_state(peft_model, load_file(adapter_dir / ADAPTER_FILE), adapter_dir)
+    return peft_model
+
+
+def settings_from_json(d: dict) -> LoraSettings:
+    d = dict(d)
+    d["target_modules"] = tuple(d["target_modules"])
+    return LoraSettings(**d)
+
+
+def settings_json(settings: LoraSettings) -> dict:
+    return json.loads(json.dumps(asdict(settings)))  # tuples become lists, as they read back
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def optimizer_to_files(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state as safetensors tensors ("<param index>.<name>") plus JSON for the rest."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(tensors["cuda"]))
+
+
+def save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, state: dict) -> Path:
+    from safetensors.torch import save
+
+    ckpt_root = out_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_root))
+    try:
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
+        atomic_write_bytes(tmp / ADAPTER_FILE, save(adapter_state(peft_model)))
+        atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
+        atomic_write_bytes(tmp / "rng.safetensors", save(rng_tensors()))
+        atomic_write_json(tmp / "trainer_state.json", dict(state, step=step, optimizer=opt_meta))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_json(out_dir / "latest.json", {"checkpoint": f"checkpoints/{final.name}", "step": step})
+    for old in ckpt_root.iterdir():  # only the checkpoint latest.json names is needed
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
+    latest = out_dir / "latest.json"
+    if not latest.exists():
+        return None
+    ckpt = out_dir / read_json(latest)["checkpoint"]
+    state_path = ckpt / "trainer_state.json"
+    if not state_path.exists():
+        raise EdgepackError(f"{latest}: names {ckpt}, which has no trainer_state.json")
+    return ckpt, read_json(state_path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train_lora(model, train_examples: list[Example], heldout_examples: list[Example], settings: LoraSettings,
+               out_dir) -> tuple[Any, dict[str, Any]]:
+    """Train LoRA adapters on `model` (a plain transformers model, left frozen) and return
+    (peft_model, record). Resumes from `out_dir`'s last checkpoint when there is one for the same run.
+
+    The final adapter is written to `out_dir/adapter/` (PEFT layout) and the record to
+    `out_dir/lora_record.json`; merge with `merge_lora(peft_model, masks)`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if settings.steps < 1 or settings.batch_size < 1 or settings.grad_accum < 1:
+        raise EdgepackError("lora: steps, batch_size and grad_accum must be >= 1")
+    train, dropped = prepare_examples(train_examples[: settings.samples] if settings.samples else train_examples,
+                                      settings.max_len)
+    heldout, _ = prepare_examples(heldout_examples, settings.max_len)
+    if not train:
+        raise EdgepackError("lora: no training example has a token to learn (all labels are -100)")
+    fingerprint = data_fingerprint(train)
+
+    device = pick_device()
+    peft_model = attach_lora(model, settings).to(device)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    history = {"train_loss": [], "heldout_loss": []}
+    start_step, seconds_before = 0, 0.0
+    resumed = load_checkpoint(out_dir)
+    if resumed is not None:
+        ckpt, state = resumed
+        check_same_run(state, settings, fingerprint, ckpt)
+        from safetensors.torch import load_file
+
+        if state["step"] > settings.steps:
+            raise EdgepackError(f"{ckpt}: already at step {state['step']} > steps={settings.steps}; use a new out_dir")
+        load_adapter_state(peft_model, load_file(ckpt / ADAPTER_FILE), ckpt)
+        optimizer_from_files(optimizer, load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
+        restore_rng(load_file(ckpt / "rng.safetensors"))
+        start_step, seconds_before, history = state["step"], state["seconds"], state["history"]
+    else:
+        torch.manual_seed(settings.seed + 1)  # dropout stream, independent of LoRA A's initialisation
+
+    def checkpoint_state(elapsed: float) -> dict:
+        return {"settings": settings_json(settings), "data_sha256": fingerprint, "history": history,
+                "seconds": round(seconds_before + elapsed, 2)}
+
+    t0 = time.perf_counter()
+    peft_model.train()
+    if start_step == 0 and heldout:
+        history["heldout_loss"].append([0, heldout_loss(peft_model, heldout, settings, device)])
+    bar = tqdm(total=settings.steps, initial=start_step, desc="LoRA", unit="step", dynamic_ncols=True)
+    for step in range(start_step, settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * lr_factor(step, settings.warmup_steps, settings.steps)
+        step_loss = 0.0
+        for micro in range(settings.grad_accum):
+            idx = micro_batch(len(train), settings.batch_size, settings.seed, step * settings.grad_accum + micro)
+            batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], settings.pad_id).items()}
+            nll, count = nll_sum(peft_model, batch)
+            loss = nll / max(count, 1)
+            (loss / settings.grad_accum).backward()
+            step_loss += float(loss.detach()) / settings.grad_accum
+        if settings.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        history["train_loss"].append([done, round(step_loss, 6)])
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if heldout and (done % settings.eval_every == 0 or done == settings.steps):
+            h = heldout_loss(peft_model, heldout, settings, device)
+            history["heldout_loss"].append([done, h])
+            bar.write(f"step {done}: held-out loss {h:.4f}")
+        if done % settings.checkpoint_every == 0 or done == settings.steps:
+            save_checkpoint(out_dir, done, peft_model, optimizer, checkpoint_state(time.perf_counter() - t0))
+    bar.close()
+    peft_model.eval()
+
+    save_adapter(peft_model, out_dir / "adapter")
+    record = {
+        "stage": "lora",
+        "settings": settings_json(settings),
+        "device": device,
+        "train_examples": len(train),
+        "train_examples_dropped": dropped,
+        "heldout_examples": len(heldout),
+        "data_sha256": fingerprint,
+        "start_step": start_step,
+        "final_step": settings.steps,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "train_loss": history["train_loss"],
+        "heldout_loss": history["heldout_loss"],
+        "seconds": round(seconds_before + time.perf_counter() - t0, 2),
+        "adapter_dir": "adapter",
+    }
+    atomic_write_json(out_dir / "lora_record.json", record)
+    return peft_model, record
+
+
+def check_same_run(state: dict, settings: LoraSettings, fingerprint: str, ckpt: Path) -> None:
+    saved = {k: v for k, v in state["settings"].items() if k not in RESUMABLE_CHANGES}
+    now = {k: v for k, v in settings_json(settings).items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in now if saved.get(k) != now[k])
+    if changed:
+        raise EdgepackError(f"{ckpt}: checkpoint was trained with different settings ({', '.join(changed)}); "
+                            "use a new out_dir")
+    if state["data_sha256"] != fingerprint:
+        raise EdgepackError(f"{ckpt}: checkpoint was trained on different data; use a new out_dir")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merge
+
+
+def merge_lora(model_with_adapter, masks: dict[str, torch.Tensor] | None = None, keep_dense: bool = False):
+    """Merge the adapter into the base weights in float32 (peft merge_and_unload) and return
+    (merged plain model, record).
+
+    A LoRA delta B·A is dense: merged into an N:M-pruned weight it fills the pruned zeros. With `masks`
+    ({module name: BoolTensor, True = kept}, as the width stage saves them) the merge zeroes those
+    positions again, unless `keep_dense`. Either way the record says how much of the delta's Frobenius
+    norm falls on pruned positions, i.e. what re-masking removed (or would have removed)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not hasattr(model_with_adapter, "merge_and_unload"):
+        raise EdgepackError("merge_lora: expected the peft model returned by train_lora/load_lora")
+    model_with_adapter = model_with_adapter.float()
+    deltas = {}
+    for name, module in model_with_adapter.base_model.model.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                deltas[name] = deltas.get(name, 0) + module.get_delta_weight(adapter).detach().float()
+    merged = model_with_adapter.merge_and_unload()
+
+    masks = {k.removesuffix(".weight"): v for k, v in (masks or {}).items()}
+    removed_sq, per_module = 0.0, {}
+    total_sq = sum(float(d.pow(2).sum()) for d in deltas.values())
+    for name, mask in masks.items():
+        try:
+            weight = merged.get_submodule(name).weight
+        except AttributeError:
+            raise EdgepackError(f"merge_lora: mask names module {name!r}, which the model does not have") from None
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise EdgepackError(f"merge_lora: mask for {name} is {tuple(mask.shape)}, weight is {tuple(weight.shape)}")
+        mask = mask.to(device=weight.device, dtype=torch.bool)
+        if name in deltas:
+            off = float(deltas[name].to(weight.device)[~mask].pow(2).sum())
+            removed_sq += off
+            per_module[name] = math.sqrt(off / max(float(deltas[name].pow(2).sum()), 1e-30))
+        if not keep_dense:
+            with torch.no_grad():
+                weight.masked_fill_(~mask, 0.0)
+    record = {
+        "lora_modules_merged": len(deltas),
+        "masks_given": len(masks),
+        "mask_policy": "none" if not masks else ("kept_dense" if keep_dense else "reapplied"),
+        "delta_norm_fraction_on_pruned": math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0,
+        "delta_norm_fraction_on_pruned_by_module": per_module,
+    }
+    return merged, record

@@ -26,14 +26,21 @@ from pathlib import Path
 
 from compressor.importer import MODELS_DIR
 from compressor.recipe import Recipe, settings_hash
-from compressor.stages import STAGE_FUNCTIONS, StageContext
+import numpy as np
+
+from compressor.stages import STAGE_FUNCTIONS, StageContext, load_stage_model
+from compressor.torch_backend import load_causal_lm
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_write_json, sha256_file
 from runtime.harness import EvalLimits, evaluate, format_summary
+from runtime.reference import Reference
 from runtime.tokenizer import TextTokenizer
 
 # Stages whose settings depend on the calibration windows.
 USES_CALIBRATION = {"depth", "width", "channels"}
+# Stages evaluated as soon as they finish, so the record shows what each one cost or won (GPTQ and EoRA also
+# get KL divergence and top-1 agreement against the unquantized model of the same run).
+EVAL_AFTER = {"lora", "gptq", "eora"}
 
 
 def slug(name: str) -> str:
@@ -69,7 +76,7 @@ def _read_record(path: Path) -> dict | None:
 
 
 def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalLimits | None = None,
-                 final_eval: bool = True, log=print) -> dict:
+                 final_eval: bool = True, stage_eval: bool = True, log=print) -> dict:
     """Run (or resume) `recipe`; returns the summary (also written to workdir/summary.json)."""
     source = Path(recipe.model)
     if not (source / "config.json").exists():
@@ -81,20 +88,23 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
     ctx = StageContext(recipe=recipe, tokenizer=tokenizer, source_dir=source, workdir=workdir)
 
     previous_fp, previous_dir = source_fingerprint(source), source
-    records = []
+    records, last = [], None
     stages = recipe.stage_names()
     log(f"recipe {recipe.name!r}: {recipe.describe()}")
     log(f"work directory {workdir}; stages: {' → '.join(stages) or 'none'}")
     for index, stage in enumerate(stages, 1):
         sdir = workdir / f"{index:02d}-{stage}"
         fp = stage_fingerprint(recipe, stage, previous_fp)
+        ctx.inputs[stage] = previous_dir
         record = _read_record(sdir / "record.json")
-        if record and record.get("fingerprint") == fp and (sdir / "model").exists():
+        if record and record.get("fingerprint") == fp and (sdir / record.get("output", "model")).exists():
             log(f"[{index}/{len(stages)}] {stage}: done earlier ({record['seconds']:.0f} s), reusing")
         else:
-            if sdir.exists():
-                shutil.rmtree(sdir)  # stale or half-finished: its settings or input changed
-            sdir.mkdir(parents=True)
+            started = _read_record(sdir / "started.json")
+            if sdir.exists() and not (started and started.get("fingerprint") == fp):
+                shutil.rmtree(sdir)  # stale: its settings or input changed
+            sdir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(sdir / "started.json", {"fingerprint": fp})  # same fingerprint: keep partial work
             log(f"[{index}/{len(stages)}] {stage}: running")
             t0 = time.perf_counter()
             facts = STAGE_FUNCTIONS[stage](ctx, previous_dir, sdir)
@@ -113,22 +123,66 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
             log(f"[{index}/{len(stages)}] {stage}: finished in {record['seconds']:.0f} s")
         if stage == "width":
             ctx.masks_path = sdir / "masks.safetensors"
+        if stage_eval and stage in EVAL_AFTER and not (final_eval and index == len(stages)):
+            record["eval"] = evaluate_stage(ctx, stage, sdir, record, eval_limits or EvalLimits(), log)
         records.append(record)
-        previous_fp, previous_dir = fp, sdir / "model"
+        previous_fp, previous_dir = fp, sdir / record.get("output", "model")
+        last = (stage, sdir, record)
 
     summary = {"recipe": recipe.to_dict(), "description": recipe.describe(), "stages": records,
                "final_model": str(previous_dir), "fingerprint": previous_fp}
     if final_eval:
-        summary["eval"] = evaluate_cached(previous_dir, workdir, previous_fp, eval_limits or EvalLimits(), tokenizer,
-                                          log=log)
+        limits = eval_limits or EvalLimits()
+        if stages:
+            stage, sdir, record = last
+            summary["eval"] = evaluate_stage(ctx, stage, sdir, record, limits, log)
+            record["eval"] = summary["eval"]
+        else:
+            summary["eval"] = evaluate_cached(lambda: load_causal_lm(source), workdir, previous_fp, limits, tokenizer,
+                                              log=log)
     atomic_write_json(workdir / "summary.json", summary)
     return summary
 
 
-def evaluate_cached(model_dir: Path, workdir: Path, fingerprint: str, limits: EvalLimits, tokenizer: TextTokenizer,
-                    log=print) -> dict:
+def evaluate_stage(ctx: StageContext, stage: str, sdir: Path, record: dict, limits: EvalLimits, log=print) -> dict:
+    reference = None
+    if stage in ("gptq", "eora"):
+        float_dir = ctx.inputs["gptq"]
+        reference = reference_for(float_dir, ctx.workdir, limits, ctx.tokenizer, log)
+    return evaluate_cached(lambda: load_stage_model(stage, sdir, record), ctx.workdir, record["fingerprint"], limits,
+                           ctx.tokenizer, log=log, reference=reference)
+
+
+def reference_for(model_dir: Path, workdir: Path, limits: EvalLimits, tokenizer: TextTokenizer, log=print,
+                  k: int = 32) -> Reference:
+    """Top-k log-probabilities of an unquantized model on the evaluation windows (cached per limits)."""
+    from compressor.torch_backend import TorchBackend
+    from runtime import metrics
+    from runtime.datasets import wikitext_eval_text
+
+    key = settings_hash({"model": str(model_dir), "ctx": limits.ctx, "windows": limits.ppl_windows, "k": k})
+    path = workdir / "evals" / f"reference-{key}.safetensors"
+    if path.exists():
+        return Reference.load(path)
+    log(f"reference log-probabilities of {model_dir} (top-{k})")
+    windows = metrics.perplexity_windows(tokenizer.encode(wikitext_eval_text(limits.wikitext)), limits.ctx,
+                                         limits.ppl_windows)
+    backend = TorchBackend(load_causal_lm(model_dir), pad_id=tokenizer.pad_id)
+    ids, lps = [], []
+    for start in range(0, len(windows), limits.batch_size):
+        logp = backend.log_probs(windows[start : start + limits.batch_size])[:, :-1]
+        i, lp = metrics.topk_reference(logp.reshape(-1, logp.shape[-1]), k)
+        ids.append(i.reshape(logp.shape[0], -1, k))
+        lps.append(lp.reshape(logp.shape[0], -1, k))
+    ref = Reference(windows, np.concatenate(ids), np.concatenate(lps))
+    ref.save(path)
+    return ref
+
+
+def evaluate_cached(load_model, workdir: Path, fingerprint: str, limits: EvalLimits, tokenizer: TextTokenizer,
+                    log=print, reference: Reference | None = None) -> dict:
     """Evaluate a stage's model once per (fingerprint, limits); later calls read the cached result."""
-    key = settings_hash({"fp": fingerprint, "limits": dataclasses.asdict(limits)})
+    key = settings_hash({"fp": fingerprint, "limits": dataclasses.asdict(limits), "kl": reference is not None})
     cache = workdir / "evals" / f"{key}.json"
     cached = _read_record(cache)
     if cached:
@@ -136,10 +190,9 @@ def evaluate_cached(model_dir: Path, workdir: Path, fingerprint: str, limits: Ev
         return cached
     from compressor.torch_backend import TorchBackend
 
-    log(f"evaluating {model_dir} ({limits.describe()})")
-    backend = TorchBackend.from_pretrained(model_dir, pad_id=tokenizer.pad_id)
-    result = evaluate(backend, tokenizer, limits)
-    result["model_dir"] = str(model_dir)
+    log(f"evaluating ({limits.describe()})")
+    backend = TorchBackend(load_model(), pad_id=tokenizer.pad_id)
+    result = evaluate(backend, tokenizer, limits, reference=reference)
     atomic_write_json(cache, result)
     log(format_summary(result))
     return result

@@ -32,6 +32,7 @@ class StageContext:
     device: str = field(default_factory=pick_device)
     _calib: torch.Tensor | None = None
     masks_path: Path | None = None  # set by the width stage, read by the LoRA merge
+    inputs: dict = field(default_factory=dict)  # stage name -> the checkpoint it started from
 
     def calib_ids(self) -> torch.Tensor:
         if self._calib is None:
@@ -117,10 +118,98 @@ def run_channels(ctx: StageContext, src: Path, out: Path) -> dict:
 
     s = ctx.recipe.channels
     model = load_causal_lm(src).to(ctx.device)
+    # FFN widths rounded to a multiple of 32: int4 blocks and N:M groups then tile them exactly
     widths = prune_channels(model, ctx.calib_ids(), ffn_keep=s.ffn_keep, kv_groups_keep=s.kv_groups_keep,
-                            batch_size=ctx.recipe.calibration.batch_size)
+                            batch_size=ctx.recipe.calibration.batch_size, ffn_multiple_of=32)
     save_checkpoint(model, src, out / "model")
     return {"widths": widths, "params": parameter_counts(model)}
 
 
-STAGE_FUNCTIONS = {"depth": run_depth, "width": run_width, "channels": run_channels}
+def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
+    """Train LoRA (checkpoints in out/train, so an interrupted run resumes), then merge it in float32;
+    after N:M width pruning the merge re-applies the mask unless the recipe keeps the merge dense."""
+    import math
+
+    from compressor.lora import LoraSettings, merge_lora, train_lora
+    from compressor.training_data import triviaqa_examples, wikitext_examples
+
+    s = ctx.recipe.lora
+    if s.dataset == "wikitext":
+        train, held, data = wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)
+    elif s.dataset == "triviaqa":
+        train, held, data = triviaqa_examples(ctx.tokenizer, s.triviaqa_mode)
+        train = train[: s.samples]
+    else:
+        from runtime.errors import EdgepackError
+
+        raise EdgepackError(f"lora.dataset={s.dataset!r}: expected wikitext or triviaqa")
+    steps = max(1, math.ceil(len(train) / (s.batch_size * s.grad_accum)))
+    settings = LoraSettings(rank=s.rank, alpha=s.alpha, dropout=s.dropout, target_modules=tuple(s.targets), lr=s.lr,
+                            steps=steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
+                            warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4),
+                            checkpoint_every=max(1, steps // 4), max_len=max(s.seqlen, 512),
+                            pad_id=ctx.tokenizer.pad_id)
+    model = load_causal_lm(src).to(ctx.device)
+    peft_model, train_record = train_lora(model, train, held, settings, out / "train")
+    masks = None
+    if ctx.masks_path is not None and ctx.masks_path.exists():
+        from compressor.width import load_masks
+
+        masks = load_masks(ctx.masks_path)
+    merged, merge_record = merge_lora(peft_model, masks=masks, keep_dense=s.keep_dense)
+    save_checkpoint(merged, src, out / "model")
+    return {"data": data, "train": {k: v for k, v in train_record.items() if k != "settings"},
+            "merge": merge_record, "params": parameter_counts(merged)}
+
+
+def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:
+    from compressor.gptq import GptqSettings, quantize_gptq
+    from compressor.training_data import quant_calibration_rows
+
+    s = ctx.recipe.gptq
+    rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
+    settings = GptqSettings(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
+                            damp_percent=s.damp, calibration_samples=s.samples)
+    record = quantize_gptq(src, rows, out / "model", settings)
+    _copy_tokenizer(src, out / "model")
+    return {"gptq": {k: v for k, v in record.items() if k not in ("module_loss", "settings", "stage")},
+            "module_loss": record.get("module_loss")}
+
+
+def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
+    """EoRA needs both the float model that was quantized (the GPTQ stage's input) and the GPTQ checkpoint."""
+    from compressor.eora import EoraSettings, generate_eora
+    from compressor.training_data import quant_calibration_rows
+
+    s = ctx.recipe.eora
+    float_dir = ctx.inputs["gptq"]
+    rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
+    record = generate_eora(float_dir, src, rows, out / "adapter", EoraSettings(rank=s.rank, calibration_samples=s.samples))
+    return {"eora": {k: v for k, v in record.items() if k not in ("settings", "stage")}, "float_model": str(float_dir),
+            "quantized_model": str(src), "output": "adapter"}
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def load_stage_model(stage: str, stage_dir: Path, record: dict):
+    """A float32 torch model of a stage's result, for evaluation: HF checkpoints load as they are, GPTQ
+    checkpoints as their exact dequantized weights, EoRA as those plus B·A (what the int4 runtime computes)."""
+    from compressor.gptq import dequantized_state_dict, float_model_from_state_dict, load_quantized
+
+    if stage == "gptq":
+        return load_quantized(stage_dir / "model")
+    if stage == "eora":
+        from compressor.eora import apply_eora_to_dequantized, load_eora
+
+        qdir = Path(record["quantized_model"])
+        sd = apply_eora_to_dequantized(dequantized_state_dict(qdir), load_eora(stage_dir / "adapter"))
+        return float_model_from_state_dict(qdir, sd)
+    return load_causal_lm(stage_dir / "model")
+
+
+STAGE_FUNCTIONS = {"depth": run_depth, "width": run_width, "channels": run_channels, "lora": run_lora,
+                   "gptq": run_gptq, "eora": run_eora}

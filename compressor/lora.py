@@ -438,31 +438,37 @@ def merge_lora(model_with_adapter, masks: dict[str, torch.Tensor] | None = None,
     if not hasattr(model_with_adapter, "merge_and_unload"):
         raise EdgepackError("merge_lora: expected the peft model returned by train_lora/load_lora")
     model_with_adapter = model_with_adapter.float()
+    base = model_with_adapter.base_model.model
+    masks = {k.removesuffix(".weight"): v.to(torch.bool) for k, v in (masks or {}).items()}
+    for name, mask in masks.items():  # check before merging: a bad mask must not consume the model
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            raise EdgepackError(f"merge_lora: mask names module {name!r}, which the model does not have") from None
+        shape = tuple(getattr(module, "base_layer", module).weight.shape)
+        if tuple(mask.shape) != shape:
+            raise EdgepackError(f"merge_lora: mask for {name} is {tuple(mask.shape)}, weight is {shape}")
+
     deltas = {}
-    for name, module in model_with_adapter.base_model.model.named_modules():
+    for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
             for adapter in module.active_adapters:
                 deltas[name] = deltas.get(name, 0) + module.get_delta_weight(adapter).detach().float()
     merged = model_with_adapter.merge_and_unload()
 
-    masks = {k.removesuffix(".weight"): v for k, v in (masks or {}).items()}
+    # Frobenius norm of the delta on pruned positions, per module and over all merged deltas together.
     removed_sq, per_module = 0.0, {}
     total_sq = sum(float(d.pow(2).sum()) for d in deltas.values())
     for name, mask in masks.items():
-        try:
-            weight = merged.get_submodule(name).weight
-        except AttributeError:
-            raise EdgepackError(f"merge_lora: mask names module {name!r}, which the model does not have") from None
-        if tuple(mask.shape) != tuple(weight.shape):
-            raise EdgepackError(f"merge_lora: mask for {name} is {tuple(mask.shape)}, weight is {tuple(weight.shape)}")
-        mask = mask.to(device=weight.device, dtype=torch.bool)
         if name in deltas:
-            off = float(deltas[name].to(weight.device)[~mask].pow(2).sum())
+            delta = deltas[name]
+            off = float(delta[~mask.to(delta.device)].pow(2).sum())
             removed_sq += off
-            per_module[name] = math.sqrt(off / max(float(deltas[name].pow(2).sum()), 1e-30))
-        if not keep_dense:
-            with torch.no_grad():
-                weight.masked_fill_(~mask, 0.0)
+            per_module[name] = math.sqrt(off / max(float(delta.pow(2).sum()), 1e-30))
+    if masks and not keep_dense:
+        from compressor.width import reapply_masks
+
+        reapply_masks(merged, masks)
     record = {
         "lora_modules_merged": len(deltas),
         "masks_given": len(masks),

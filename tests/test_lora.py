@@ -200,6 +200,7 @@ def test_merge_rejects_bad_masks():
     peft_model, _, _ = randomized_adapter(L.LoraSettings())
     with pytest.raises(EdgepackError, match="is \\(3, 3\\)"):
         L.merge_lora(peft_model, masks={"model.layers.0.self_attn.q_proj.weight": torch.ones(3, 3, dtype=torch.bool)})
-    peft_model, _, _ = randomized_adapter(L.LoraSettings())
-    with pytest.raises(EdgepackError, match="does not have"):
+    with pytest.raises(EdgepackError, match="does not have"):  # the same model: a rejected mask merges nothing
         L.merge_lora(peft_model, masks={"model.layers.9.nope": torch.ones(3, 3, dtype=torch.bool)})
+    merged, rec = L.merge_lora(peft_model)
+    assert rec["lora_modules_merged"] == 16

@@ -17,6 +17,7 @@ from compressor.calibration import calibration_ids
 from compressor.device import pick_device
 from compressor.recipe import Recipe
 from compressor.torch_backend import load_causal_lm
+from runtime.errors import EdgepackError
 from runtime.tokenizer import TextTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -73,8 +74,6 @@ def run_depth(ctx: StageContext, src: Path, out: Path) -> dict:
     model = load_causal_lm(src).to(ctx.device)
     n_layers = model.config.num_hidden_layers
     if not 0 < s.remove < n_layers:
-        from runtime.errors import EdgepackError
-
         raise EdgepackError(f"depth.remove={s.remove}: the model has {n_layers} layers")
     bs = ctx.recipe.calibration.batch_size
     if s.method == "iterative":
@@ -106,7 +105,10 @@ def run_width(ctx: StageContext, src: Path, out: Path) -> dict:
     s = ctx.recipe.width
     model = load_causal_lm(src).to(ctx.device)
     norms = collect_input_norms(model, ctx.calib_ids(), s.targets, ctx.recipe.calibration.batch_size)
-    masks = apply_nm_pruning(model, norms, s.n, s.m, s.targets)
+    try:
+        masks = apply_nm_pruning(model, norms, s.n, s.m, s.targets)
+    except ValueError as e:
+        raise EdgepackError(f"width {s.n}:{s.m}: {e}") from None
     save_checkpoint(model, src, out / "model")
     save_masks(out / "masks.safetensors", masks)
     report = sparsity_report(model, masks)
@@ -119,8 +121,12 @@ def run_channels(ctx: StageContext, src: Path, out: Path) -> dict:
     s = ctx.recipe.channels
     model = load_causal_lm(src).to(ctx.device)
     # FFN widths rounded to a multiple of 32: int4 blocks and N:M groups then tile them exactly
-    widths = prune_channels(model, ctx.calib_ids(), ffn_keep=s.ffn_keep, kv_groups_keep=s.kv_groups_keep,
-                            batch_size=ctx.recipe.calibration.batch_size, ffn_multiple_of=32)
+    kv_keep = s.kv_groups_keep if s.kv_groups_keep is not None else 1.0
+    try:
+        widths = prune_channels(model, ctx.calib_ids(), ffn_keep=float(s.ffn_keep), kv_groups_keep=kv_keep,
+                                batch_size=ctx.recipe.calibration.batch_size, ffn_multiple_of=32)
+    except ValueError as e:
+        raise EdgepackError(f"channels: {e}") from None
     save_checkpoint(model, src, out / "model")
     return {"widths": widths, "params": parameter_counts(model)}
 
@@ -140,8 +146,6 @@ def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
         train, held, data = triviaqa_examples(ctx.tokenizer, s.triviaqa_mode)
         train = train[: s.samples]
     else:
-        from runtime.errors import EdgepackError
-
         raise EdgepackError(f"lora.dataset={s.dataset!r}: expected wikitext or triviaqa")
     steps = max(1, math.ceil(len(train) / (s.batch_size * s.grad_accum)))
     settings = LoraSettings(rank=s.rank, alpha=s.alpha, dropout=s.dropout, target_modules=tuple(s.targets), lr=s.lr,

@@ -88,3 +88,17 @@ def test_depth_stage_records_every_layer_score(tiny_checkpoint, tmp_path):
     ranked = sorted(range(4), key=lambda i: rec["layer_scores"][i])
     assert sorted(rec["dropped"]) == sorted(ranked[:2])
     assert rec["params"]["dense"] < 1e6
+
+
+def test_channel_stage_shrinks_and_final_model_loads(tiny_checkpoint, tmp_path):
+    from compressor.recipe import ChannelStage
+    from compressor.torch_backend import load_causal_lm
+
+    recipe = tiny_recipe(tiny_checkpoint, channels=ChannelStage(ffn_keep=0.5, kv_groups_keep=1))
+    summary = pipeline.run_pipeline(recipe, tmp_path / "w", eval_limits=TINY_LIMITS, log=lambda m: None)
+    model = load_causal_lm(summary["final_model"])
+    assert model.model.layers[0].mlp.gate_proj.out_features == 64  # 128 * 0.5, multiple of 32
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16  # one KV group of head_dim 16
+    source = load_causal_lm(tiny_checkpoint)
+    assert summary["stages"][0]["params"]["dense"] < sum(p.numel() for p in source.parameters())
+    assert summary["eval"]["wikitext"]["ppl"] > 0

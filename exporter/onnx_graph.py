@@ -1,0 +1,585 @@
+"""The fused ONNX decoder graph of a (possibly depth- and channel-pruned) LLaMA, built from weights.
+
+The graph is written node by node with `onnx.helper` instead of `torch.onnx.export`, the way
+onnxruntime-genai's model builder does it, because decode speed on a 2-core CPU comes from running few,
+fused onnxruntime kernels per token, and an export trace gives hundreds of small ops that ORT's optimizer
+only partly re-fuses. Per decoder layer the graph has:
+
+    SkipSimplifiedLayerNormalization   residual add + RMSNorm in one pass (the first norm of the model is a
+                                       plain SimplifiedLayerNormalization; each later one also emits the
+                                       new residual, so the residual stream is never a separate Add)
+    MatMul / MatMulNBits (q|k|v)       one fused projection: q, k and v rows stacked along N
+    GroupQueryAttention                packed QKV in, rotary applied inside (do_rotary=1 with cos/sin caches
+                                       baked at export, so llama3 scaling costs nothing), causal softmax,
+                                       KV cache appended in place
+    MatMul / MatMulNBits (o)
+    SkipSimplifiedLayerNormalization
+    MatMul / MatMulNBits (gate|up)     fused along N, then Split, x*sigmoid(x)*up
+    MatMul / MatMulNBits (down)
+
+Projections are float32 MatMuls against a pre-transposed initializer, or int4 `com.microsoft.MatMulNBits`
+(GPTQ codes re-packed bit-exactly by exporter.int4, or RTN-quantized from float). An optional EoRA
+low-rank branch adds `(x A^T) B^T` to a projection's output; for fused projections the A's are stacked and
+the B's placed block-diagonally, so the branch is still two small MatMuls per fused projection.
+
+KV cache: GQA takes `past_key_values.{i}.key/value` [batch, kv_heads, past_len, head_dim] (BNSH) and
+produces `present.{i}.key/value`. When the caller binds the *same* buffer of length max_len as past and
+present, GQA writes the new positions into it in place (ORT's CPU kernel checks the pointers:
+past_present_share_buffer), so decoding never reallocates or copies the cache; runtime.onnx_engine does
+this with IO binding. With an empty past (length 0) the present is a fresh [batch, kv, seq, head_dim].
+
+Graph I/O contract (also in the metadata this module returns and stores under metadata_props["edgepack"]):
+
+    input_ids             int64  [batch, seq]
+    seqlens_k             int32  [batch]        per row: tokens in the cache after this step, minus 1
+    total_sequence_length int32  []             max over rows of seqlens_k + 1
+    logits_positions      int64  [batch, n_out] positions within this step's `seq` whose logits are wanted
+    past_key_values.{i}.key / .value  float32 [batch, kv_heads_i, past_len, head_dim]  (for layers with attention)
+    logits                float32 [batch, n_out, vocab]
+    present.{i}.key / .value          float32 [batch, kv_heads_i, present_len, head_dim]
+
+seqlens_k / total_sequence_length are GQA's own inputs, passed directly instead of an attention mask: the
+runtime knows every row's length, and computing them in the graph (ReduceSum, Sub, Cast per step) would
+only add work. GQA's convention is that each row's valid tokens start at cache position 0 (right padding):
+a batch of prompts of different lengths is prefilled right-padded with per-row seqlens_k, and each row's
+decode then writes at its own position, so no row ever sees pad tokens and positions need no shifting.
+`logits_positions` selects which hidden states go through the LM head: the last prompt token of each row
+during prefill, [0] during decode, every position for log-likelihood scoring; the vocab projection is the
+most expensive matmul of a small model, so it is not run on positions nobody reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter.int4 import NBitsWeight, concat_nbits, gptq_to_matmulnbits, quantize_rtn
+from exporter.rope import RopeSpec, cos_sin_cache, rope_from_hf
+from runtime.errors import EdgepackError
+
+FORMAT = "edgepack.decoder"
+FORMAT_VERSION = 1
+METADATA_KEY = "edgepack"
+MS = "com.microsoft"
+OPSET = 21
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the graph is built from
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    num_attention_heads: int  # 0 = attention removed from this layer
+    num_key_value_heads: int
+    intermediate_size: int  # 0 = MLP removed from this layer
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    vocab_size: int
+    hidden_size: int
+    head_dim: int
+    layers: tuple[LayerSpec, ...]
+    rms_norm_eps: float
+    rope: RopeSpec
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+@dataclass(frozen=True)
+class GptqFormat:
+    """How the `.qweight/.qzeros/.scales/.g_idx` tensors in `weights` are to be read."""
+
+    bits: int = 4
+    group_size: int = 128
+    zero_offset: int = 1  # 1 for "gptq" (v1: zeros stored minus one), 0 for "gptq_v2"
+
+
+@dataclass
+class GraphOptions:
+    max_len: int | None = None  # longest context (cos/sin cache rows); None = min(max_position_embeddings, 2048)
+    gptq: GptqFormat | None = None  # needed when `weights` holds GPTQ tensors
+    projections: str = "keep"  # "keep": float weights stay fp32, GPTQ stays int4; "int4": RTN-quantize float ones
+    rtn_block_size: int = 32
+    embedding: str = "fp32"  # "fp32", "int8" or "int4" (GatherBlockQuantized)
+    lm_head: str = "fp32"  # "fp32", "int8" or "int4" (MatMulNBits)
+    head_block_size: int = 32  # block of the quantized embedding / LM head
+    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 1 = fp32 activations
+    fuse_qkv: bool = True
+    fuse_gate_up: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading shapes from an HF config + weights
+
+
+def _get(config, key, default=None):
+    if isinstance(config, dict):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _shape(t) -> tuple[int, ...]:
+    return tuple(int(d) for d in t.shape)
+
+
+def _out_features(state_dict, prefix: str) -> int:
+    if f"{prefix}.weight" in state_dict:
+        return _shape(state_dict[f"{prefix}.weight"])[0]
+    if f"{prefix}.qweight" in state_dict:
+        return _shape(state_dict[f"{prefix}.qweight"])[1]
+    raise EdgepackError(f"weights: no {prefix}.weight or {prefix}.qweight")
+
+
+def layer_indices(state_dict) -> list[int]:
+    found = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("model.layers.")})
+    if found != list(range(len(found))):
+        raise EdgepackError(f"weights: decoder layers are not numbered 0..n-1 (found {found[:8]}...)")
+    return found
+
+
+def spec_from_hf_config(config, state_dict) -> DecoderSpec:
+    """DecoderSpec from a transformers config (object or config.json dict) and the weights' shapes.
+
+    Per-layer head counts and MLP widths are read from the weights, not the config, so depth-pruned
+    (layers removed and renumbered) and channel-pruned (heads / KV groups / MLP rows removed per layer)
+    checkpoints need nothing special. The head size comes from the config (`head_dim`, or the original
+    hidden_size / num_attention_heads), since pruning removes whole heads and never changes it."""
+    if "model.embed_tokens.weight" not in state_dict:
+        raise EdgepackError("weights: no model.embed_tokens.weight")
+    vocab, hidden = _shape(state_dict["model.embed_tokens.weight"])
+    head_dim = _get(config, "head_dim") or (_get(config, "hidden_size") // _get(config, "num_attention_heads"))
+    layers = []
+    for i in layer_indices(state_dict):
+        p = f"model.layers.{i}"
+        has_attn = any(k.startswith(f"{p}.self_attn.q_proj.") for k in state_dict)
+        has_mlp = any(k.startswith(f"{p}.mlp.gate_proj.") for k in state_dict)
+        nq = _out_features(state_dict, f"{p}.self_attn.q_proj") // head_dim if has_attn else 0
+        nkv = _out_features(state_dict, f"{p}.self_attn.k_proj") // head_dim if has_attn else 0
+        inter = _out_features(state_dict, f"{p}.mlp.gate_proj") if has_mlp else 0
+        if has_attn and (nkv == 0 or nq % nkv):
+            raise EdgepackError(f"layer {i}: {nq} query heads cannot be grouped over {nkv} KV heads")
+        layers.append(LayerSpec(nq, nkv, inter))
+    eos = _get(config, "eos_token_id")
+    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+    tied = bool(_get(config, "tie_word_embeddings", False))
+    if not tied and "lm_head.weight" not in state_dict:
+        tied = True  # no separate head in the weights: it is the embedding
+    return DecoderSpec(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        head_dim=int(head_dim),
+        layers=tuple(layers),
+        rms_norm_eps=float(_get(config, "rms_norm_eps", 1e-5)),
+        rope=rope_from_hf(config),
+        max_position_embeddings=int(_get(config, "max_position_embeddings", 2048) or 2048),
+        tie_word_embeddings=tied,
+        bos_token_id=_get(config, "bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights of one projection
+
+
+def as_numpy(t) -> np.ndarray:
+    """numpy view of a numpy array or a CPU torch tensor (duck-typed: this module never imports torch)."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu()
+        if t.is_floating_point() and str(t.dtype) != "torch.float32":
+            t = t.float()
+        return t.numpy()
+    return np.asarray(t)
+
+
+@dataclass
+class Linear:
+    """A projection: exactly one of `float_weight` [N, K] or `nbits`; optional bias [N] and EoRA (A, B)."""
+
+    float_weight: np.ndarray | None = None
+    nbits: NBitsWeight | None = None
+    bias: np.ndarray | None = None
+    eora: tuple[np.ndarray, np.ndarray] | None = None  # A [r, K], B [N, r]
+
+    @property
+    def n(self) -> int:
+        return self.float_weight.shape[0] if self.nbits is None else self.nbits.N
+
+    @property
+    def k(self) -> int:
+        return self.float_weight.shape[1] if self.nbits is None else self.nbits.K
+
+
+def load_linear(weights, prefix: str, options: GraphOptions, eora=None) -> Linear:
+    if f"{prefix}.qweight" in weights:
+        if options.gptq is None:
+            raise EdgepackError(f"weights: {prefix} is GPTQ-quantized; pass GraphOptions(gptq=GptqFormat(...))")
+        g = options.gptq
+        qweight = as_numpy(weights[f"{prefix}.qweight"])
+        g_idx = weights.get(f"{prefix}.g_idx")
+        if g_idx is None:
+            g_idx = np.arange(qweight.shape[0] * (32 // g.bits)) // g.group_size
+        nb = gptq_to_matmulnbits(qweight, as_numpy(weights[f"{prefix}.qzeros"]), as_numpy(weights[f"{prefix}.scales"]),
+                                 as_numpy(g_idx), bits=g.bits, group_size=g.group_size, zero_offset=g.zero_offset)
+        lin = Linear(nbits=nb)
+    elif f"{prefix}.weight" in weights:
+        w = as_numpy(weights[f"{prefix}.weight"]).astype(np.float32)
+        if options.projections == "int4":
+            lin = Linear(nbits=quantize_rtn(w, bits=4, block_size=options.rtn_block_size))
+        elif options.projections == "keep":
+            lin = Linear(float_weight=w)
+        else:
+            raise EdgepackError(f"GraphOptions.projections={options.projections!r}: use 'keep' or 'int4'")
+    else:
+        raise EdgepackError(f"weights: no {prefix}.weight or {prefix}.qweight")
+    if f"{prefix}.bias" in weights:
+        lin.bias = as_numpy(weights[f"{prefix}.bias"]).astype(np.float32)
+    if eora is not None:
+        a, b = (as_numpy(x).astype(np.float32) for x in eora)
+        if a.shape[1] != lin.k or b.shape[0] != lin.n or a.shape[0] != b.shape[1]:
+            raise EdgepackError(f"EoRA for {prefix}: A {a.shape} / B {b.shape} do not fit a {lin.n}x{lin.k} weight")
+        lin.eora = (a, b)
+    return lin
+
+
+def fuse_linears(parts: list[Linear]) -> Linear | None:
+    """Stack projections that read the same input along N, or None when they cannot share one kernel."""
+    if all(p.nbits is None for p in parts):
+        fused = Linear(float_weight=np.concatenate([p.float_weight for p in parts], axis=0))
+    elif all(p.nbits is not None for p in parts):
+        try:
+            fused = Linear(nbits=concat_nbits([p.nbits for p in parts]))
+        except EdgepackError:
+            return None
+    else:
+        return None
+    if any(p.bias is not None for p in parts):
+        fused.bias = np.concatenate([p.bias if p.bias is not None else np.zeros(p.n, np.float32) for p in parts])
+    if any(p.eora is not None for p in parts):
+        a_rows, rank = [], 0
+        for p in parts:
+            if p.eora is not None:
+                a_rows.append(p.eora[0])
+                rank += p.eora[0].shape[0]
+        b = np.zeros((sum(p.n for p in parts), rank), np.float32)
+        row = col = 0
+        for p in parts:
+            if p.eora is not None:
+                r = p.eora[0].shape[0]
+                b[row : row + p.n, col : col + r] = p.eora[1]
+                col += r
+            row += p.n
+        fused.eora = (np.concatenate(a_rows, axis=0), b)
+    return fused
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Graph assembly
+
+
+class GraphWriter:
+    """Collects nodes and initializers; names every intermediate value uniquely."""
+
+    def __init__(self):
+        import onnx
+
+        self.onnx = onnx
+        self.nodes = []
+        self.initializers = []
+        self._names: set[str] = set()
+
+    def unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        name = self.unique(name)
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
+             outputs: list[str] | None = None, **attrs) -> list[str]:
+        base = self.unique(name or op)
+        outs = outputs if outputs is not None else [self.unique(f"{base}/out{j}" if n_out > 1 else f"{base}/out") for j in range(n_out)]
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs
+
+    def linear(self, x: str, lin: Linear, name: str, accuracy_level: int) -> str:
+        if lin.nbits is None:
+            y = self.node("MatMul", [x, self.const(f"{name}.weight_t", lin.float_weight.T)], name=f"{name}/MatMul")[0]
+            if lin.bias is not None:
+                y = self.node("Add", [y, self.const(f"{name}.bias", lin.bias)], name=f"{name}/BiasAdd")[0]
+        else:
+            nb = lin.nbits
+            xin = x
+            if nb.perm is not None:  # act-order GPTQ: the weight's K is stored sorted by group
+                xin = self.node("Gather", [x, self.const(f"{name}.perm", nb.perm)], axis=-1, name=f"{name}/ActOrder")[0]
+            inputs = [xin, self.const(f"{name}.qweight", nb.B), self.const(f"{name}.scales", nb.scales),
+                      self.const(f"{name}.zero_points", nb.zero_points) if nb.zero_points is not None else "",
+                      "", self.const(f"{name}.bias", lin.bias) if lin.bias is not None else ""]
+            while inputs[-1] == "":
+                inputs.pop()
+            y = self.node("MatMulNBits", inputs, domain=MS, name=f"{name}/MatMulNBits", K=nb.K, N=nb.N,
+                          bits=nb.bits, block_size=nb.block_size, accuracy_level=accuracy_level)[0]
+        if lin.eora is not None:
+            a, b = lin.eora
+            t = self.node("MatMul", [x, self.const(f"{name}.eora_A_t", a.T)], name=f"{name}/EoRA_A")[0]
+            u = self.node("MatMul", [t, self.const(f"{name}.eora_B_t", b.T)], name=f"{name}/EoRA_B")[0]
+            y = self.node("Add", [y, u], name=f"{name}/EoRA_Add")[0]
+        return y
+
+
+def _eora_for(eora: dict | None, module: str):
+    if not eora:
+        return None
+    return eora.get(module)
+
+
+def _quantized_table(w: np.ndarray, kind: str, block: int) -> NBitsWeight:
+    bits = {"int8": 8, "int4": 4}[kind]
+    h = w.shape[1]
+    while block > 16 and h % block:  # GatherBlockQuantized needs whole blocks along the hidden axis
+        block //= 2
+    if h % block:
+        raise EdgepackError(f"hidden_size {h} is not a multiple of 16: cannot block-quantize the embedding")
+    return quantize_rtn(w, bits=bits, block_size=block, symmetric=True)
+
+
+def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None = None,
+                  eora: dict | None = None, progress: bool = True) -> dict[str, Any]:
+    """Write the fused decoder graph to `path` (+ `path.name + ".data"` with the weights) and return its
+    metadata (also stored in the model's metadata_props under "edgepack").
+
+    weights: name -> array in HF naming (numpy or CPU torch tensors); a projection is either
+    `<module>.weight` (float) or GPTQ `<module>.qweight/.qzeros/.scales/.g_idx` (with options.gptq).
+    eora: optional {"model.layers.{i}.self_attn.q_proj": (A [r, in], B [out, r]), ...}, scaling folded in."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    options = options or GraphOptions()
+    for key, val in (("embedding", options.embedding), ("lm_head", options.lm_head)):
+        if val not in ("fp32", "int8", "int4"):
+            raise EdgepackError(f"GraphOptions.{key}={val!r}: use 'fp32', 'int8' or 'int4'")
+    max_len = int(options.max_len or min(spec.max_position_embeddings, 2048))
+    hd, hidden, vocab = spec.head_dim, spec.hidden_size, spec.vocab_size
+    if any(l.num_attention_heads for l in spec.layers) and hd % 16:
+        raise EdgepackError(f"head_dim={hd}: GroupQueryAttention with rotary needs a multiple of 16")
+    g = GraphWriter()
+    acc = options.accuracy_level
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_positions", TensorProto.INT64, ["batch_size", "num_logits"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "num_logits", vocab])]
+
+    # Embedding
+    embed = as_numpy(weights["model.embed_tokens.weight"]).astype(np.float32)
+    if embed.shape != (vocab, hidden):
+        raise EdgepackError(f"model.embed_tokens.weight is {embed.shape}, spec says {(vocab, hidden)}")
+    embed_name = None
+    if options.embedding == "fp32":
+        embed_name = g.const("model.embed_tokens.weight", embed)
+        x = g.node("Gather", [embed_name, "input_ids"], axis=0, name="embed_tokens/Gather")[0]
+    else:
+        table = _quantized_table(embed, options.embedding, options.head_block_size)
+        data = g.const("model.embed_tokens.qweight", table.B.reshape(vocab, -1))
+        scales = g.const("model.embed_tokens.scales", table.scales)
+        x = g.node("GatherBlockQuantized", [data, "input_ids", scales], domain=MS, name="embed_tokens/GatherBlockQuantized",
+                   bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=1)[0]
+
+    cos, sin = cos_sin_cache(spec.rope, hd, max_len)
+    cos_name = g.const("cos_cache", cos)
+    sin_name = g.const("sin_cache", sin)
+
+    residual, pending = x, None
+    eps = float(spec.rms_norm_eps)
+
+    def norm(weight_key: str, name: str) -> str:
+        nonlocal residual, pending
+        w = g.const(weight_key, as_numpy(weights[weight_key]).astype(np.float32))
+        if pending is None:
+            return g.node("SimplifiedLayerNormalization", [residual, w], name=f"{name}/SimplifiedLayerNorm",
+                          axis=-1, epsilon=eps, stash_type=1)[0]
+        y, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w], n_out=4, domain=MS,
+                                 name=f"{name}/SkipSimplifiedLayerNorm", epsilon=eps)
+        g.nodes[-1].output[1] = ""  # mean / inv_std_var are training outputs: leave them unnamed
+        g.nodes[-1].output[2] = ""
+        residual, pending = summed, None
+        return y
+
+    kv_layers = []
+    layer_iter = range(spec.n_layers)
+    if progress:
+        from tqdm import tqdm
+
+        layer_iter = tqdm(layer_iter, desc="building ONNX decoder", unit="layer")
+    for i in layer_iter:
+        ls = spec.layers[i]
+        p = f"model.layers.{i}"
+        if ls.num_attention_heads:
+            h = norm(f"{p}.input_layernorm.weight", f"layers.{i}/input_layernorm")
+            q, k, v = (load_linear(weights, f"{p}.self_attn.{m}", options, _eora_for(eora, f"{p}.self_attn.{m}"))
+                       for m in ("q_proj", "k_proj", "v_proj"))
+            if (q.n, k.n, v.n) != (ls.num_attention_heads * hd, ls.num_key_value_heads * hd, ls.num_key_value_heads * hd):
+                raise EdgepackError(f"layer {i}: q/k/v shapes {q.n}/{k.n}/{v.n} disagree with the spec")
+            fused = fuse_linears([q, k, v]) if options.fuse_qkv else None
+            if fused is not None:
+                qkv = [g.linear(h, fused, f"layers.{i}.attn.qkv_proj", acc), "", ""]
+            else:
+                qkv = [g.linear(h, lin, f"layers.{i}.attn.{m}", acc) for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
+            names = {"layer": i, "kv_heads": ls.num_key_value_heads,
+                     "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value",
+                     "present_key": f"present.{i}.key", "present_value": f"present.{i}.value"}
+            kv_layers.append(names)
+            for role in ("past_key", "past_value"):
+                inputs.append(helper.make_tensor_value_info(names[role], TensorProto.FLOAT,
+                                                            ["batch_size", ls.num_key_value_heads, "past_sequence_length", hd]))
+            for role in ("present_key", "present_value"):
+                outputs.append(helper.make_tensor_value_info(names[role], TensorProto.FLOAT,
+                                                             ["batch_size", ls.num_key_value_heads, "present_sequence_length", hd]))
+            attn = g.node("GroupQueryAttention",
+                          qkv + [names["past_key"], names["past_value"], "seqlens_k", "total_sequence_length", cos_name, sin_name],
+                          domain=MS, name=f"layers.{i}/GroupQueryAttention",
+                          outputs=[g.unique(f"layers.{i}/attn/out"), names["present_key"], names["present_value"]],
+                          num_heads=ls.num_attention_heads, kv_num_heads=ls.num_key_value_heads,
+                          do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+            o = load_linear(weights, f"{p}.self_attn.o_proj", options, _eora_for(eora, f"{p}.self_attn.o_proj"))
+            pending = g.linear(attn, o, f"layers.{i}.attn.o_proj", acc)
+        if ls.intermediate_size:
+            h = norm(f"{p}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
+            gate, up = (load_linear(weights, f"{p}.mlp.{m}", options, _eora_for(eora, f"{p}.mlp.{m}"))
+                        for m in ("gate_proj", "up_proj"))
+            fused = fuse_linears([gate, up]) if options.fuse_gate_up else None
+            if fused is not None:
+                gu = g.linear(h, fused, f"layers.{i}.mlp.gate_up_proj", acc)
+                split = g.const(f"layers.{i}.mlp.split", np.array([gate.n, up.n], np.int64))
+                gate_out, up_out = g.node("Split", [gu, split], n_out=2, axis=-1, name=f"layers.{i}/mlp/Split")
+            else:
+                gate_out = g.linear(h, gate, f"layers.{i}.mlp.gate_proj", acc)
+                up_out = g.linear(h, up, f"layers.{i}.mlp.up_proj", acc)
+            sig = g.node("Sigmoid", [gate_out], name=f"layers.{i}/mlp/Sigmoid")[0]
+            silu = g.node("Mul", [gate_out, sig], name=f"layers.{i}/mlp/SiLU")[0]
+            act = g.node("Mul", [silu, up_out], name=f"layers.{i}/mlp/GateMul")[0]
+            down = load_linear(weights, f"{p}.mlp.down_proj", options, _eora_for(eora, f"{p}.mlp.down_proj"))
+            pending = g.linear(act, down, f"layers.{i}.mlp.down_proj", acc)
+
+    h = norm("model.norm.weight", "final_norm")
+
+    # Only the requested positions go through the LM head: GatherElements along the sequence axis.
+    idx = g.node("Unsqueeze", ["logits_positions", g.const("axes_2", np.array([2], np.int64))], name="logits/Unsqueeze")[0]
+    pos_shape = g.node("Shape", ["logits_positions"], name="logits/Shape")[0]
+    full_shape = g.node("Concat", [pos_shape, g.const("hidden_size", np.array([hidden], np.int64))], axis=0, name="logits/Concat")[0]
+    idx = g.node("Expand", [idx, full_shape], name="logits/Expand")[0]
+    h = g.node("GatherElements", [h, idx], axis=1, name="logits/GatherElements")[0]
+
+    head_w = embed if spec.tie_word_embeddings else as_numpy(weights["lm_head.weight"]).astype(np.float32)
+    if head_w.shape != (vocab, hidden):
+        raise EdgepackError(f"lm_head weight is {head_w.shape}, expected {(vocab, hidden)}")
+    if options.lm_head == "fp32":
+        if spec.tie_word_embeddings and embed_name is not None:
+            # Share the embedding initializer: Gemm reads it transposed (transB), no second copy on disk.
+            flat = g.node("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], np.int64))], name="lm_head/Flatten")[0]
+            y = g.node("Gemm", [flat, embed_name], transB=1, name="lm_head/Gemm")[0]
+            out_shape = g.node("Concat", [pos_shape, g.const("vocab_size", np.array([vocab], np.int64))], axis=0, name="lm_head/Concat")[0]
+            g.node("Reshape", [y, out_shape], name="lm_head/Unflatten", outputs=["logits"])
+        else:
+            lin = Linear(float_weight=head_w)
+            y = g.linear(h, lin, "lm_head", acc)
+            g.node("Identity", [y], name="lm_head/Identity", outputs=["logits"])
+    else:
+        bits = {"int8": 8, "int4": 4}[options.lm_head]
+        lin = Linear(nbits=quantize_rtn(head_w, bits=bits, block_size=options.head_block_size, symmetric=True))
+        y = g.linear(h, lin, "lm_head", acc)
+        g.node("Identity", [y], name="lm_head/Identity", outputs=["logits"])
+
+    path = Path(path)
+    data_name = path.name + ".data"
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "max_len": max_len,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "head_dim": hd,
+        "num_layers": spec.n_layers,
+        "layers": [asdict(l) for l in spec.layers],
+        "kv_cache": kv_layers,
+        "kv_layout": "BNSH",
+        "kv_dtype": "float32",
+        "inputs": {
+            "input_ids": "int64 [batch, seq]",
+            "seqlens_k": "int32 [batch]: tokens in the cache after this step - 1",
+            "total_sequence_length": "int32 []: max(seqlens_k) + 1",
+            "logits_positions": "int64 [batch, n_out]: positions of this step to compute logits for",
+            "past_key_values.{i}.key/.value": "float32 [batch, kv_heads_i, past_len, head_dim]",
+        },
+        "outputs": {
+            "logits": "float32 [batch, n_out, vocab]",
+            "present.{i}.key/.value": "float32 [batch, kv_heads_i, present_len, head_dim]",
+        },
+        "bos_token_id": spec.bos_token_id,
+        "eos_token_ids": list(spec.eos_token_ids),
+        "rope": asdict(spec.rope),
+        "weights": {
+            "projections": _projection_kind(weights, options),
+            "gptq": asdict(options.gptq) if options.gptq else None,
+            "embedding": options.embedding,
+            "lm_head": options.lm_head,
+            "tied_embeddings": spec.tie_word_embeddings,
+            "accuracy_level": acc,
+            "eora_modules": len(eora or {}),
+            "fused_qkv": options.fuse_qkv,
+            "fused_gate_up": options.fuse_gate_up,
+        },
+        "external_data": data_name,
+    }
+    graph = helper.make_graph(g.nodes, "edgepack_decoder", inputs, outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="edgepack", ir_version=10)
+    helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
+    _save_atomically(onnx, model, path, data_name)
+    return metadata
+
+
+def _projection_kind(weights, options: GraphOptions) -> str:
+    if any(k.endswith(".qweight") for k in weights):
+        return f"int{options.gptq.bits}-gptq" if options.gptq else "gptq"
+    return "int4-rtn" if options.projections == "int4" else "fp32"
+
+
+def _save_atomically(onnx, model, path: Path, data_name: str) -> None:
+    """Write model + external data into a temporary sibling directory, then move both into place (data
+    first, so a model file never points at a missing data file). The manifest's digests catch a crash
+    between the two renames."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+        if (tmp / data_name).exists():
+            os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(tmp / path.name, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

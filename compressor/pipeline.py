@@ -96,6 +96,7 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
         sdir = workdir / f"{index:02d}-{stage}"
         fp = stage_fingerprint(recipe, stage, previous_fp)
         ctx.inputs[stage] = previous_dir
+        ctx.inputs[f"{stage}_fingerprint"] = previous_fp
         record = _read_record(sdir / "record.json")
         if record and record.get("fingerprint") == fp and (sdir / record.get("output", "model")).exists():
             log(f"[{index}/{len(stages)}] {stage}: done earlier ({record['seconds']:.0f} s), reusing")

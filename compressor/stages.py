@@ -4,6 +4,7 @@ decides which stages run; these functions only do their own stage.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -80,7 +81,19 @@ def run_depth(ctx: StageContext, src: Path, out: Path) -> dict:
         dropped, rounds = iterative_drop(model, ctx.calib_ids(), s.remove, bs)
         scores = rounds[0]
     else:
-        scores = layer_importance(model, ctx.calib_ids(), bs)
+        # One-shot scores depend only on the input model and the calibration windows, not on how many
+        # layers are removed: cache them, so D2, D4, D6 and D8 of one model score the layers once.
+        from compressor.recipe import settings_hash
+        from runtime.fileio import atomic_write_json, read_json
+
+        key = settings_hash({"input": ctx.inputs.get("depth_fingerprint"), "calibration": dataclasses.asdict(ctx.recipe.calibration)})
+        cache = ctx.workdir.parent / ".cache" / f"layer-scores-{key}.json"
+        if ctx.inputs.get("depth_fingerprint") and cache.exists():
+            scores = read_json(cache)["scores"]
+        else:
+            scores = layer_importance(model, ctx.calib_ids(), bs)
+            if ctx.inputs.get("depth_fingerprint"):
+                atomic_write_json(cache, {"scores": scores, "source": str(src)})
         dropped = select_layers_to_drop(scores, s.remove)
         rounds = [scores]
     print_layer_table(scores, dropped)

@@ -114,13 +114,19 @@ def check_model_dir(model_dir: Path) -> None:
 
 
 def calibration_rows(calib_examples, limit: int | None) -> list[list[int]]:
-    """Token-id rows for gptqmodel: lists of ints (or dicts with input_ids), long enough to be kept."""
+    """Token-id rows for gptqmodel: lists of ints, 1-D tensors, or dicts with input_ids (and optionally
+    attention_mask, whose 0 positions are dropped), long enough to be kept."""
+    def as_list(x) -> list[int]:
+        return [int(t) for t in (x.reshape(-1).tolist() if torch.is_tensor(x) else x)]
+
     rows = []
-    for i, ex in enumerate(calib_examples):
-        ids = ex["input_ids"] if isinstance(ex, dict) else ex
-        if torch.is_tensor(ids):
-            ids = ids.reshape(-1).tolist()
-        ids = [int(t) for t in ids]
+    for ex in calib_examples:
+        if isinstance(ex, dict):
+            ids = as_list(ex["input_ids"])
+            if ex.get("attention_mask") is not None:
+                ids = [t for t, keep in zip(ids, as_list(ex["attention_mask"])) if keep]
+        else:
+            ids = as_list(ex)
         if len(ids) >= MIN_CALIB_TOKENS:
             rows.append(ids)
         if limit is not None and len(rows) >= limit:

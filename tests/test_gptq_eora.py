@@ -201,3 +201,13 @@ def test_quantize_needs_a_tokenizer_next_to_the_model(tmp_path):
     with pytest.raises(EdgepackError, match="at least 11 tokens"):
         save_tiny_tokenizer(tmp_path / "m")
         quantize_gptq(tmp_path / "m", [[1, 2, 3]], tmp_path / "q")
+
+
+def test_calibration_rows_accept_ids_tensors_and_masked_dicts():
+    from compressor.gptq import calibration_rows
+
+    ids = list(range(3, 15))
+    rows = calibration_rows([ids, torch.tensor([ids]), {"input_ids": ids + [0, 0], "attention_mask": [1] * 12 + [0, 0]},
+                             [5] * 10], limit=None)
+    assert rows == [ids, ids, ids]  # the 10-token row is dropped, as gptqmodel would silently do
+    assert calibration_rows([ids] * 5, limit=2) == [ids, ids]

@@ -102,3 +102,31 @@ def test_channel_stage_shrinks_and_final_model_loads(tiny_checkpoint, tmp_path):
     source = load_causal_lm(tiny_checkpoint)
     assert summary["stages"][0]["params"]["dense"] < sum(p.numel() for p in source.parameters())
     assert summary["eval"]["wikitext"]["ppl"] > 0
+
+
+def test_full_pipeline_lora_gptq_eora_records_each_stage(tiny_checkpoint, tmp_path):
+    """Depth → width → LoRA (TriviaQA) → GPTQ → EoRA on the tiny model: every stage runs, LoRA's merge
+    re-applies the N:M mask, and GPTQ / EoRA are evaluated with KL against the unquantized model."""
+    from compressor.recipe import EoraStage, GptqStage, LoraStage
+    from compressor.width import load_masks
+    from compressor.torch_backend import load_causal_lm
+
+    recipe = tiny_recipe(
+        tiny_checkpoint, depth=DepthStage(remove=1), width=WidthStage(n=1, m=4),
+        lora=LoraStage(dataset="triviaqa", samples=16, batch_size=4, seqlen=128),
+        gptq=GptqStage(group_size=32, samples=8, seqlen=64), eora=EoraStage(rank=4, samples=8, seqlen=64),
+    )
+    summary = pipeline.run_pipeline(recipe, tmp_path / "w", eval_limits=TINY_LIMITS, log=lambda m: None)
+    stages_ = {s["stage"]: s for s in summary["stages"]}
+    assert list(stages_) == ["depth", "width", "lora", "gptq", "eora"]
+    assert stages_["lora"]["merge"]["mask_policy"] == "reapplied"
+    assert stages_["lora"]["data"]["eval_questions"] == 728 and len(stages_["lora"]["data"]["heldout_ids"]) == 16
+    merged = load_causal_lm(tmp_path / "w/03-lora/model")
+    masks = load_masks(tmp_path / "w/02-width/masks.safetensors")
+    w = dict(merged.named_modules())["model.layers.0.self_attn.q_proj"].weight
+    assert (w[~masks["model.layers.0.self_attn.q_proj"]] == 0).all()
+    for name in ("lora", "gptq"):
+        assert stages_[name]["eval"]["wikitext"]["ppl"] > 0
+    assert stages_["gptq"]["eval"]["wikitext"]["kld"] > 0
+    assert summary["eval"]["wikitext"]["kld"] >= 0 and 0 <= summary["eval"]["wikitext"]["top1"] <= 1
+    assert (tmp_path / "w/05-eora/adapter/adapter_model.safetensors").exists()

@@ -473,6 +473,32 @@ def test_quantized_embedding_and_head(tmp_path, kind, table):
     if not model.config.tie_word_embeddings:
         deq["lm_head.weight"] = dequantize_matmulnbits(quantize_rtn(weights["lm_head.weight"], bits, 32))
     np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(hf_with_weights(model.config, deq), IDS), atol=2e-4)
+    if model.config.tie_word_embeddings:  # one packed table serves both the lookup and the LM head
+        import onnx
+
+        graph = onnx.load(str(path), load_external_data=False).graph
+        tables = [t for t in graph.initializer if t.dims[0] == 256 and t.data_type == onnx.TensorProto.UINT8]
+        assert len(tables) == 1
+
+
+def test_int8_eora_branch_is_close_to_exact(tmp_path):
+    """eora_bits=8 stores A and B as int8 MatMulNBits: equal to the dequantized factors, close to float ones."""
+    model = make_tiny_llama("plain")
+    weights = numpy_state(model)
+    rng = np.random.default_rng(2)
+    eora = {f"model.layers.{i}.self_attn.{m}": ((rng.standard_normal((8, 64)) * 0.2).astype(np.float32),
+                                                (rng.standard_normal((64, 8)) * 0.2).astype(np.float32))
+            for i in range(4) for m in ("q_proj", "o_proj")}
+    p8, m8 = build(tmp_path, weights, model.config, name="e8", eora=eora, eora_bits=8, accuracy_level=1)
+    p32, m32 = build(tmp_path, weights, model.config, name="e32", eora=eora, accuracy_level=1)
+    deq = dict(weights)
+    for name, (a, b) in eora.items():
+        a8 = dequantize_matmulnbits(quantize_rtn(a, 8, 32))
+        b8 = dequantize_matmulnbits(quantize_rtn(b, 8, 16))
+        deq[f"{name}.weight"] = weights[f"{name}.weight"] + b8 @ a8
+    l8, l32 = run_graph(p8, m8, IDS), run_graph(p32, m32, IDS)
+    np.testing.assert_allclose(l8, hf_logits(hf_with_weights(model.config, deq), IDS), atol=2e-4)
+    assert np.abs(l8 - l32).max() < 0.02 * np.abs(l32).max() and m8["weights"]["eora_bits"] == 8
 
 
 def test_tied_fp32_head_shares_the_embedding(tmp_path):

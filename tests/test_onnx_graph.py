@@ -518,3 +518,55 @@ def test_gptq_weights_without_format_are_refused(tmp_path):
     quant, _ = gptq_weights(numpy_state(model), 32, np.random.default_rng(0))
     with pytest.raises(EdgepackError, match="GptqFormat"):
         build(tmp_path, quant, model.config)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real gptqmodel checkpoint (act-order) end to end
+
+
+def test_real_gptqmodel_checkpoint_matches_torch_dequant(tmp_path):
+    """gptqmodel 4-bit with desc_act (act-order g_idx) and group 32 -> MatMulNBits graph; logits equal the
+    torch model rebuilt with compressor.gptq's independent dequantization (~15 s: one GPTQ run)."""
+    from safetensors.numpy import load_file
+
+    from compressor.gptq import GptqSettings, load_quantized, quantize_gptq, read_quantize_config
+    from test_gptq_eora import calibration, save_tiny_tokenizer
+
+    base = tmp_path / "base"
+    model = make_tiny_llama("llama32", hidden_size=128, intermediate_size=256, head_dim=32)
+    model.save_pretrained(base)
+    save_tiny_tokenizer(base)
+    quantize_gptq(base, calibration(16, 48, seed=2), tmp_path / "gptq",
+                  GptqSettings(group_size=32, desc_act=True, calibration_samples=16))
+    cfg = read_quantize_config(tmp_path / "gptq")
+    tensors = {}
+    for f in sorted((tmp_path / "gptq").glob("model*.safetensors")):
+        tensors.update(load_file(f))
+    g_idx = tensors["model.layers.0.self_attn.q_proj.g_idx"]
+    assert not np.array_equal(g_idx, np.arange(g_idx.size) // 32)  # really act-order
+    fmt = GptqFormat(bits=cfg["bits"], group_size=cfg["group_size"],
+                     zero_offset=1 if cfg.get("checkpoint_format", cfg.get("format", "gptq")) == "gptq" else 0)
+    path, meta = build(tmp_path, tensors, model.config, gptq=fmt, accuracy_level=1)
+    ref = load_quantized(tmp_path / "gptq")
+    np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(ref, IDS), atol=2e-4)
+
+
+def test_compressor_channel_pruned_checkpoint(tmp_path):
+    """A checkpoint from compressor.channels (per-layer widths, saved and reloaded from disk) exports as is."""
+    import json as _json
+
+    from safetensors.numpy import load_file
+
+    from compressor.channels import load_channel_pruned, prune_channels
+
+    model = make_tiny_llama("llama32")
+    calib = torch.from_numpy(np.random.default_rng(4).integers(3, 256, (4, 32)))
+    prune_channels(model, calib, ffn_keep=0.6, kv_groups_keep=5, per_layer_uniform=False)
+    model.save_pretrained(tmp_path / "pruned")
+    config = _json.loads((tmp_path / "pruned" / "config.json").read_text())
+    weights = load_file(tmp_path / "pruned" / "model.safetensors")
+    path, meta = build(tmp_path, weights, config)
+    ref = load_channel_pruned(tmp_path / "pruned")
+    widths = [(l["num_attention_heads"], l["intermediate_size"]) for l in meta["layers"]]
+    assert len(set(widths)) > 1  # really non-uniform
+    np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(ref, IDS), atol=1e-4)

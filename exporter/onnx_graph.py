@@ -69,7 +69,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -366,7 +366,6 @@ class GraphWriter:
                                 f"{name}.eora_B", accuracy_level)
             y = self.node("Add", [y, u], name=f"{name}/EoRA_Add")[0]
         return y
-
 
     def matmul_nbits(self, x: str, nb: NBitsWeight, consts: list[str], name: str, accuracy_level: int) -> str:
         """MatMulNBits over already-registered initializers [B, scales, zero_points or "", bias or ""]."""

@@ -14,7 +14,6 @@ import torch
 
 from conftest import make_tiny_llama
 from exporter.int4 import (
-    NBitsWeight,
     dequantize_gptq,
     dequantize_matmulnbits,
     gptq_to_matmulnbits,

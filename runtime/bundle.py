@@ -1,10 +1,45 @@
 """Open a bundle (a directory or a BUNDLE.edgepack archive) and check it before anything is parsed.
 
-SKELETON: the public API below is fixed; bodies are being filled in.
+Order of trust: manifest.json is read as plain JSON and validated (runtime.manifest); then every file it
+lists is checked for presence, size and sha256; only then are the tokenizer, the ONNX model and the
+reference parsed. Nothing is ever unpickled: the formats are JSON, ONNX, safetensors and text.
+
+An archive is an uncompressed zip of the bundle directory. It is extracted, once, into a cache directory
+keyed by the archive's sha256 ($EDGEPACK_CACHE, or the platform's user cache dir / edgepack / bundles),
+under these rules: only regular files (no symlinks, devices or other links); member names relative,
+'/'-separated, without '..'; only manifest.json and the files the manifest lists; at most MAX_FILES
+members and MAX_TOTAL_BYTES in all; each member's size and sha256 checked while it is written. The
+extraction goes to a temporary directory that is renamed into place when complete, so a crash never
+leaves a half-extracted bundle that looks finished.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import zipfile
 from pathlib import Path
+
+from runtime.errors import EdgepackError
+from runtime.fileio import read_json, sha256_file
+from runtime.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, METRICS, check_relative_path, validate_manifest
+from runtime.tokenizer import TextTokenizer
+
+ARCHIVE_SUFFIX = ".edgepack"
+MAX_FILES = 1000
+MAX_TOTAL_BYTES = 64 << 30  # 64 GiB: far above any small model, far below a zip bomb's claims
+JSON_SUFFIXES = (".json",)
+
+
+def cache_root() -> Path:
+    env = os.environ.get("EDGEPACK_CACHE")
+    if env:
+        return Path(env).expanduser() / "bundles"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("edgepack")) / "bundles"
 
 
 class Bundle:
@@ -12,40 +47,302 @@ class Bundle:
 
     Attributes: path (the bundle directory; for an archive, its extraction in the cache), manifest (the
     validated manifest.json), tokenizer (runtime.tokenizer.TextTokenizer), onnx_path, reference_path (None
-    when the bundle ships no reference)."""
+    when the bundle ships no reference), source (what was opened: the directory or the archive)."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, source: Path | None = None):
         self.path = Path(path)
         self.manifest = manifest
-        self.tokenizer = None
-        self.onnx_path: Path = self.path
-        self.reference_path: Path | None = None
+        self.source = Path(source) if source else self.path
+        rt = manifest["runtime"]
+        self.onnx_path: Path = self.path / rt["onnx"]
+        self.reference_path: Path | None = self.path / rt["reference"] if rt.get("reference") else None
+        self.safetensors_path: Path | None = self.path / rt["safetensors"] if rt.get("safetensors") else None
+        self.tokenizer_path = self.path / manifest["tokenizer"]["directory"]
+        for f in sorted(manifest["files"]):  # malformed JSON gets a clear error naming the file
+            if f.startswith(manifest["tokenizer"]["directory"].rstrip("/") + "/") and f.endswith(JSON_SUFFIXES):
+                read_json(self.path / f)
+        self.tokenizer = TextTokenizer(self.tokenizer_path)
 
+    # ---------------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path, verify_digests: bool = True) -> "Bundle":
         """Open a bundle directory or archive. Every file's size and sha256 is checked against the manifest
-        before any file is parsed; any problem raises one EdgepackError naming the file."""
-        raise NotImplementedError
+        before any file is parsed (verify_digests=False checks presence and size only); any problem raises
+        one EdgepackError naming the file."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            return cls(path, _checked_directory(path, verify_digests))
+        if path.is_file():
+            directory = extract_archive(path, verify_digests=verify_digests)
+            return cls(directory, read_manifest(directory), source=path)
+        raise EdgepackError(f"{path}: no such bundle (give a bundle directory or a {ARCHIVE_SUFFIX} file)")
 
-    def decoder(self, threads: int | None = None, max_len: int | None = None):
-        """A fresh runtime.onnx_engine.OnnxDecoder on the bundle's ONNX model."""
-        raise NotImplementedError
+    # ---------------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest["model"]["name"]
 
-    def generator(self, threads: int | None = None):
-        """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS)."""
-        raise NotImplementedError
+    @property
+    def stop_ids(self) -> set[int]:
+        ids = set(self.manifest["generation"]["eos_token_ids"])
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return ids
 
-    def sampling_defaults(self):
-        """runtime.generation.SamplingSettings from the manifest's generation block."""
-        raise NotImplementedError
+    @property
+    def context_length(self) -> int:
+        return int(self.manifest["generation"]["context_length"])
 
     @property
     def system_prompt(self) -> str | None:
         """The manifest's default system prompt (None if it has none)."""
-        raise NotImplementedError
+        return self.manifest["generation"].get("system_prompt")
+
+    def sampling_defaults(self):
+        """runtime.generation.SamplingSettings from the manifest's generation block."""
+        from runtime.generation import SamplingSettings
+
+        gen = self.manifest["generation"]
+        base = SamplingSettings()
+        return SamplingSettings(
+            temperature=float(gen.get("temperature", base.temperature)),
+            top_k=int(gen.get("top_k", base.top_k)),
+            top_p=float(gen.get("top_p", base.top_p)),
+            repetition_penalty=float(gen.get("repetition_penalty", base.repetition_penalty)),
+            max_new_tokens=int(gen.get("max_new_tokens", base.max_new_tokens)),
+        )
+
+    def decoder(self, threads: int | None = None, max_len: int | None = None):
+        """A fresh runtime.onnx_engine.OnnxDecoder on the bundle's ONNX model (errors name the file)."""
+        from runtime.onnx_engine import OnnxDecoder
+
+        dec = OnnxDecoder(self.onnx_path, threads=threads, max_len=max_len, pad_id=self.tokenizer.pad_id)
+        if dec.vocab_size < self.tokenizer.vocab_size:
+            raise EdgepackError(f"{self.onnx_path}: the model's vocabulary ({dec.vocab_size}) is smaller than the "
+                                f"tokenizer's ({self.tokenizer.vocab_size})")
+        return dec
+
+    def generator(self, threads: int | None = None, max_len: int | None = None):
+        """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS)."""
+        from runtime.generation import Generator
+
+        return Generator(self.decoder(threads, max_len), self.tokenizer, stop_ids=self.stop_ids)
+
+    def chat(self, threads: int | None = None, system_prompt: str | None = None):
+        """A runtime.generation.ChatSession with the manifest's system prompt unless one is given."""
+        from runtime.generation import ChatSession
+
+        return ChatSession(self.generator(threads), self.tokenizer,
+                           system_prompt if system_prompt is not None else self.system_prompt)
+
+    def reference(self):
+        """The bundle's reference log-probs (runtime.reference.Reference), or None."""
+        if self.reference_path is None:
+            return None
+        from runtime.reference import Reference
+
+        return Reference.load(self.reference_path)
+
+    def size_bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.manifest["files"].values())
 
     def describe(self) -> dict:
-        """For the TUI panel and `edgepack bench`: {"name", "path", "recipe": [stage strings],
-        "size_bytes", "size_text", "parameters", "context_length", "quality": [{"name", "label", "value",
-        "text"}], "created_by"}."""
-        raise NotImplementedError
+        """For the TUI panel and `edgepack bench`: {"name", "path", "source", "recipe": name, "stages":
+        [stage strings], "size_bytes", "size_text", "parameters", "context_length", "quality": [{"metric",
+        "label", "value", "text", "n"}] (the "full" claims), "created_by"}."""
+        m = self.manifest
+        size = self.size_bytes()
+        quality = []
+        for metric, claim in m["quality"].get("full", {}).items():
+            quality.append({"metric": metric, "label": METRICS[metric], "value": claim["value"],
+                            "text": format_metric(metric, claim["value"]), "n": claim["n"]})
+        return {
+            "name": m["model"]["name"],
+            "path": str(self.path),
+            "source": str(self.source),
+            "recipe": m["recipe"]["name"],
+            "stages": [describe_stage(s) for s in m["recipe"]["stages"]],
+            "size_bytes": size,
+            "size_text": format_bytes(size),
+            "parameters": int(m["model"]["parameters"]),
+            "context_length": self.context_length,
+            "quality": quality,
+            "created_by": m["created_by"],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Directory checks
+
+
+def read_manifest(directory: Path) -> dict:
+    mpath = Path(directory) / MANIFEST_NAME
+    if not mpath.is_file():
+        raise EdgepackError(f"{mpath}: manifest not found (not an edgepack bundle)")
+    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+        raise EdgepackError(f"{mpath}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    return validate_manifest(read_json(mpath), str(mpath))
+
+
+def _checked_directory(directory: Path, verify_digests: bool) -> dict:
+    manifest = read_manifest(directory)
+    root = directory.resolve()
+    for rel, info in manifest["files"].items():
+        p = directory / rel
+        if not p.is_file():
+            raise EdgepackError(f"{p}: file listed in the manifest is missing")
+        if not p.resolve().is_relative_to(root):
+            raise EdgepackError(f"{p}: points outside the bundle directory (symlink)")
+        size = p.stat().st_size
+        if size != info["size"]:
+            raise EdgepackError(f"{p}: {size} bytes, the manifest says {info['size']} (truncated or modified)")
+    if verify_digests:
+        for rel, info in manifest["files"].items():
+            p = directory / rel
+            if sha256_file(p) != info["sha256"]:
+                raise EdgepackError(f"{p}: sha256 does not match the manifest (the file was modified or corrupted)")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Archives
+
+
+def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | None = None,
+                    max_files: int = MAX_FILES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
+    """Extract a bundle archive safely into the cache (once per archive content) and return the directory."""
+    archive = Path(archive)
+    digest = sha256_file(archive)
+    root = Path(cache) if cache else cache_root()
+    target = root / digest[:32]
+    if (target / MANIFEST_NAME).is_file():
+        _checked_directory(target, verify_digests)  # the cache is on the user's disk: check it again
+        return target
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise EdgepackError(f"{archive}: not a bundle archive ({e})") from None
+    with zf:
+        members = _checked_members(zf, archive, max_files, max_total_bytes)
+        if MANIFEST_NAME not in members:
+            raise EdgepackError(f"{archive}: no {MANIFEST_NAME} in the archive (not an edgepack bundle)")
+        info = members[MANIFEST_NAME]
+        if info.file_size > MAX_MANIFEST_BYTES:
+            raise EdgepackError(f"{archive}!{MANIFEST_NAME}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+        import json
+
+        where = f"{archive}!{MANIFEST_NAME}"
+        try:
+            manifest = json.loads(_read_capped(zf, info, MAX_MANIFEST_BYTES, archive).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdgepackError(f"{where}: malformed JSON ({e})") from None
+        validate_manifest(manifest, where)
+        files = manifest["files"]
+        extra = sorted(set(members) - set(files) - {MANIFEST_NAME})
+        if extra:
+            raise EdgepackError(f"{archive}!{extra[0]}: archive member not listed in the manifest")
+        for rel, meta in files.items():
+            if rel not in members:
+                raise EdgepackError(f"{archive}!{rel}: file listed in the manifest is missing from the archive")
+            if members[rel].file_size != meta["size"]:
+                raise EdgepackError(f"{archive}!{rel}: {members[rel].file_size} bytes, the manifest says "
+                                    f"{meta['size']} (truncated or modified)")
+
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        try:
+            for rel, meta in files.items():
+                out = tmp / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                h = hashlib.sha256()
+                written = 0
+                # Streamed copy (weights can be large); atomicity comes from renaming the whole directory.
+                with zf.open(members[rel]) as src, open(out, "xb") as dst:
+                    while block := src.read(1 << 20):
+                        written += len(block)
+                        if written > meta["size"]:
+                            raise EdgepackError(f"{archive}!{rel}: longer than the manifest's {meta['size']} bytes")
+                        h.update(block)
+                        dst.write(block)
+                if written != meta["size"]:
+                    raise EdgepackError(f"{archive}!{rel}: {written} bytes, the manifest says {meta['size']} (truncated)")
+                if verify_digests and h.hexdigest() != meta["sha256"]:
+                    raise EdgepackError(f"{archive}!{rel}: sha256 does not match the manifest "
+                                        "(the file was modified or corrupted)")
+            with open(tmp / MANIFEST_NAME, "xb") as dst:
+                dst.write(_read_capped(zf, info, MAX_MANIFEST_BYTES, archive))
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process extracted the same archive meanwhile
+                if not (target / MANIFEST_NAME).is_file():
+                    raise
+        except zipfile.BadZipFile as e:
+            raise EdgepackError(f"{archive}: corrupt archive ({e})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _checked_members(zf: zipfile.ZipFile, archive: Path, max_files: int, max_total: int) -> dict:
+    infos = zf.infolist()
+    if len(infos) > max_files:
+        raise EdgepackError(f"{archive}: {len(infos)} archive members, more than the limit of {max_files}")
+    members, total = {}, 0
+    for info in infos:
+        name = info.filename
+        mode = info.external_attr >> 16
+        _check_member_name(name.rstrip("/") if info.is_dir() else name, archive)
+        if info.is_dir():
+            continue
+        if mode and not stat.S_ISREG(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise EdgepackError(f"{archive}!{name}: archive member is {kind}; bundles hold regular files only")
+        if name in members:
+            raise EdgepackError(f"{archive}!{name}: archive member appears twice")
+        total += info.file_size
+        if total > max_total:
+            raise EdgepackError(f"{archive}: more than {max_total} bytes uncompressed, over the limit")
+        members[name] = info
+    return members
+
+
+def _check_member_name(name: str, archive: Path) -> None:
+    try:
+        check_relative_path(name, str(archive), "archive member")
+    except EdgepackError:
+        raise EdgepackError(f"{archive}!{name}: unsafe archive member path (absolute, '..' or '\\')") from None
+
+
+def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, archive: Path) -> bytes:
+    with zf.open(info) as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise EdgepackError(f"{archive}!{info.filename}: larger than {cap} bytes")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Display helpers (also used by the TUI and the CLI)
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_metric(metric: str, value: float) -> str:
+    if metric == "ppl":
+        return f"{value:.2f}"
+    if metric == "kld":
+        return f"{value:.4f}"
+    return f"{100 * value:.1f} %"
+
+
+def describe_stage(stage: dict) -> str:
+    """'depth: removed=2' style one-liner for a recipe stage record."""
+    name = stage.get("stage", "?")
+    rest = ", ".join(f"{k}={v}" for k, v in stage.items() if k != "stage" and not isinstance(v, (dict, list)))
+    return f"{name}: {rest}" if rest else name

@@ -1,0 +1,108 @@
+"""`edgepack bench`: how fast a bundle runs here, measured the way a chat uses it.
+
+One session load, then `repeats` runs of (fresh cache, prefill `prompt_tokens` of WikiText, greedy decode of
+`new_tokens` with no stop token), after one untimed warm-up run. Reported as min / median / max over the
+runs, since the first run after load and background load on a laptop both skew a mean.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+from runtime.errors import EdgepackError
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+
+
+def bench_prompt(tokenizer, n: int) -> list[int]:
+    """The first n tokens of the shipped WikiText-2 test text (real text: realistic token ids)."""
+    from runtime.datasets import wikitext_eval_text
+
+    text = wikitext_eval_text("tiny-wikitext")
+    ids = tokenizer.encode(text[: 16 * n + 64], add_special_tokens=True)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 5,
+                 threads: int | None = None) -> dict:
+    """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS."""
+    import onnxruntime as ort
+
+    from runtime.generation import Generator, SamplingSettings
+
+    if prompt_tokens < 1 or new_tokens < 1 or repeats < 1:
+        raise EdgepackError("bench: prompt_tokens, new_tokens and repeats must be >= 1")
+    t0 = time.perf_counter()
+    decoder = bundle.decoder(threads)
+    load_s = time.perf_counter() - t0
+    if prompt_tokens + new_tokens > decoder.max_len:
+        raise EdgepackError(f"bench: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context "
+                            f"of {decoder.max_len}")
+    gen = Generator(decoder, bundle.tokenizer, stop_ids=set())  # no EOS: every run decodes new_tokens
+    prompt = bench_prompt(bundle.tokenizer, prompt_tokens)
+    settings = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
+    gen.reset()
+    gen.generate(prompt, SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=min(8, new_tokens)))
+    runs = []
+    for _ in range(repeats):
+        gen.reset()  # a fresh cache each run, so the prompt is really prefilled
+        t = time.perf_counter()
+        r = gen.generate(prompt, settings)
+        total = time.perf_counter() - t
+        runs.append({"ttft_s": r.ttft_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
+                     "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens})
+    return {
+        "bundle": bundle.describe()["name"],
+        "path": str(bundle.source),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "onnxruntime": ort.__version__,
+        "load_s": load_s,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "ttft_s": _stats([r["ttft_s"] for r in runs]),
+        "prefill_tokens_per_s": _stats([r["prefill_tokens_per_s"] for r in runs]),
+        "decode_tokens_per_s": _stats([r["decode_tokens_per_s"] for r in runs]),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "runs": runs,
+    }
+
+
+def format_bench(result: dict) -> str:
+    from runtime.bundle import format_bytes
+
+    def row(label, key, unit, scale=1.0, fmt="{:.1f}"):
+        s = result[key]
+        vals = " / ".join(fmt.format(s[k] * scale) for k in ("min", "median", "max"))
+        return f"{label:22s} {vals} {unit}  (min / median / max)"
+
+    rss = result["peak_rss_bytes"]
+    return "\n".join([
+        f"{result['bundle']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens, "
+        f"{result['repeats']} runs, threads={result['threads'] or 'default'} ({result['cpu_count']} CPUs, "
+        f"{result['machine']}, onnxruntime {result['onnxruntime']})",
+        f"{'load':22s} {result['load_s']:.2f} s",
+        row("time to first token", "ttft_s", "ms", 1000.0),
+        row("prefill", "prefill_tokens_per_s", "tokens/s"),
+        row("decode", "decode_tokens_per_s", "tokens/s"),
+        f"{'peak memory (RSS)':22s} {format_bytes(rss) if rss else 'n/a'}",
+    ])

@@ -1,0 +1,120 @@
+"""The runtime's subcommands: `generate`, `verify`, `bench`. edgepack/cli.py registers them with
+`add_runtime_commands(sub)`; each handler imports what it needs when it runs, so `--help` stays instant."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_runtime_commands(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="stream a reply from a bundle (ONNX runtime, no torch)")
+    p.add_argument("bundle", help="bundle directory or .edgepack archive")
+    p.add_argument("prompt", nargs="?", default="-", help="prompt text ('-' or omitted: read stdin)")
+    p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
+    p.add_argument("--system", help="system prompt (default: the bundle's)")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: the bundle's)")
+    p.add_argument("--top-k", type=int, help="0 = off")
+    p.add_argument("--top-p", type=float, help="1 = off")
+    p.add_argument("--repetition-penalty", type=float, help="1 = off")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--seed", type=int, help="same seed, prompt and settings = same output")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("verify", help="re-measure a bundle's quality claims here; exit 1 on any failure")
+    p.add_argument("bundle", help="bundle directory or .edgepack archive")
+    p.add_argument("--quick", action="store_true", help="check the manifest's quick claims (its smaller limits)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("bench", help="load time, time to first token, prefill/decode tokens/s, memory")
+    p.add_argument("bundle", help="bundle directory or .edgepack archive")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.set_defaults(func=cmd_bench)
+
+
+def _settings(args, bundle):
+    from dataclasses import replace
+
+    s = bundle.sampling_defaults()
+    overrides = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                 "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
+                 "seed": args.seed}
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None}, stop_strings=tuple(args.stop))
+    s.check()
+    return s
+
+
+def cmd_generate(args) -> int:
+    from runtime.bundle import Bundle
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    bundle = Bundle.open(args.bundle)
+    settings = _settings(args, bundle)
+    gen = bundle.generator(args.threads)
+    if args.raw:
+        ids = bundle.tokenizer.encode(prompt, add_special_tokens=True)
+        events = gen.stream(ids, settings)
+    else:
+        from runtime.generation import ChatSession
+
+        system = args.system if args.system is not None else bundle.system_prompt
+        events = ChatSession(gen, bundle.tokenizer, system).stream_reply(prompt, settings)
+    try:
+        for event in events:
+            if event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return 130
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    r = gen.last_result
+    if args.stats and r is not None:
+        print(f"[{r.prompt_tokens} prompt + {r.new_tokens} new tokens, stop: {r.stop_reason}, "
+              f"first token {1000 * r.ttft_s:.0f} ms, prefill {r.prefill_tokens_per_s:.0f} tok/s, "
+              f"decode {r.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from runtime.bundle import Bundle
+    from runtime.verify import checks_to_json, format_checks, verify_bundle
+
+    bundle = Bundle.open(args.bundle)
+    d = bundle.describe()
+    print(f"verifying {d['name']} ({d['size_text']}, {'quick' if args.quick else 'full'} claims); "
+          "all file digests match the manifest", file=sys.stderr)
+    checks = verify_bundle(bundle, quick=args.quick, progress=True, threads=args.threads)
+    if args.json:
+        print(json.dumps(checks_to_json(checks), indent=2))
+    else:
+        print(format_checks(checks))
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def cmd_bench(args) -> int:
+    from runtime.bench import bench_bundle, format_bench
+    from runtime.bundle import Bundle
+
+    bundle = Bundle.open(args.bundle)
+    result = bench_bundle(bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                          repeats=args.repeats, threads=args.threads)
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with only the runtime commands (tests; edgepack/cli.py has the full one)."""
+    parser = argparse.ArgumentParser(prog="edgepack")
+    add_runtime_commands(parser.add_subparsers(dest="command", required=True))
+    return parser

@@ -1,0 +1,303 @@
+"""A sweep's report: tables (CSV + Markdown, shaped like the seed study's), PNG plots and an index.
+
+Input is the list of rows that compressor.sweep returns (one per grid point, the baseline first). Every
+table caption states the evaluation limits, because numbers from 40 questions and from 728 are not the
+same kind of number. Plots use matplotlib's Agg backend, so no display is needed.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from runtime.fileio import atomic_write_bytes, atomic_write_text
+from runtime.harness import EvalLimits
+
+NM_NOTE = "N:M = N weights pruned in every group of M (W1:8 is 12.5 % sparse; NVIDIA's 2:4 counts the kept ones)."
+CSV_COLUMNS = ["name", "config", "lora", "quant", "order", "closed_pct", "open_pct", "closed_exact_pct",
+               "open_exact_pct", "questions", "ppl", "ppl_windows", "ppl_tokens", "kld", "top1_pct",
+               "params_dense", "params_nonzero", "size_mb", "seconds", "example", "workdir", "fingerprint"]
+
+
+def pct(x) -> float | None:
+    return None if x is None else round(100 * x, 2)
+
+
+def size_mb(row: dict) -> float:
+    return round(row["size_bytes"] / 1e6, 3)
+
+
+def fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def fmt_size(row: dict) -> str:
+    mb = row["size_bytes"] / 1e6
+    return f"{mb:.1f} MB" if mb >= 10 else f"{mb:.2f} MB"
+
+
+def short_label(row: dict) -> str:
+    parts = [row["config"]]
+    if row["lora"] != "none":
+        parts.append(f"LoRA {row['lora']}")
+    if row["quant"] != "none":
+        parts.append(row["quant"])
+    if row.get("order"):
+        parts.append(row["order"])
+    return " · ".join(parts)
+
+
+def plot_labels(rows: list[dict]) -> list[str]:
+    """Short labels when they tell the points apart, the run names otherwise."""
+    short = [short_label(r) for r in rows]
+    return short if len(set(short)) == len(short) else [r["name"] for r in rows]
+
+
+def caption(limits: EvalLimits, rows: list[dict]) -> str:
+    q = rows[0]["questions"] if rows else "?"
+    w = f"{rows[0]['ppl_windows']} windows × {limits.ctx} tokens" if rows else "?"
+    return (f"Evaluation limits: {limits.describe()} — WikiText-2 test PPL on {w}; TriviaQA closed and open book on "
+            f"the same {q} questions, % = answer contains an alias (exact match in results.csv). Non-zero parameters "
+            f"count the weights left after pruning (GPTQ keeps the count; EoRA adds its low-rank pairs); size = weight "
+            f"files on disk (float32 checkpoints store pruned zeros densely, GPTQ stores int4). {NM_NOTE}")
+
+
+# ------------------------------------------------------------------ tables
+def csv_rows(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        out.append({
+            "name": r["name"], "config": r["config"], "lora": r["lora"], "quant": r["quant"], "order": r["order"],
+            "closed_pct": pct(r["closed"]), "open_pct": pct(r["open"]), "closed_exact_pct": pct(r["closed_exact"]),
+            "open_exact_pct": pct(r["open_exact"]), "questions": r["questions"], "ppl": round(r["ppl"], 4),
+            "ppl_windows": r["ppl_windows"], "ppl_tokens": r["ppl_tokens"],
+            "kld": None if r.get("kld") is None else round(r["kld"], 5), "top1_pct": pct(r.get("top1")),
+            "params_dense": r["params_dense"], "params_nonzero": r["params_nonzero"], "size_mb": size_mb(r),
+            "seconds": r.get("seconds"), "example": r["example"], "workdir": r["workdir"],
+            "fingerprint": r["fingerprint"],
+        })
+    return out
+
+
+def results_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in csv_rows(rows):
+        writer.writerow({k: "" if v is None else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")
+
+
+def results_markdown(rows: list[dict], limits: EvalLimits, grid_name: str) -> str:
+    with_order = any(r["order"] for r in rows)
+    ambiguous = len({short_label(r) for r in rows}) < len(rows)
+    head = (["run"] if ambiguous else []) + ["config", "LoRA", "quant"] + (["order"] if with_order else []) + \
+        ["closed %", "open %", "PPL", "non-zero params", "size"]
+    lines = [f"# Sweep `{grid_name}`: results", "", f"*{caption(limits, rows)}*", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = ([r["name"]] if ambiguous else []) + [r["config"], r["lora"], r["quant"]] + \
+            ([r["order"] or "—"] if with_order else []) + \
+            [f"{100 * r['closed']:.1f}", f"{100 * r['open']:.1f}", f"{r['ppl']:.2f}", fmt_params(r["params_nonzero"]),
+             fmt_size(r)]
+        lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def examples_markdown(rows: list[dict], limits: EvalLimits, prompt: str, grid_name: str,
+                      max_new_tokens: int = 24) -> str:
+    lines = [f"# Sweep `{grid_name}`: generation examples", "",
+             f"*Prompt {prompt!r} as one chat turn (the model's chat template), greedy decoding, up to {max_new_tokens} new tokens, "
+             f"through the final stage of every configuration (torch, float32; GPTQ as its exact dequantized weights). "
+             f"Evaluation limits of the other tables: {limits.describe()}.*", "",
+             "| config | LoRA | quant | output |", "|---|---|---|---|"]
+    for r in rows:
+        cfg = r["config"] + (f" ({r['order']})" if r["order"] else "")
+        lines.append("| " + " | ".join(md_cell(c) for c in (cfg, r["lora"], r["quant"], r["example"] or "(empty)")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ analysis
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: fewer (or equal) parameters AND higher accuracy."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], float("-inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def order_pairs(rows: list[dict]) -> list[tuple[str, dict, dict]]:
+    """(label, D→W→L row, D→L→W row) for recipes that differ only in the order of width pruning and LoRA."""
+    groups: dict[str, dict] = {}
+    for r in rows:
+        if not r["order"]:
+            continue
+        key = json.dumps({k: v for k, v in r["recipe"].items() if k not in ("name", "order")}, sort_keys=True)
+        groups.setdefault(key, {})[r["recipe"]["order"]] = r
+    pairs = []
+    for g in groups.values():
+        if "DWL" in g and "DLW" in g:
+            a = g["DWL"]
+            pairs.append((f"{a['config']} · LoRA {a['lora']}" + (f" · {a['quant']}" if a["quant"] != "none" else ""),
+                          g["DWL"], g["DLW"]))
+    return pairs
+
+
+# ------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _acc_top(values) -> float:
+    """Accuracy axes start at 0 and leave headroom; an all-zero tiny run still gets a readable axis."""
+    return min(100.0, max(10.0, 1.15 * max(values, default=0)))
+
+
+def _baseline(rows):
+    return next((r for r in rows if r["config"] == "baseline" and r["lora"] == "none" and r["quant"] == "none"), None)
+
+
+def plot_accuracy(rows: list[dict], limits: EvalLimits, path: Path) -> Path:
+    import numpy as np
+
+    plt = _pyplot()
+    names = plot_labels(rows)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 5), layout="constrained")
+    ax.bar(x - 0.2, [100 * r["closed"] for r in rows], 0.4, label="closed book")
+    ax.bar(x + 0.2, [100 * r["open"] for r in rows], 0.4, label="open book")
+    base = _baseline(rows)
+    if base:
+        ax.axhline(100 * base["closed"], ls="--", lw=0.8, color="C0")
+        ax.axhline(100 * base["open"], ls="--", lw=0.8, color="C1")
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("TriviaQA accuracy (% contains an alias)")
+    ax.set_ylim(0, _acc_top([100 * r[k] for r in rows for k in ("closed", "open")]))
+    ax.set_title(f"TriviaQA accuracy per configuration (n={rows[0]['questions']}; dashed: baseline)\n"
+                 f"{limits.describe()}", fontsize=9)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_perplexity(rows: list[dict], limits: EvalLimits, path: Path) -> Path:
+    import numpy as np
+
+    plt = _pyplot()
+    names = plot_labels(rows)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 5), layout="constrained")
+    ax.bar(x, [r["ppl"] for r in rows], 0.6, color="C2")
+    base = _baseline(rows)
+    if base:
+        ax.axhline(base["ppl"], ls="--", lw=0.8, color="k")
+    ax.set_yscale("log")  # pruning can raise perplexity by orders of magnitude
+    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("WikiText-2 perplexity (log scale, lower is better)")
+    ax.set_title(f"Perplexity per configuration ({rows[0]['ppl_tokens']} scored tokens; dashed: baseline)\n"
+                 f"{limits.describe()}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_pareto(rows: list[dict], limits: EvalLimits, path: Path) -> Path:
+    plt = _pyplot()
+    names = plot_labels(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True, layout="constrained")
+    for ax, key, title in ((axes[0], "closed", "closed book"), (axes[1], "open", "open book")):
+        pts = [(r["params_nonzero"] / 1e6, 100 * r[key]) for r in rows]
+        front = pareto_front(pts)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="0.6", s=18, label="configuration")
+        fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
+        ax.plot(fx, fy, "-o", color="C3", ms=6, drawstyle="steps-post", label="Pareto front")
+        for i in front:
+            ax.annotate(names[i], pts[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("non-zero parameters (millions)")
+        ax.set_ylabel(f"TriviaQA {title} (% contains)")
+        ax.set_ylim(0, _acc_top([p[1] for p in pts]))
+        ax.set_xlim(left=0)
+        ax.set_title(f"Accuracy vs parameters, {title}", fontsize=10)
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Pareto front: no other configuration has fewer non-zero parameters and higher accuracy\n"
+                 f"{limits.describe()}", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_order(pairs, limits: EvalLimits, path: Path) -> Path:
+    import numpy as np
+
+    plt = _pyplot()
+    x = np.arange(len(pairs))
+    fig, axes = plt.subplots(1, 3, figsize=(max(11, 3 * len(pairs) + 4), 4.5), layout="constrained")
+    for ax, key, ylabel in ((axes[0], "closed", "closed book %"), (axes[1], "open", "open book %"),
+                            (axes[2], "ppl", "WikiText-2 PPL")):
+        scale = 1 if key == "ppl" else 100
+        ax.bar(x - 0.2, [scale * a[key] for _, a, _ in pairs], 0.4, label="depth → width → LoRA")
+        ax.bar(x + 0.2, [scale * b[key] for _, _, b in pairs], 0.4, label="depth → LoRA → width")
+        ax.set_xticks(x, [p[0] for p in pairs], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(ylabel)
+        if key != "ppl":
+            ax.set_ylim(0, _acc_top([scale * r[key] for _, a, b in pairs for r in (a, b)]))
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Stage order: width pruning before or after LoRA\n{limits.describe()}", fontsize=9)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------ the folder
+def write_report(rows: list[dict], out_dir: str | Path, limits: EvalLimits, grid_name: str, failed=(),
+                 prompt: str = "", max_new_tokens: int = 24) -> dict[str, Path]:
+    """Write every table, plot and index.md into `out_dir`; returns {file kind: path}."""
+    out = Path(out_dir)
+    files: dict[str, Path] = {}
+    files["csv"] = atomic_write_text(out / "results.csv", results_csv(rows))
+    files["results"] = atomic_write_text(out / "results.md", results_markdown(rows, limits, grid_name))
+    files["examples"] = atomic_write_text(out / "examples.md", examples_markdown(rows, limits, prompt, grid_name, max_new_tokens))
+    pairs = order_pairs(rows)
+    if rows:
+        files["accuracy"] = plot_accuracy(rows, limits, out / "accuracy.png")
+        files["perplexity"] = plot_perplexity(rows, limits, out / "perplexity.png")
+        files["pareto"] = plot_pareto(rows, limits, out / "pareto.png")
+    if pairs:
+        files["order"] = plot_order(pairs, limits, out / "order.png")
+    files["index"] = atomic_write_text(out / "index.md", index_markdown(rows, limits, grid_name, files, pairs, failed))
+    return files
+
+
+def index_markdown(rows, limits: EvalLimits, grid_name: str, files: dict, pairs, failed) -> str:
+    lines = [f"# Sweep `{grid_name}`", "",
+             f"{len(rows)} configurations evaluated" + (f", {len(failed)} failed" if failed else "") + ".", "",
+             f"*{caption(limits, rows)}*", "",
+             "- [results.md](results.md): the table (config, LoRA, quant, closed %, open %, PPL, non-zero params, size)",
+             "- [results.csv](results.csv): every number, including exact match, KL divergence and work directories",
+             "- [examples.md](examples.md): one prompt through every configuration", ""]
+    plots = [("accuracy", "TriviaQA accuracy per configuration"), ("perplexity", "Perplexity per configuration"),
+             ("pareto", "Accuracy vs non-zero parameters, Pareto front marked"),
+             ("order", "Stage order: depth → width → LoRA vs depth → LoRA → width")]
+    for kind, title in plots:
+        if kind in files:
+            lines += [f"## {title}", "", f"![{title}]({files[kind].name})", ""]
+    if not pairs:
+        lines += ["*No ordering comparison: the grid has no pair of recipes that differ only in `order`.*", ""]
+    if failed:
+        lines += ["## Failed points", ""] + [f"- `{r['name']}`: {md_cell(r['error'])} ({r['workdir']})" for r in failed]
+        lines.append("")
+    lines += ["## Work directories", ""] + [f"- `{r['name']}`: `{r['workdir']}`" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -294,8 +294,9 @@ def _checked_members(zf: zipfile.ZipFile, archive: Path, max_files: int, max_tot
         _check_member_name(name.rstrip("/") if info.is_dir() else name, archive)
         if info.is_dir():
             continue
-        if mode and not stat.S_ISREG(mode):
-            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+        kind = stat.S_IFMT(mode)  # 0 when the writer stored permissions only (or a non-Unix zip)
+        if kind and kind != stat.S_IFREG:
+            kind = "a symlink" if kind == stat.S_IFLNK else "not a regular file"
             raise EdgepackError(f"{archive}!{name}: archive member is {kind}; bundles hold regular files only")
         if name in members:
             raise EdgepackError(f"{archive}!{name}: archive member appears twice")

@@ -100,14 +100,18 @@ class Sampler:
             self.seen[token] = True
             self.seen_ids = np.append(self.seen_ids, token)
 
-    def __call__(self, logits: np.ndarray) -> int:
-        s, x = self.s, logits
+    def penalize_row(self, x: np.ndarray) -> np.ndarray:
         if self.penalize and self.seen_ids.size:
             v = x[self.seen_ids]
-            x[self.seen_ids] = np.where(v < 0, v * s.repetition_penalty, v / s.repetition_penalty)
-        if s.temperature == 0:
-            return int(x.argmax())
-        x = x / np.float32(s.temperature)
+            p = self.s.repetition_penalty
+            x[self.seen_ids] = np.where(v < 0, v * p, v / p)
+        return x
+
+    def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids a draw can pick and their (unnormalised) probabilities, after the repetition penalty,
+        temperature, top-k and top-p; `logits` is modified in place. Needs temperature > 0."""
+        s = self.s
+        x = self.penalize_row(logits) / np.float32(s.temperature)
         if 0 < s.top_k < x.size:
             ids = np.argpartition(x, -s.top_k)[-s.top_k:]
             vals = x[ids]
@@ -121,12 +125,17 @@ class Sampler:
             cum = np.cumsum(probs)
             # HF's rule: keep the most likely tokens whose preceding cumulative mass is below top_p (>= 1 kept)
             keep = min(int(np.searchsorted(cum, s.top_p * cum[-1], side="left")) + 1, vals.size)
-            probs, ids = probs[:keep], ids[:keep]
-        else:
-            probs = np.exp(vals - vals.max())
+            return ids[:keep], probs[:keep]
+        probs = np.exp(vals - vals.max())
+        return (np.arange(x.size) if ids is None else ids), probs
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.s.temperature == 0:
+            return int(self.penalize_row(logits).argmax())
+        ids, probs = self.candidates(logits)
         cum = np.cumsum(probs, dtype=np.float64)
         pick = min(int(np.searchsorted(cum, self.rng.random() * cum[-1], side="right")), cum.size - 1)
-        return int(pick if ids is None else ids[pick])
+        return int(ids[pick])
 
 
 class IncrementalDetokenizer:

@@ -1,0 +1,100 @@
+"""`verify` re-measures the manifest's claims; perturbed weights with forged digests fail the quality
+check. Also the runtime CLI commands (generate, verify, bench) end to end on the tiny bundle."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.bundle import Bundle
+from runtime.cli_commands import build_parser
+from runtime.errors import EdgepackError
+from runtime.verify import compare, tolerance_for, verify_bundle
+from tiny_bundle import copy_bundle, perturb_initializer, tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory, tiny_checkpoint):
+    return tiny_bundle(tmp_path_factory, tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def perturbed(good, tmp_path_factory):
+    d = copy_bundle(good, tmp_path_factory.mktemp("perturbed") / "bundle")
+    assert perturb_initializer(d, scale=1.0) == "model.embed_tokens.weight"
+    return d
+
+
+def run_cli(*argv) -> int:
+    args = build_parser().parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_verify_passes_on_a_good_bundle(good, quick):
+    b = Bundle.open(good)
+    checks = verify_bundle(b, quick=quick, progress=False)
+    claims = b.manifest["quality"]["quick" if quick else "full"]
+    assert {c.name for c in checks} == set(claims)
+    for c in checks:
+        assert c.passed, c
+        assert c.measured == pytest.approx(claims[c.name]["value"], rel=1e-4, abs=1e-6)
+
+
+def test_verify_fails_on_perturbed_weights_with_valid_digests(perturbed):
+    b = Bundle.open(perturbed)  # the digests were forged: opening succeeds
+    checks = {c.name: c for c in verify_bundle(b, progress=False)}
+    for name in ("ppl", "kld", "top1"):
+        assert not checks[name].passed, checks[name]
+        assert abs(checks[name].measured - checks[name].claimed) > checks[name].tolerance
+
+
+def test_tolerance_rules():
+    assert tolerance_for("ppl", 20.0, 1000) == {"kind": "relative", "value": 0.02, "rule": "relative 2 %"}
+    assert tolerance_for("kld", 0.5, 1000)["value"] == pytest.approx(0.025)
+    assert tolerance_for("kld", 0.01, 1000)["value"] == 0.01
+    assert tolerance_for("triviaqa_closed_contains", 0.25, 400)["value"] == pytest.approx(2 * (0.25 * 0.75 / 400) ** 0.5, abs=1e-6)
+    assert tolerance_for("top1", 1.0, 100)["value"] == pytest.approx(0.02)
+    claim = {"value": 10.0, "n": 50, "limits": {"ctx": 512}, "tolerance": tolerance_for("ppl", 10.0, 50)}
+    assert compare("ppl", claim, {"value": 10.19, "n": 50}).passed
+    assert not compare("ppl", claim, {"value": 10.21, "n": 50}).passed
+    assert not compare("ppl", claim, {"value": 10.0, "n": 49}).passed  # different sample: not comparable
+
+
+def test_cli_verify_exit_codes_and_json(good, perturbed, capsys):
+    assert run_cli("verify", good, "--quick") == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" not in out and "checks passed" in out
+    assert run_cli("verify", perturbed, "--json") == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] is False
+    assert {c["name"] for c in report["checks"] if not c["passed"]} >= {"ppl", "kld"}
+    assert all({"claimed", "measured", "tolerance", "detail"} <= set(c) for c in report["checks"])
+
+
+def test_cli_generate_streams_the_same_text_as_the_api(good, capsys):
+    assert run_cli("generate", good, "The quick brown fox", "--raw", "--temperature", "0",
+                   "--repetition-penalty", "1.3", "--max-new-tokens", "20") == 0
+    out = capsys.readouterr().out
+    b = Bundle.open(good)
+    from runtime.generation import SamplingSettings
+
+    want = b.generator().generate(b.tokenizer.encode("The quick brown fox"),
+                                  SamplingSettings(temperature=0, repetition_penalty=1.3, max_new_tokens=20))
+    assert out == want.text + "\n"
+    assert run_cli("generate", good, "hello", "--seed", "1", "--max-new-tokens", "5", "--stats") == 0
+    assert "prompt +" in capsys.readouterr().err
+    with pytest.raises(EdgepackError, match="top_p"):
+        run_cli("generate", good, "hello", "--top-p", "1.5")
+
+
+def test_cli_bench_json(good, capsys):
+    assert run_cli("bench", good, "--json", "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "2") == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["prompt_tokens"] == 16 and r["new_tokens"] == 8 and len(r["runs"]) == 2
+    assert all(run["new_tokens"] == 8 for run in r["runs"])  # no EOS: every run decodes all tokens
+    for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+    assert r["load_s"] > 0 and (r["peak_rss_bytes"] is None or r["peak_rss_bytes"] > 10 << 20)
+    with pytest.raises(EdgepackError, match="exceed the model's context"):
+        run_cli("bench", good, "--prompt-tokens", "500", "--new-tokens", "100")

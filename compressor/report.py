@@ -283,7 +283,7 @@ def write_report(rows: list[dict], out_dir: str | Path, limits: EvalLimits, grid
 
 def index_markdown(rows, limits: EvalLimits, grid_name: str, files: dict, pairs, failed) -> str:
     lines = [f"# Sweep `{grid_name}`", "",
-             f"{len(rows)} configurations evaluated" + (f", {len(failed)} failed" if failed else "") + ".", "",
+             f"{len(rows)} configuration{'' if len(rows) == 1 else 's'} evaluated" + (f", {len(failed)} failed" if failed else "") + ".", "",
              f"*{caption(limits, rows)}*", "",
              "- [results.md](results.md): the table (config, LoRA, quant, closed %, open %, PPL, non-zero params, size)",
              "- [results.csv](results.csv): every number, including exact match, KL divergence and work directories",

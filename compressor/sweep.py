@@ -443,7 +443,9 @@ def run_family(family: list[Job], limits: EvalLimits, peers: list[Path], prompt:
         try:
             results.append(run_job(job, limits, peers, prompt, max_new_tokens, log=say))
         except Exception as e:  # noqa: BLE001 - one broken point must not lose the others' results
-            say(f"failed: {e}")
+            import traceback
+
+            say(f"failed: {e}\n{traceback.format_exc()}")
             results.append({"name": job.name, "workdir": str(job.workdir), "error": f"{type(e).__name__}: {e}"})
     return results
 

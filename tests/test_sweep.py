@@ -206,6 +206,15 @@ def test_sweep_command_dry_run_and_ray_error(tiny_checkpoint, tmp_path, monkeypa
         sweep.run_sweep("order", tmp_path / "o", TINY_LIMITS, use_ray=True, model=str(tiny_checkpoint))
 
 
+def test_failed_point_is_reported_and_others_kept(tiny_checkpoint, tmp_path):
+    grid = tiny_grid(tmp_path, tiny_checkpoint, ["D9"])  # the tiny model has 4 layers
+    with pytest.raises(EdgepackError, match="1 of 2 grid points failed \\(D9\\)"):
+        sweep.run_sweep(str(grid), tmp_path / "out", TINY_LIMITS, runs_dir=tmp_path / "runs", log=QUIET)
+    index = (tmp_path / "out/index.md").read_text()
+    assert "1 configuration evaluated, 1 failed" in index and "depth.remove=9" in index
+    assert "| baseline |" in (tmp_path / "out/results.md").read_text()
+
+
 def test_sweep_in_worker_processes(tiny_checkpoint, tmp_path):
     """--jobs 2: families run in spawned processes and still share their prefixes (checked on disk)."""
     grid = tiny_grid(tmp_path, tiny_checkpoint, ["D1", "D1+W1:4"])

@@ -100,7 +100,8 @@ def format_bench(result: dict) -> str:
         f"{result['bundle']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens, "
         f"{result['repeats']} runs, threads={result['threads'] or 'default'} ({result['cpu_count']} CPUs, "
         f"{result['machine']}, onnxruntime {result['onnxruntime']})",
-        f"{'load':22s} {result['load_s']:.2f} s",
+        *([f"{'open + digest check':22s} {result['open_s']:.2f} s"] if "open_s" in result else []),
+        f"{'load (ONNX session)':22s} {result['load_s']:.2f} s",
         row("time to first token", "ttft_s", "ms", 1000.0),
         row("prefill", "prefill_tokens_per_s", "tokens/s"),
         row("decode", "decode_tokens_per_s", "tokens/s"),

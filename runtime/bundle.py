@@ -216,8 +216,11 @@ def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | No
     root = Path(cache) if cache else cache_root()
     target = root / digest[:32]
     if (target / MANIFEST_NAME).is_file():
-        _checked_directory(target, verify_digests)  # the cache is on the user's disk: check it again
-        return target
+        try:  # the cache is on the user's disk: check it again, and extract afresh if it was damaged
+            _checked_directory(target, verify_digests)
+            return target
+        except EdgepackError:
+            shutil.rmtree(target, ignore_errors=True)
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as e:

@@ -109,25 +109,32 @@ class Sampler:
 
     def candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The ids a draw can pick and their (unnormalised) probabilities, after the repetition penalty,
-        temperature, top-k and top-p; `logits` is modified in place. Needs temperature > 0."""
+        temperature, top-k and top-p; `logits` may be modified. Needs temperature > 0."""
         s = self.s
         x = self.penalize_row(logits) / np.float32(s.temperature)
         if 0 < s.top_k < x.size:
             ids = np.argpartition(x, -s.top_k)[-s.top_k:]
             vals = x[ids]
         else:
-            ids, vals = None, x
-        if s.top_p < 1.0:
-            order = np.argsort(-vals, kind="stable")
-            vals = vals[order]
-            ids = order if ids is None else ids[order]
-            probs = np.exp(vals - vals[0])
-            cum = np.cumsum(probs)
-            # HF's rule: keep the most likely tokens whose preceding cumulative mass is below top_p (>= 1 kept)
-            keep = min(int(np.searchsorted(cum, s.top_p * cum[-1], side="left")) + 1, vals.size)
-            return ids[:keep], probs[:keep]
+            ids, vals = np.arange(x.size), x
         probs = np.exp(vals - vals.max())
-        return (np.arange(x.size) if ids is None else ids), probs
+        if s.top_p >= 1.0:
+            return ids, probs
+        # HF's rule: keep the most likely tokens whose preceding cumulative mass is below top_p (>= 1 kept).
+        # The nucleus is nearly always a few dozen tokens, so sort only the k most likely (k grows until
+        # they hold top_p of the mass) instead of the whole vocabulary (5 ms per token at 49k).
+        target = s.top_p * float(probs.sum(dtype=np.float64))
+        k = min(64, probs.size)
+        while True:
+            top = np.argpartition(-probs, k - 1)[:k] if k < probs.size else np.arange(probs.size)
+            top = top[np.argsort(-probs[top], kind="stable")]
+            cum = np.cumsum(probs[top], dtype=np.float64)
+            if cum[-1] >= target or k >= probs.size:
+                break
+            k = min(k * 8, probs.size)
+        keep = min(int(np.searchsorted(cum, target, side="left")) + 1, top.size)
+        top = top[:keep]
+        return ids[top], probs[top]
 
     def __call__(self, logits: np.ndarray) -> int:
         if self.s.temperature == 0:
@@ -257,17 +264,22 @@ class Generator:
 
     def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings,
                cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        """Yield TokenEvents as tokens are generated; afterwards `self.last_result` holds the result.
-        A prompt that leaves no room for one new token raises EdgepackError before any work."""
+        """An iterator of TokenEvents as tokens are generated; once it ends (or is closed),
+        `self.last_result` holds the result. Bad settings and a prompt that leaves no room for one new
+        token raise EdgepackError here, when stream() is called, before any work."""
         settings.check()
         prompt = [int(t) for t in prompt_ids]
-        dec = self.decoder
         if not prompt:
             raise EdgepackError("generate: the prompt is empty")
-        if len(prompt) >= dec.max_len:
-            raise EdgepackError(f"prompt too long: {len(prompt)} tokens, the model's context is {dec.max_len} "
-                                "tokens and the prompt must leave room for the reply")
+        if len(prompt) >= self.decoder.max_len:
+            raise EdgepackError(f"prompt too long: {len(prompt)} tokens, the model's context is "
+                                f"{self.decoder.max_len} tokens and the prompt must leave room for the reply")
         self.last_result = None
+        return self._stream(prompt, settings, cancel)
+
+    def _stream(self, prompt: list[int], settings: SamplingSettings,
+                cancel: threading.Event | None) -> Iterator[TokenEvent]:
+        dec = self.decoder
         t0 = time.perf_counter()
         try:
             logits, reused = self._prefill(prompt)

@@ -195,3 +195,12 @@ def test_writer_refuses_pickles_and_validates_fields(good, tmp_path):
     assert opened.manifest["runtime"]["safetensors"] == "safetensors"
     assert "safetensors/model.safetensors" in opened.manifest["files"]
     assert not (tmp_path / "out.edgepack").exists()
+
+
+def test_damaged_cache_extraction_is_redone(good):
+    a = Bundle.open(good.parent / "bundle.edgepack")
+    cached = a.path / "tokenizer" / "tokenizer.json"
+    original = cached.read_bytes()
+    cached.write_bytes(original.replace(b"<|im_end|>", b"<|im_END|>"))
+    again = Bundle.open(good.parent / "bundle.edgepack")
+    assert again.path == a.path and cached.read_bytes() == original

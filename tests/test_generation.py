@@ -64,7 +64,7 @@ def test_sampler_candidates_match_hf_logits_processors():
     )
 
     rng = np.random.default_rng(0)
-    for top_k, top_p in ((50, 0.9), (0, 0.8), (20, 1.0), (5, 0.3)):
+    for top_k, top_p in ((50, 0.9), (0, 0.8), (0, 0.05), (20, 1.0), (5, 0.3)):
         s = SamplingSettings(temperature=0.8, top_k=top_k, top_p=top_p, repetition_penalty=1.2)
         logits = (rng.standard_normal(288) * 3).astype(np.float32)
         seen = rng.integers(0, 288, 30)
@@ -158,7 +158,8 @@ def test_incremental_detokenizer_matches_full_decode(bundle):
 def test_prompt_too_long_raises(bundle):
     gen = bundle.generator()
     with pytest.raises(EdgepackError, match="prompt too long: 512 tokens"):
-        gen.generate(list(range(3, 259)) * 2, GREEDY)
+        gen.stream(list(range(3, 259)) * 2, GREEDY)  # raised when the stream is made, before any work
+    assert gen.decoder.length == 0
     chat = ChatSession(gen, bundle.tokenizer)
     with pytest.raises(EdgepackError, match="message too long"):
         list(chat.stream_reply("x" * 600, GREEDY))

@@ -15,6 +15,7 @@ leaves a half-extracted bundle that looks finished.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
 import stat
@@ -58,6 +59,7 @@ class Bundle:
         self.reference_path: Path | None = self.path / rt["reference"] if rt.get("reference") else None
         self.safetensors_path: Path | None = self.path / rt["safetensors"] if rt.get("safetensors") else None
         self.tokenizer_path = self.path / manifest["tokenizer"]["directory"]
+        check_requirements(rt.get("requires") or {}, self.path / MANIFEST_NAME)
         for f in sorted(manifest["files"]):  # malformed JSON gets a clear error naming the file
             if f.startswith(manifest["tokenizer"]["directory"].rstrip("/") + "/") and f.endswith(JSON_SUFFIXES):
                 read_json(self.path / f)
@@ -147,7 +149,7 @@ class Bundle:
         return sum(int(f["size"]) for f in self.manifest["files"].values())
 
     def describe(self) -> dict:
-        """For the TUI panel and `edgepack bench`: {"name", "path", "source", "recipe": name, "stages":
+        """For the TUI panel and `edgepack bench`: {"name", "path", "source", "recipe": name, "description", "stages":
         [stage strings], "size_bytes", "size_text", "parameters", "context_length", "quality": [{"metric",
         "label", "value", "text", "n"}] (the "full" claims), "created_by"}."""
         m = self.manifest
@@ -161,6 +163,7 @@ class Bundle:
             "path": str(self.path),
             "source": str(self.source),
             "recipe": m["recipe"]["name"],
+            "description": m["recipe"].get("description"),
             "stages": [describe_stage(s) for s in m["recipe"]["stages"]],
             "size_bytes": size,
             "size_text": format_bytes(size),
@@ -169,6 +172,33 @@ class Bundle:
             "quality": quality,
             "created_by": m["created_by"],
         }
+
+
+def check_requirements(requires: dict, where) -> None:
+    """The manifest's minimum package versions ({"onnxruntime": ">=1.20"}) against what is installed.
+    Only ">=" is understood (written by hand: `packaging` is not a runtime dependency); others are skipped."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package, spec in requires.items():
+        if not isinstance(spec, str) or not spec.startswith(">="):
+            continue
+        try:
+            installed = version(package)
+        except PackageNotFoundError:
+            raise EdgepackError(f"{where}: the bundle needs {package}{spec}, which is not installed") from None
+        if _version_tuple(installed) < _version_tuple(spec[2:]):
+            raise EdgepackError(f"{where}: the bundle needs {package}{spec}, installed is {installed} "
+                                f"(pip install -U {package})")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in v.strip().split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,8 +375,15 @@ def format_metric(metric: str, value: float) -> str:
     return f"{100 * value:.1f} %"
 
 
-def describe_stage(stage: dict) -> str:
-    """'depth: removed=2' style one-liner for a recipe stage record."""
+BOOKKEEPING = {"stage", "fingerprint", "input", "input_dir", "seconds", "finished_at", "calibration", "eval", "output"}
+
+
+def describe_stage(stage: dict, max_items: int = 5) -> str:
+    """'depth: remove=2, method=ppl' style one-liner for a recipe stage record: its `settings` when it has
+    them, else its own scalar fields, without the pipeline's bookkeeping."""
     name = stage.get("stage", "?")
-    rest = ", ".join(f"{k}={v}" for k, v in stage.items() if k != "stage" and not isinstance(v, (dict, list)))
+    source = stage["settings"] if isinstance(stage.get("settings"), dict) else stage
+    items = [(k, v) for k, v in source.items()
+             if k not in BOOKKEEPING and v is not None and not isinstance(v, (dict, list))][:max_items]
+    rest = ", ".join(f"{k}={v}" for k, v in items)
     return f"{name}: {rest}" if rest else name

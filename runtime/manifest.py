@@ -9,10 +9,11 @@ Schema, format_version 1 (keys marked * are required; other keys inside the bloc
     format_version*  1
     created_by*      str, e.g. "edgepack 0.1.0"
     created_at       str, ISO 8601
-    model*           {name*: str, source*: str (where the uncompressed weights came from),
+    model*           {name*: str, source*: str or object (where the uncompressed weights came from),
                       parameters*: int (parameters of the compressed model, pruned zeros not counted),
                       architecture: str, vocab_size: int, layers: int, ...}
-    recipe*          {name*: str, stages*: [{stage*: "depth"|"width"|"channels"|"lora"|"gptq"|"eora"|..., ...settings}]}
+    recipe*          {name*: str, description: str,
+                      stages*: [{stage*: "depth"|"width"|"channels"|"lora"|"gptq"|"eora"|..., settings: {...}, ...}]}
     files*           {relative/posix/path: {size*: int, sha256*: 64 hex}}, every file of the bundle except
                      manifest.json itself; paths may not be absolute, contain "..", "\\" or empty parts
     generation*      {eos_token_ids*: [int], bos_token_id: int|null, context_length*: int,
@@ -122,7 +123,7 @@ def validate_manifest(obj: dict, where: str) -> dict:
 
     model = _need(obj, "model", dict, where)
     _need(model, "name", str, where, "model.")
-    _need(model, "source", str, where, "model.")
+    _need(model, "source", (str, dict), where, "model.")
     params = _need(model, "parameters", int, where, "model.")
     if params < 0:
         _fail(where, "model.parameters", "must be >= 0")

@@ -204,3 +204,21 @@ def test_damaged_cache_extraction_is_redone(good):
     cached.write_bytes(original.replace(b"<|im_end|>", b"<|im_END|>"))
     again = Bundle.open(good.parent / "bundle.edgepack")
     assert again.path == a.path and cached.read_bytes() == original
+
+
+def test_requirements_and_no_pickle(good, tmp_path, monkeypatch):
+    d = copy_bundle(good, tmp_path / "b")
+    m = manifest_of(d)
+    m["runtime"]["requires"] = {"onnxruntime": ">=99.0"}
+    write_manifest(d, m)
+    with pytest.raises(EdgepackError, match=r"needs onnxruntime>=99\.0, installed is 1\."):
+        Bundle.open(d)
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("something was unpickled")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    b = Bundle.open(good)
+    assert b.reference().k == 16 and b.decoder().vocab_size == 288

@@ -74,7 +74,7 @@ class GenerationResult:
     prompt_tokens: int
     new_tokens: int
     ttft_s: float  # stream start to first token sampled (prefill included)
-    decode_tokens_per_s: float  # decode steps per second of engine time (the consumer's time excluded)
+    decode_tokens_per_s: float  # tokens per second of decode + sampling time (the consumer's time excluded)
     prefill_tokens_per_s: float  # prompt tokens actually computed per second of prefill
     cached_tokens: int = 0  # prompt tokens already in the KV cache from the previous call (not recomputed)
 
@@ -298,10 +298,10 @@ class Generator:
         steps = 0
         try:
             while True:
+                t = time.perf_counter()
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
-                t = time.perf_counter()
                 tok = sampler(logits)
                 if not ids:
                     ttft = time.perf_counter() - t0
@@ -318,6 +318,8 @@ class Generator:
                 elif dec.length + 1 > dec.max_len:
                     reason = "context_full"
                 else:
+                    if steps:  # sampling + detokenizing count as decode time; the consumer's time does not
+                        decode_time += time.perf_counter() - t
                     parts.append(text)
                     yield TokenEvent(text, tok)
                     t = time.perf_counter()

@@ -146,6 +146,17 @@ def saved(tmp_path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((tmp_path / "data" / "conversations").glob("*.json"))]
 
 
+def text_of(widget) -> str:
+    """The plain text of a Static's content (str, rich Text or a rich Table)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(widget.content)
+    return console.file.getvalue()
+
+
 def log_texts(app) -> list[tuple[str, str]]:
     from tui.widgets import AssistantMessage, Note, UserMessage
 
@@ -191,7 +202,7 @@ def test_reply_streams_into_the_log_and_is_saved(tmp_path, monkeypatch):
             assert reply["content"] == REPLY and reply["stop_reason"] == "eos" and "partial" not in reply
             assert reply["stats"]["new_tokens"] == len(REPLY.encode()) and reply["stats"]["tokens_per_s"] > 0
             assert conv["title"] == "How do I count words in a file?"
-            status = str(app.query_one("#status").render())
+            status = text_of(app.query_one("#status"))
             assert "tok/s" in status and f"/{app.generator.context_length:,}" in status
             # code block rendered by the Markdown widget as a fence
             from textual.widgets._markdown import MarkdownFence
@@ -238,9 +249,9 @@ def test_conversation_and_prompt_history_survive_a_restart(tmp_path):
             # the most recent conversation is open again, with every turn
             assert log_texts(app) == [("user", "First question"), ("assistant", REPLY),
                                       ("user", "Second question"), ("assistant", REPLY)]
-            sidebar = app.query_one("#sidebar")
+            sidebar = app.query_one("#chats")
             assert len(sidebar.children) == 1 and "First question" in str(sidebar.children[0].query_one("Label").render())
-            assert "tok/s" in str(app.query_one("#status").render())  # the last reply's numbers
+            assert "tok/s" in text_of(app.query_one("#status"))  # the last reply's numbers
             # Up recalls the prompts, newest first; Down comes back to the draft
             app.prompt_input.focus()
             await pilot.press("d", "r", "a", "f", "t", "up")
@@ -252,6 +263,25 @@ def test_conversation_and_prompt_history_survive_a_restart(tmp_path):
 
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_a_reply_cut_by_a_crash_reopens_marked_interrupted(tmp_path):
+    from tui.store import Conversation, ConversationStore
+
+    conv = Conversation(title="Crashed", messages=[{"role": "user", "content": "Q"},
+                                                   {"role": "assistant", "content": "Half an ans", "partial": True}])
+    ConversationStore(tmp_path / "data").save(conv)
+
+    async def run():
+        app = make_app(tmp_path)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            assert log_texts(app) == [("user", "Q"), ("assistant", "Half an ans"),
+                                      ("note", "■ interrupted (the app stopped while writing)")]
+            await send(pilot, "Again?")  # the conversation goes on
+            assert [m["role"] for m in saved(tmp_path)[0]["messages"]] == ["user", "assistant", "user", "assistant"]
+
+    asyncio.run(run())
 
 
 def test_multiline_input_and_help_keys(tmp_path):
@@ -303,8 +333,8 @@ def test_rename_export_delete_switch(tmp_path):
             assert md.startswith("# Beta renamed") and "**You**\n\nBeta question" in md and "```python" in md
             # the sidebar (Ctrl+B) switches to the other conversation
             await pilot.press("ctrl+b")
-            sidebar = app.query_one("#sidebar")
-            assert sidebar.display and app.focused is sidebar
+            sidebar = app.query_one("#chats")
+            assert app.query_one("#sidebar").display and app.focused is sidebar
             await pilot.press("down", "enter")
             await pilot.pause()
             assert log_texts(app)[0] == ("user", "Alpha question") and app.focused is app.prompt_input
@@ -338,7 +368,7 @@ def test_settings_regenerate_and_copy(tmp_path):
             assert screen.query_one("#system", TextArea).text == "You are a helpful assistant."
             screen.query_one("#temperature", Input).value = "hot"
             await pilot.press("ctrl+s")
-            assert app.screen is screen and "not a number" in str(screen.query_one("#settings-error").render())
+            assert app.screen is screen and "not a number" in text_of(screen.query_one("#settings-error"))
             screen.query_one("#temperature", Input).value = "0.3"
             screen.query_one("#max_new_tokens", Input).value = "20"
             screen.query_one("#system", TextArea).load_text("Answer in French.")
@@ -400,3 +430,134 @@ def test_a_message_longer_than_the_context_is_given_back(tmp_path):
             assert any("too long" in n.message for n in app._notifications)
 
     asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The real tiny bundle (ONNX model, byte-level tokenizer, chat template, quality claims)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_checkpoint):
+    from runtime.bundle import Bundle
+    from tiny_bundle import tiny_bundle
+
+    return Bundle.open(tiny_bundle(tmp_path_factory, tiny_checkpoint))
+
+
+def test_chat_with_the_tiny_bundle_shows_what_the_runtime_generates(tmp_path, tiny):
+    greedy = {"temperature": 0.0, "max_new_tokens": 24, "repetition_penalty": 1.0}
+
+    async def run():
+        app = make_app(tmp_path, tiny, threads=1)
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.conv.settings = dict(greedy)
+            await send(pilot, "Hello, who are you?")
+            await send(pilot, "And then?")
+            return app.conv.messages, text_of(app.query_one("#status"))
+
+    messages, status = asyncio.run(run())
+    # the same two turns straight through the runtime's ChatSession
+    session = tiny.chat(threads=1)
+    want = []
+    for text in ("Hello, who are you?", "And then?"):
+        want.append("".join(e.text for e in session.stream_reply(text, SamplingSettings(**greedy))))
+    assert [m["content"] for m in messages if m["role"] == "assistant"] == want
+    assert any(want) and f"ctx {session.context_used:,}/{tiny.context_length:,}" in status
+    assert messages[-1]["stats"]["context_used"] == session.context_used
+    assert messages[-1]["stats"]["cached_tokens"] > 0  # the second turn reused the first one's KV cache
+
+
+def test_model_panel_verifies_the_bundle_in_the_background(tmp_path, tiny):
+    async def run():
+        app = make_app(tmp_path, tiny, threads=1)
+        async with app.run_test(size=(80, 24)) as pilot:
+            from tui.screens import ModelScreen
+
+            await pilot.press("ctrl+o")
+            assert isinstance(app.screen, ModelScreen)
+            facts = text_of(app.screen.query_one("#model-facts"))
+            assert "tiny-llama-test" in facts and "export: projections=fp32" in facts
+            claims = text_of(app.screen.query_one("#claims"))
+            assert "WikiText-2 perplexity" in claims and "n=" in claims
+            assert "unverified" in text_of(app.query_one("#status"))
+            await pilot.press("v")
+            await wait_for(pilot, lambda: not app.verify_state.running, timeout=60)
+            await pilot.pause(0.3)  # the panel refreshes every 0.2 s
+            state = app.verify_state
+            assert state.error is None and state.checks and all(c.passed for c in state.checks)
+            table = text_of(app.screen.query_one("#checks"))
+            assert "✓ pass" in table and "Measured" in table
+            assert f"all {len(state.checks)} metrics within tolerance" in text_of(app.screen.query_one("#verify-status"))
+            assert "✓ verified" in text_of(app.query_one("#status"))
+
+    asyncio.run(run())
+
+
+def test_a_failed_check_is_shown_as_failed(tmp_path):
+    async def run():
+        app = make_app(tmp_path, verify_fn=lambda bundle, **kw: fake_checks(passed=False))
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("ctrl+o", "v")
+            await wait_for(pilot, lambda: app.verify_state.checks is not None)
+            await pilot.pause(0.3)
+            assert "✗ FAIL" in text_of(app.screen.query_one("#checks"))
+            assert "1 of 2 metrics outside tolerance" in text_of(app.screen.query_one("#verify-status"))
+            assert "✗ 1 failed" in text_of(app.query_one("#status"))
+
+    asyncio.run(run())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Snapshot and layering
+
+
+def snapshot_app(tmp_path):
+    """A fixed conversation on the scripted decoder: no clock, no measured timings on screen."""
+    from tui.store import Conversation, ConversationStore
+
+    store = ConversationStore(tmp_path / "data")
+    stats = {"ttft_s": 0.12, "tokens_per_s": 48.5, "new_tokens": 120, "prompt_tokens": 40, "cached_tokens": 0,
+             "context_used": 160, "context_length": 4096}
+    for i, title in enumerate(("Word count in Python", "Trip to the Cotswolds")):
+        conv = Conversation(id=f"2024010{i}-120000-abcdef", title=title, created="2024-01-01T12:00:00+00:00",
+                            messages=[{"role": "user", "content": "How do I count words in a file?"},
+                                      {"role": "assistant", "content": REPLY, "stop_reason": "eos", "stats": stats}])
+        store.save(conv)
+        conv.updated = f"2024-01-0{i + 1}T12:00:00+00:00"
+        store.save(conv, touch=False)
+    return make_app(tmp_path)
+
+
+def test_main_screen_snapshot(tmp_path, snap_compare):
+    async def before(pilot):
+        pilot.app.prompt_input.cursor_blink = False
+        await pilot.press("ctrl+b")  # show the conversation list (hidden at start below 100 columns)
+        pilot.app.prompt_input.focus()
+        await pilot.pause()
+
+    assert snap_compare(snapshot_app(tmp_path), terminal_size=(80, 24), run_before=before)
+
+
+def test_tui_imports_no_heavy_stack_and_chat_command_parses():
+    code = (
+        "import sys, argparse\n"
+        "import tui.cli\n"
+        "light = 'textual' not in sys.modules\n"
+        "p = argparse.ArgumentParser(); sub = p.add_subparsers(dest='command')\n"
+        "tui.cli.add_chat_command(sub)\n"
+        "a = p.parse_args(['chat', 'B', '--data-dir', 'D', '--threads', '2'])\n"
+        "import tui.app, tui.screens, tui.widgets, tui.store\n"
+        "heavy = [m for m in ('torch', 'transformers', 'peft', 'gptqmodel', 'optimum') if m in sys.modules]\n"
+        "print(light, a.bundle, a.data_dir, a.threads, heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "B", "D", "2", "[]"]
+
+
+def test_run_chat_reports_a_bad_bundle_in_one_line(tmp_path, capsys):
+    from tui.app import run_chat
+
+    assert run_chat(str(tmp_path / "missing"), str(tmp_path / "data")) == 2
+    err = capsys.readouterr().err
+    assert "edgepack: error:" in err and "missing" in err and "Traceback" not in err

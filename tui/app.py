@@ -22,7 +22,7 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Footer, Header, Markdown
+from textual.widgets import Footer, Header, Label, Markdown, Static
 from textual.worker import WorkerFailed
 
 from runtime.errors import EdgepackError
@@ -171,7 +171,10 @@ class ChatApp(App[int]):
     def compose(self) -> ComposeResult:
         yield Header(icon="◆")
         with Horizontal(id="body"):
-            yield ConversationList(id="sidebar")
+            with Vertical(id="sidebar"):
+                yield Label(Text.assemble(("Chats", "bold"), ("  ^n new · ^b hide", "dim")), id="sidebar-title")
+                yield ConversationList(id="chats")
+                yield Static("No saved chats yet: the first message you send starts one.", id="no-chats")
             with Vertical(id="main"):
                 yield VerticalScroll(id="log")
                 yield PromptInput(history=self.store.load_history(), id="prompt",
@@ -181,7 +184,7 @@ class ChatApp(App[int]):
 
     async def on_mount(self) -> None:
         # The list starts hidden on narrow terminals (80 columns leave the chat too little room): Ctrl+B.
-        self.query_one(ConversationList).display = self.size.width >= SIDEBAR_MIN_WIDTH
+        self.query_one("#sidebar").display = self.size.width >= SIDEBAR_MIN_WIDTH
         self.conversations = self.store.list()
         if self.conversations:
             self.conv = self.conversations[0]
@@ -210,6 +213,7 @@ class ChatApp(App[int]):
     def _refresh_sidebar(self) -> None:
         items = [(c.id, c.title) for c in self.conversations]
         self.query_one(ConversationList).set_conversations(items, self.conv.id)
+        self.query_one("#no-chats").display = not items
 
     async def _show_conversation(self, conv: Conversation) -> None:
         """Rebuild the log from a conversation's messages."""
@@ -474,8 +478,8 @@ class ChatApp(App[int]):
     # Actions
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action == "stop":
-            return self.job is not None  # hidden from the footer when nothing runs
+        if action == "stop":  # Esc: stops a reply, else goes back to the prompt (not shown then)
+            return True if self.job is not None else None if self.focused is not self.prompt_input else False
         if action == "regenerate":
             return None if self.job is not None or not any(m["role"] == "user" for m in self.conv.messages) else True
         return True
@@ -484,6 +488,8 @@ class ChatApp(App[int]):
         if self.job is not None:
             self.job.cancel.set()
             self._update_status()
+        else:
+            self.prompt_input.focus()
 
     async def action_regenerate(self) -> None:
         if self.job is not None:
@@ -516,10 +522,11 @@ class ChatApp(App[int]):
         self.prompt_input.focus()
 
     def action_toggle_sidebar(self) -> None:
-        sidebar = self.query_one(ConversationList)
+        sidebar = self.query_one("#sidebar")
         sidebar.display = not sidebar.display
-        if sidebar.display:
-            sidebar.focus()
+        chats = self.query_one(ConversationList)
+        if sidebar.display and self.conversations:
+            chats.focus()
         else:
             self.prompt_input.focus()
 

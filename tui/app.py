@@ -136,7 +136,7 @@ class ChatApp(App[int]):
     CSS_PATH = "app.tcss"
     TITLE = "edgepack chat"
     BINDINGS = [
-        Binding("escape", "stop", "Stop"),
+        Binding("escape", "stop", "Stop", show=False),  # the status line says "Esc stops" while writing
         Binding("ctrl+n", "new_chat", "New"),
         Binding("ctrl+r", "regenerate", "Regen"),
         Binding("ctrl+s", "settings", "Settings"),
@@ -234,7 +234,7 @@ class ChatApp(App[int]):
         if not widgets:
             widgets.append(Note(_welcome(self.info), "welcome"))
         await log.mount_all(widgets)
-        log.scroll_end(animate=False, immediate=True)
+        log.anchor()  # stick to the newest message (Textual then also aligns a short chat to the bottom)
         self.session.last_dropped = 0
         self.session.context_used = self._context_estimate(conv)
         self._update_status()
@@ -265,11 +265,11 @@ class ChatApp(App[int]):
             if job.cancel.is_set():
                 parts.append(Text("■ stopping", style="bold yellow"))
             elif first is None:
-                parts.append(Text("● reading prompt", style="bold yellow"))
+                parts.append(Text("● reading the prompt (Esc stops)", style="bold yellow"))
             else:
                 elapsed = time.perf_counter() - first
                 rate = (tokens - 1) / elapsed if elapsed > 0 and tokens > 1 else 0.0
-                parts.append(Text(f"● writing {tokens} tok", style="bold yellow"))
+                parts.append(Text(f"● writing {tokens} tok (Esc stops)", style="bold yellow"))
                 parts.append(Text(f"TTFT {first - job.started:.2f} s"))
                 if rate:
                     parts.append(Text(f"{rate:.1f} tok/s"))
@@ -330,7 +330,7 @@ class ChatApp(App[int]):
         self.session.system_prompt = self._system_prompt(conv)
         self.session.messages = history
         self.job = job
-        self._flush_timer = self.set_interval(FLUSH_S, self._flush)
+        self._flush_timer = self.set_interval(FLUSH_S, self._flush_reply)
         job.worker = self._generate(job)
         self.refresh_bindings()
         self._update_status()
@@ -367,7 +367,7 @@ class ChatApp(App[int]):
             job.done = True
             self.post_message(ReplyDone(job))
 
-    async def _flush(self) -> None:
+    async def _flush_reply(self) -> None:
         """Timer on the UI thread: draw what the worker produced since the last flush; save now and then."""
         job = self.job
         if job is None or job.finished:
@@ -478,8 +478,6 @@ class ChatApp(App[int]):
     # Actions
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action == "stop":  # Esc: stops a reply, else goes back to the prompt (not shown then)
-            return True if self.job is not None else None if self.focused is not self.prompt_input else False
         if action == "regenerate":
             return None if self.job is not None or not any(m["role"] == "user" for m in self.conv.messages) else True
         return True

@@ -17,13 +17,13 @@ from runtime.generation import SamplingSettings
 HELP_KEYS = [
     ("Writing", None),
     ("Enter", "send the message"),
-    ("Shift+Enter, Ctrl+J", "new line (Shift+Enter needs a terminal with the kitty keyboard protocol)"),
-    ("Up / Down", "previous / next prompt from the history (on the first / last line)"),
-    ("Esc", "stop the reply being written (what was written is kept)"),
+    ("Ctrl+J, Shift+Enter", "new line (Shift+Enter only where the terminal tells it from Enter)"),
+    ("Up / Down", "previous / next prompt (on the first / last line)"),
+    ("Esc", "stop the reply; what was written is kept"),
     ("Conversation", None),
     ("Ctrl+R", "regenerate the last reply"),
     ("Ctrl+L", "copy the last reply to the clipboard"),
-    ("Ctrl+S", "system prompt and sampling settings of this conversation"),
+    ("Ctrl+S", "system prompt, temperature, top-p, max tokens"),
     ("Ctrl+N", "new conversation"),
     ("F2", "rename the conversation"),
     ("F3", "export the conversation as Markdown"),
@@ -32,7 +32,7 @@ HELP_KEYS = [
     ("Ctrl+B", "show / hide the conversation list"),
     ("Tab / Shift+Tab", "move between the list and the prompt"),
     ("In the list", "Enter open, r rename, d delete, e export, n new"),
-    ("Ctrl+O", "model panel: what this bundle is, its claimed quality, verify now"),
+    ("Ctrl+O", "the model: recipe, size, claimed quality, verify"),
     ("Ctrl+P", "command palette"),
     ("F1, ?", "this help"),
     ("Ctrl+Q", "quit (conversations are saved as you go)"),
@@ -135,12 +135,15 @@ class SettingsScreen(ModalScreen[dict | None]):
             yield Label("System prompt (empty = none)")
             yield TextArea(self.system_prompt or "", id="system", soft_wrap=True, compact=True)
             with Horizontal(id="sampling"):
-                for wid, label, value in (("temperature", "Temperature (0 = greedy)", s.temperature),
-                                          ("top_p", "Top-p (1 = off)", s.top_p),
+                for wid, label, value in (("temperature", "Temperature", s.temperature),
+                                          ("top_p", "Top-p", s.top_p),
                                           ("max_new_tokens", "Max new tokens", s.max_new_tokens)):
                     with Vertical():
                         yield Label(label)
                         yield Input(f"{value:g}", id=wid, compact=True)
+            d = self.defaults
+            yield Static(Text(f"temperature 0 = greedy, top-p 1 = no cut; bundle defaults {d.temperature:g} / "
+                              f"{d.top_p:g} / {d.max_new_tokens}", style="dim"))
             yield Label("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save", compact=True)

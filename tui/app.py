@@ -720,7 +720,7 @@ def _reply_note(message: dict) -> tuple[str, str] | None:
         return "⚠ the reply filled the context and was cut", "warning"
     if reason == "max_tokens":
         n = message.get("stats", {}).get("new_tokens")
-        return f"… cut at the max new tokens limit ({n}); raise it with Ctrl+S", "info"
+        return f"… cut at {n} tokens, the max new tokens (Ctrl+S to change)", "info"
     if message.get("partial") and reason is None:
         return "■ interrupted (the app stopped while writing)", "warning"
     return None

@@ -251,9 +251,9 @@ def fmt_tolerance(metric: str, tol) -> str:
 def claims_table(info: dict) -> Table:
     """The headline quality the bundle claims (its "full" evaluation)."""
     table = Table(expand=True, box=None, padding=(0, 1), header_style="bold")
-    table.add_column("Claimed quality", ratio=8)
-    table.add_column("Value", justify="right", ratio=2, no_wrap=True)
-    table.add_column("Sample", justify="right", ratio=2, no_wrap=True)
+    table.add_column("Claimed quality", ratio=1)
+    table.add_column("Value", justify="right", no_wrap=True)
+    table.add_column("Sample", justify="right", no_wrap=True)
     for q in info.get("quality") or []:
         metric = q.get("metric")
         table.add_row(Text(q.get("label") or str(metric)), q.get("text") or fmt_metric(metric, q.get("value")),
@@ -267,10 +267,10 @@ def checks_table(checks: list) -> Table:
     """Verification: per metric, the claim (at the verified level), the re-measured value, the allowed
     difference and pass/fail."""
     table = Table(expand=True, box=None, padding=(0, 1), header_style="bold")
-    table.add_column("Quick check", ratio=6)
-    table.add_column("Claimed", justify="right", ratio=2, no_wrap=True)
-    table.add_column("Measured", justify="right", ratio=2, no_wrap=True)
-    table.add_column("Allowed", justify="right", ratio=2, no_wrap=True, min_width=9)
+    table.add_column("Quick check", ratio=1)
+    table.add_column("Claimed", justify="right", no_wrap=True)
+    table.add_column("Measured", justify="right", no_wrap=True)
+    table.add_column("Allowed", justify="right", no_wrap=True)
     table.add_column("", no_wrap=True, width=6)
     for c in checks:
         verdict = Text("✓ pass", style="bold green") if c.passed else Text("✗ FAIL", style="bold red")

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,7 +31,7 @@ import torch
 
 from compressor.device import pick_device
 from runtime.errors import EdgepackError
-from runtime.fileio import atomic_write_json, sha256_file
+from runtime.fileio import atomic_directory, atomic_write_json, sha256_file
 
 MIN_CALIB_TOKENS = 11  # gptqmodel silently drops rows of <= 10 tokens (calibration_data_min_length=10)
 QUANT_TENSOR_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
@@ -78,31 +76,7 @@ def gptqmodel_logs_into(log_dir: Path):
         lp._PROJECT_LOG_DIR = previous
 
 
-@contextmanager
-def staging_dir(out_dir: Path):
-    """A fresh sibling directory that becomes `out_dir` only when the block succeeds.
-
-    gptqmodel writes its files itself (not through runtime.fileio), so atomicity is at directory level:
-    everything is written into the staging directory and published with one rename; a crash leaves the
-    previous `out_dir` (or none) and a `.staging` folder that the next run deletes."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.parent.glob(f".{out_dir.name}.staging-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+staging_dir = atomic_directory  # gptqmodel writes its own files: publish its output directory at once
 
 
 def check_model_dir(model_dir: Path) -> None:

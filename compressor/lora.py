@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -30,7 +28,7 @@ from tqdm.auto import tqdm
 
 from compressor.device import pick_device
 from runtime.errors import EdgepackError
-from runtime.fileio import atomic_write_bytes, atomic_write_json, read_json
+from runtime.fileio import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 
 Example = tuple[list[int], list[int]]
 IGNORE = -100
@@ -277,19 +275,12 @@ def save_checkpoint(out_dir: Path, step: int, peft_model, optimizer, state: dict
     ckpt_root = out_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_root))
-    try:
+    with atomic_directory(final) as tmp:
         opt_tensors, opt_meta = optimizer_to_files(optimizer)
         atomic_write_bytes(tmp / ADAPTER_FILE, save(adapter_state(peft_model)))
         atomic_write_bytes(tmp / "optimizer.safetensors", save(opt_tensors))
         atomic_write_bytes(tmp / "rng.safetensors", save(rng_tensors()))
         atomic_write_json(tmp / "trainer_state.json", dict(state, step=step, optimizer=opt_meta))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_json(out_dir / "latest.json", {"checkpoint": f"checkpoints/{final.name}", "step": step})
     for old in ckpt_root.iterdir():  # only the checkpoint latest.json names is needed
         if old != final:

@@ -20,7 +20,6 @@ import datetime as _dt
 import json
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 

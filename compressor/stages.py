@@ -5,10 +5,8 @@ decides which stages run; these functions only do their own stage.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from compressor.device import pick_device
 from compressor.recipe import Recipe
 from compressor.torch_backend import load_causal_lm
 from runtime.errors import EdgepackError
+from runtime.fileio import atomic_directory
 from runtime.tokenizer import TextTokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
@@ -46,19 +45,11 @@ class StageContext:
 def save_checkpoint(model, src_dir: Path, out_dir: Path) -> Path:
     """save_pretrained into a temporary sibling, copy the tokenizer files, then rename: a stage's model
     directory either exists complete or not at all."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (src_dir / name).exists():
                 shutil.copy2(src_dir / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -46,14 +46,13 @@ from compressor.recipe import (
     CHANNEL_PRESETS,
     DEFAULT_MODEL,
     PRUNED_PRESETS,
-    Calibration,
     Recipe,
     parse_preset,
     settings_hash,
 )
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_write_json
-from runtime.harness import EvalLimits
+from runtime.harness import EvalLimits, add_limit_args, limits_from_args
 
 DEFAULT_PROMPT = "Who created the Chipmunks?"
 EXAMPLE_TOKENS = 24
@@ -555,23 +554,15 @@ def add_sweep_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="where the per-point work directories go (default models/runs)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="the generation example's prompt")
     p.add_argument("--dry-run", action="store_true", help="list the points and families, run nothing")
-    p.add_argument("--limits", default="quick", choices=["quick", "standard", "full"],
-                   help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)")
-    p.add_argument("--ctx", type=int, help="perplexity window length (default 512)")
-    p.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
-    p.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
-    p.add_argument("--batch-size", type=int, help="windows / questions per forward pass (default 4)")
+    add_limit_args(p)
     p.set_defaults(func=cmd_sweep)
     return p
 
 
 def cmd_sweep(args) -> int:
-    from runtime.harness import limits_from
-
     if args.jobs < 1:
         raise EdgepackError(f"--jobs {args.jobs}: needs at least 1")
-    limits = limits_from(args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions,
-                         batch_size=args.batch_size)
+    limits = limits_from_args(args)
     result = run_sweep(args.grid, args.out, limits, jobs=args.jobs, use_ray=args.ray, model=args.model,
                        log=lambda m: print(m, file=sys.stderr), runs_dir=args.runs_dir, prompt=args.prompt,
                        dry_run=args.dry_run)

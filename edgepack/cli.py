@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 
 def _eval_limit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--limits", default="quick", choices=["quick", "standard", "full"],
-                   help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)")
-    p.add_argument("--ctx", type=int, help="perplexity window length (default 512)")
-    p.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
-    p.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
-    p.add_argument("--batch-size", type=int, help="windows / questions per forward pass (default 4)")
+    from runtime.harness import add_limit_args
+
+    add_limit_args(p)
     p.add_argument("--tasks", default="ppl,closed,open", help="comma list of ppl, closed, open")
 
 
 def _limits(args):
-    from runtime.harness import limits_from
+    from runtime.harness import limits_from_args
 
-    return limits_from(args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions,
-                       batch_size=args.batch_size)
+    return limits_from_args(args)
 
 
 def cmd_import(args) -> int:

@@ -127,7 +127,7 @@ def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions 
     from compressor.pipeline import reference_for
     from exporter.bundle_writer import write_bundle
     from runtime.onnx_engine import OnnxDecoder
-    from runtime.verify import format_checks, measure_quality  # noqa: F401
+    from runtime.verify import measure_quality
 
     options = options or ExportOptions()
     workdir, out_dir = Path(workdir), Path(out_dir)

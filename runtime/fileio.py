@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,3 +60,30 @@ def read_json(path: str | os.PathLike) -> Any:
         raise EdgepackError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
         raise EdgepackError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+
+
+@contextmanager
+def atomic_directory(out_dir: str | os.PathLike):
+    """Yield a fresh sibling directory that replaces `out_dir` only when the block succeeds.
+
+    For outputs written by other libraries (save_pretrained, gptqmodel) that cannot go through
+    atomic_write_*: everything lands in the staging directory and is published with one rename; a crash
+    leaves the previous `out_dir` (or none) and a `.staging` folder that the next call deletes."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

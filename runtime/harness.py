@@ -168,3 +168,18 @@ def format_summary(result: dict) -> str:
             lines.append(f"TriviaQA {mode:6s} book: contains {100 * r['contains']:5.1f} %  exact {100 * r['exact_match']:5.1f} %"
                          f"  (n={r['n']}, {r['seconds']:.0f} s)")
     return "\n".join(lines)
+
+
+def add_limit_args(parser) -> None:
+    """The evaluation-size flags every measuring command shares (eval, compress, sweep)."""
+    parser.add_argument("--limits", default="quick", choices=list(PRESETS),
+                        help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)")
+    parser.add_argument("--ctx", type=int, help="perplexity window length (default 512)")
+    parser.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
+    parser.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
+    parser.add_argument("--batch-size", type=int, help="windows / questions per forward pass (default 4)")
+
+
+def limits_from_args(args) -> EvalLimits:
+    return limits_from(args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions,
+                       batch_size=args.batch_size)

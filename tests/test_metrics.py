@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from runtime import metrics
 
 

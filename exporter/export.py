@@ -22,6 +22,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from runtime.errors import EdgepackError
 from runtime.fileio import read_json
 from runtime.harness import PRESETS, EvalLimits
@@ -107,7 +109,9 @@ def copy_checkpoints(workdir: Path, summary: dict, out_dir: Path) -> None:
     dst = out_dir / "safetensors"
     dst.mkdir(parents=True)
     for f in sorted(model_dir.iterdir()):
-        if f.suffix == ".safetensors" or f.name in CHECKPOINT_FILES or f.name in TOKENIZER_FILES:
+        if f.suffix == ".safetensors":
+            _copy_as_fp16(f, dst / f.name)
+        elif f.name in CHECKPOINT_FILES or f.name in TOKENIZER_FILES:
             shutil.copy2(f, dst / f.name)
     if "eora" in dirs:
         adapter = dst / "eora"
@@ -120,6 +124,20 @@ def copy_checkpoints(workdir: Path, summary: dict, out_dir: Path) -> None:
             cfg = json.loads(cfg_file.read_text())
             cfg["base_model_name_or_path"] = ".."
             cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
+def _copy_as_fp16(src: Path, dst: Path) -> None:
+    """Copy a checkpoint file with its float32 tensors (embedding, norms: gptqmodel saves what it loaded,
+    float32 here) stored as float16, as HF releases are: the tied 49152x576 embedding alone is 113 MB in
+    float32. Quantized tensors (int32 codes, fp16 scales) are copied as they are."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(src), framework="numpy") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in tensors.items()}
+    save_file(tensors, str(dst), metadata=meta)
 
 
 def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions | None = None, log=print) -> Path:

@@ -82,4 +82,27 @@ def test_gptq_safetensors_load_back_with_the_same_logits(exported):
     work, path = exported
     a = dequantized_state_dict(path / "safetensors")
     b = dequantized_state_dict(work / "run/02-gptq/model")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys()
+    quantized = [k for k in a if ".layers." in k and k.endswith("proj.weight")]
+    assert quantized and all(torch.equal(a[k], b[k]) for k in quantized)  # int4 codes and scales: exact
+    assert all(torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4) for k in a)  # rest: fp16
+
+
+def test_gptqmodel_loads_the_bundled_checkpoint(exported):
+    """safetensors/ loads with GPTQModel itself (its torch kernel, bf16: the only dtype that kernel takes on
+    CPU) and gives the pipeline's GPTQ logits to bf16 precision."""
+    import torch
+
+    from compressor.gptq import import_gptqmodel, load_quantized
+
+    import_gptqmodel()
+    from gptqmodel import GPTQModel
+
+    work, path = exported
+    ids = torch.tensor([[5, 9, 30, 41, 77, 100, 120, 7]])
+    with torch.no_grad():
+        ref = load_quantized(work / "run/02-gptq/model")(ids).logits.float()
+        model = GPTQModel.load(str(path / "safetensors"), backend="torch", device="cpu", dtype=torch.bfloat16)
+        got = model.model(ids).logits.float()
+    assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item())
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9

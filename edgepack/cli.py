@@ -88,6 +88,8 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-head", choices=["fp32", "int8", "int4"], help="LM head precision (default int8)")
     p.add_argument("--projections", choices=["int4", "fp32"],
                    help="recipes without GPTQ: RTN int4 (default) or fp32 projections")
+    p.add_argument("--eora-bits", choices=["8", "4", "fp32"],
+                   help="EoRA factors: int8 (default), int4, or fp32 (exact, ~10 %% slower decode)")
     p.add_argument("--quality-limits", choices=["quick", "standard", "full"],
                    help="limits of the quality measured into the manifest (default standard)")
     p.add_argument("--no-archive", action="store_true", help="write only the bundle directory, no .edgepack file")
@@ -101,6 +103,8 @@ def _export_options(args):
                       ("limits", args.quality_limits)):
         if val:
             setattr(opts, attr, val)
+    if args.eora_bits:
+        opts.eora_bits = None if args.eora_bits == "fp32" else int(args.eora_bits)
     opts.archive = not args.no_archive
     return opts
 

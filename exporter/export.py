@@ -40,6 +40,7 @@ class ExportOptions:
     lm_head: str = "int8"  # the LM head read every token: int8 keeps it exact to ~1e-3 at 1/4 the bytes
     projections: str = "int4"  # recipes without GPTQ: "int4" (RTN, ORT-style blocks) or "fp32"
     accuracy_level: int = 4  # MatMulNBits int8 activations (fastest on CPU)
+    eora_bits: int | None = 8  # EoRA A/B as int8 MatMulNBits (4x fewer bytes per token than fp32); None = fp32
     max_len: int = 2048
     limits: str | EvalLimits = "standard"  # limits of the claimed quality (a preset name or EvalLimits)
     quick_limits: str | EvalLimits = "quick"  # the second, smaller claim that `edgepack verify --quick` checks
@@ -96,7 +97,7 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
     spec = spec_from_hf_config(config, weights)
     graph_options = GraphOptions(max_len=options.max_len, gptq=gptq, embedding=options.embedding,
                                  lm_head=options.lm_head, accuracy_level=options.accuracy_level,
-                                 projections="keep" if gptq else options.projections)
+                                 projections="keep" if gptq else options.projections, eora_bits=options.eora_bits)
     meta = build_decoder(weights, spec, out_dir / "onnx" / "model.onnx", graph_options, eora=eora)
     meta["source_checkpoint"] = str(model_dir)
     return meta

@@ -97,7 +97,8 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
     spec = spec_from_hf_config(config, weights)
     graph_options = GraphOptions(max_len=options.max_len, gptq=gptq, embedding=options.embedding,
                                  lm_head=options.lm_head, accuracy_level=options.accuracy_level,
-                                 projections="keep" if gptq else options.projections, eora_bits=options.eora_bits)
+                                 projections="int4" if (options.projections == "int4" and not gptq) else "keep",
+                                 eora_bits=options.eora_bits)
     meta = build_decoder(weights, spec, out_dir / "onnx" / "model.onnx", graph_options, eora=eora)
     meta["source_checkpoint"] = str(model_dir)
     return meta

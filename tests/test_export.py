@@ -106,3 +106,34 @@ def test_gptqmodel_loads_the_bundled_checkpoint(exported):
         got = model.model(ids).logits.float()
     assert torch.allclose(got, ref, atol=0.05 * ref.abs().max().item())
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("projections", ["fp32", "int4"])
+def test_export_without_gptq(tiny_checkpoint, tmp_path, projections):
+    """A depth+channel-pruned run with no stage 4 exports fp32 projections or RTN int4 ones; the fp32 graph
+    equals the torch model, and the bundle verifies."""
+    import torch
+
+    from compressor.recipe import ChannelStage, DepthStage
+    from compressor.torch_backend import load_causal_lm
+    from exporter.export import ExportOptions, export_run
+    from runtime.bundle import Bundle
+    from runtime.verify import verify_bundle
+
+    recipe = Recipe(name="tiny-d1-c50", model=str(tiny_checkpoint), calibration=Calibration(samples=4, seqlen=32),
+                    depth=DepthStage(remove=1), channels=ChannelStage(ffn_keep=0.5, kv_groups_keep=1))
+    summary = pipeline.run_pipeline(recipe, tmp_path / "run", eval_limits=LIMITS, log=lambda m: None)
+    options = ExportOptions(limits=LIMITS, quick_limits=QUICK, embedding="fp32", lm_head="fp32",
+                            projections=projections, accuracy_level=1, archive=False)
+    path = export_run(tmp_path / "run", tmp_path / "bundle", options, log=lambda m: None)
+    bundle = Bundle.open(path)
+    assert bundle.manifest["model"]["layers"] == 3
+    ids = np.array([[5, 9, 30, 41, 77, 100, 120, 7]])
+    got = bundle.decoder().log_probs(ids)
+    with torch.no_grad():
+        ref = torch.log_softmax(load_causal_lm(summary["final_model"])(torch.tensor(ids)).logits, -1).numpy()
+    if projections == "fp32":
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+    else:  # RTN int4 (block 32) with int8 activations: close, not equal
+        assert np.abs(got - ref).mean() < 0.1 and np.abs(got - ref).max() < 1.0
+    assert all(c.passed for c in verify_bundle(bundle, quick=True, progress=False))

@@ -135,5 +135,5 @@ def test_export_without_gptq(tiny_checkpoint, tmp_path, projections):
     if projections == "fp32":
         np.testing.assert_allclose(got, ref, atol=1e-4)
     else:  # RTN int4 (block 32) with int8 activations: close, not equal
-        assert np.abs(got - ref).mean() < 0.1 and np.abs(got - ref).max() < 1.0
+        assert np.abs(got - ref).mean() < 0.2 and np.abs(got - ref).max() < 1.0
     assert all(c.passed for c in verify_bundle(bundle, quick=True, progress=False))

@@ -68,9 +68,21 @@ def engine_llamacpp(args) -> dict:
 
 
 def engine_ortgenai(args) -> dict:
+    import tempfile
+
     import onnxruntime_genai as og
 
-    model = og.Model(args.ortgenai_dir)
+    # the thread count lives in genai_config.json: run from a linked copy with it set
+    src = Path(args.ortgenai_dir)
+    run_dir = Path(tempfile.mkdtemp(prefix="ortgenai-"))
+    for f in src.iterdir():
+        if f.name != "genai_config.json":
+            (run_dir / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "genai_config.json").read_text())
+    if args.threads:
+        cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = args.threads
+    (run_dir / "genai_config.json").write_text(json.dumps(cfg))
+    model = og.Model(str(run_dir))
     tok = og.Tokenizer(model)
     prompt = list(tok.encode(_prompt_text()))[:PROMPT_TOKENS]
     decode, prefill = [], []
@@ -138,10 +150,13 @@ def weight_bytes(bundle: Path) -> int:
 
 
 # ------------------------------------------------------------------ orchestration
-def run_engine(name: str, python: str, args, threads: int) -> dict | None:
-    cmd = [python, str(Path(__file__).resolve()), "--engine", name, "--threads", str(threads),
+def run_engine(name: str, python: str, args, threads: int, bundle: str | None = None) -> dict | None:
+    engine = name.split(":")[0]
+    cmd = [python, str(Path(__file__).resolve()), "--engine", engine, "--threads", str(threads),
            "--repeats", str(args.repeats)]
-    for flag in ("bundle", "gguf", "hf", "ortgenai_dir"):
+    if engine == "edgepack":
+        cmd.append(str(bundle or args.bundle))
+    for flag in ("gguf", "hf", "ortgenai_dir"):
         val = getattr(args, flag)
         if val:
             cmd += [f"--{flag.replace('_', '-')}", str(val)]
@@ -156,6 +171,8 @@ def run_engine(name: str, python: str, args, threads: int) -> dict | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", nargs="?")
+    ap.add_argument("--extra-bundle", action="append", default=[],
+                    help="more edgepack bundles to time (e.g. the same recipe without EoRA)")
     ap.add_argument("--gguf")
     ap.add_argument("--hf")
     ap.add_argument("--ortgenai-dir")
@@ -179,14 +196,19 @@ def main() -> int:
     results["read_bandwidth_GBps"] = bw / 1e9
     results["weight_bytes"] = wb
     results["bandwidth_limit_tokens_per_s"] = bw / wb
+    results["extra_bundles"] = {Path(b).name: {"weight_bytes": weight_bytes(Path(b)),
+                                               "bandwidth_limit_tokens_per_s": bw / weight_bytes(Path(b))}
+                                for b in args.extra_bundle}
     plan = [("edgepack", sys.executable, args.bundle)]
+    for extra in args.extra_bundle:
+        plan.append((f"edgepack:{Path(extra).name}", sys.executable, extra))
     if args.bench_python and args.gguf:
         plan.append(("llamacpp", args.bench_python, args.gguf))
     if args.bench_python and args.ortgenai_dir:
         plan.append(("ortgenai", args.bench_python, args.ortgenai_dir))
     for name, python, needed in plan:
         for t in [int(x) for x in args.thread_counts.split(",")]:
-            r = run_engine(name, python, args, t)
+            r = run_engine(name, python, args, t, needed if name.startswith("edgepack") else None)
             if r:
                 results["engines"][f"{name}@{t}"] = r
     if args.hf:
@@ -209,13 +231,18 @@ def print_table(results: dict) -> None:
     print(f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)")
     print("| engine | decode tok/s | prefill tok/s | edgepack / engine | % of bandwidth limit |")
     print("| --- | ---: | ---: | ---: | ---: |")
+    for name, info in results.get("extra_bundles", {}).items():
+        print(f"  {name}: weights {info['weight_bytes'] / 1e6:.1f} MB -> limit {info['bandwidth_limit_tokens_per_s']:.0f} tok/s")
     for k, v in engines.items():
         d = v["decode_tokens_per_s"]
+        lim = limit
+        if k.startswith("edgepack:"):
+            lim = results["extra_bundles"][k.split(":", 1)[1].split("@")[0]]["bandwidth_limit_tokens_per_s"]
         p = v.get("prefill_tokens_per_s")
         ratio = f"{best_ep / d['median']:.2f}x" if best_ep else "-"
         pre = f"{p['median']:.0f}" if p else "-"
         print(f"| {k} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | "
-              f"{100 * d['median'] / limit:.0f} % |")
+              f"{100 * d['median'] / lim:.0f} % |" if k.startswith("edgepack") else "- |")
 
 
 if __name__ == "__main__":

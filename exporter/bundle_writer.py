@@ -22,7 +22,7 @@ import zipfile
 from pathlib import Path
 
 from runtime.errors import EdgepackError
-from runtime.fileio import atomic_write_json, sha256_file
+from runtime.fileio import atomic_open, atomic_write_json, sha256_file
 from runtime.manifest import MANIFEST_NAME, build_manifest
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -111,25 +111,14 @@ def write_archive(bundle_dir, path: Path | None = None) -> Path:
     from runtime.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for rel in [MANIFEST_NAME, *manifest["files"]]:
-                src = bundle_dir / rel
-                info = zipfile.ZipInfo(rel, date_time=ZIP_DATE)
-                info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
-                info.file_size = src.stat().st_size  # lets zipfile pick zip64 for > 2 GiB members up front
-                with open(src, "rb") as fi, zf.open(info, "w") as fo:
-                    shutil.copyfileobj(fi, fo, 1 << 20)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path) as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for rel in [MANIFEST_NAME, *manifest["files"]]:
+            src = bundle_dir / rel
+            info = zipfile.ZipInfo(rel, date_time=ZIP_DATE)
+            info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--
+            info.file_size = src.stat().st_size  # lets zipfile pick zip64 for > 2 GiB members up front
+            with open(src, "rb") as fi, zf.open(info, "w") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
     return path
 
 

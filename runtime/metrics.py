@@ -100,8 +100,9 @@ def topk_kl(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: np.ndarray) -> np.n
     """KL between the reference and the model, each coarsened to {top-k ids of the reference, the rest}.
 
     By the data-processing inequality this is a lower bound of the full KL(P||Q); the gap is what the
-    reference's tail carries (tests measure it on tiny models, and it is < 1 % of the KL at k=32 for
-    SmolLM2-like peaked distributions)."""
+    reference's tail carries. Measured on SmolLM2-135M vs its W1:8+LoRA+GPTQ+EoRA bundle model (2 windows of
+    512): full KL 0.221, top-8 0.131 (-41 %), top-32 0.163 (-26 %), top-128 0.188 (-15 %). Verify compares
+    like with like (the claim is computed the same way), but as an absolute figure it reads low."""
     ref_logp = ref_logp.astype(np.float64)
     q_k = np.take_along_axis(logq.astype(np.float64), ref_ids.astype(np.int64), axis=-1)
     p_rest = _log1mexp_sum(ref_logp)

@@ -82,8 +82,8 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
     if "gptq" in dirs:
         model_dir = dirs["gptq"] / "model"
         qcfg = read_json(model_dir / "quantize_config.json")
-        if qcfg.get("desc_act"):
-            pass  # act-order: g_idx travels with the weights and is honoured by the re-packing
+        # act-order checkpoints need nothing here: g_idx travels with the weights and the re-packing
+        # permutes K accordingly (exporter.int4)
         fmt = str(qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))).lower()
         gptq = GptqFormat(bits=int(qcfg["bits"]), group_size=int(qcfg["group_size"]),
                           zero_offset=1 if fmt == "gptq" else 0)

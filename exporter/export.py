@@ -41,6 +41,7 @@ class ExportOptions:
     projections: str = "int4"  # recipes without GPTQ: "int4" (RTN, ORT-style blocks) or "fp32"
     accuracy_level: int = 4  # MatMulNBits int8 activations (fastest on CPU)
     eora_bits: int | None = 8  # EoRA A/B as int8 MatMulNBits (4x fewer bytes per token than fp32); None = fp32
+    eora_fuse_a: bool = True  # EoRA's A inside the int4 weight's kernel (int4, one kernel fewer per projection)
     max_len: int = 2048
     limits: str | EvalLimits = "standard"  # limits of the claimed quality (a preset name or EvalLimits)
     quick_limits: str | EvalLimits = "quick"  # the second, smaller claim that `edgepack verify --quick` checks
@@ -98,7 +99,7 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
     graph_options = GraphOptions(max_len=options.max_len, gptq=gptq, embedding=options.embedding,
                                  lm_head=options.lm_head, accuracy_level=options.accuracy_level,
                                  projections="int4" if (options.projections == "int4" and not gptq) else "keep",
-                                 eora_bits=options.eora_bits)
+                                 eora_bits=options.eora_bits, eora_fuse_a=options.eora_fuse_a)
     meta = build_decoder(weights, spec, out_dir / "onnx" / "model.onnx", graph_options, eora=eora)
     meta["source_checkpoint"] = str(model_dir)
     return meta

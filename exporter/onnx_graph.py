@@ -21,7 +21,12 @@ Projections are float32 MatMuls against a pre-transposed initializer, or int4 `c
 (GPTQ codes re-packed bit-exactly by exporter.int4, or RTN-quantized from float). An optional EoRA
 low-rank branch adds `(x A^T) B^T` to a projection's output; for fused projections the A's are stacked and
 the B's placed block-diagonally, so the branch is still two small MatMuls per fused projection. A and B are
-float32 by default (exact); `eora_bits=8` (or 4) stores them as MatMulNBits too.
+float32 by default (exact); `eora_bits=8` (or 4) stores them as MatMulNBits too. With `eora_fuse_a` the A
+rows are stacked under the int4 weight's own rows (A quantized like the weight, RTN), so the projection's
+kernel computes [x W^T | x A^T] in one pass and a Split hands x A^T to B: one kernel fewer per projection.
+Small kernels are what EoRA costs on a CPU, not bytes (a cold M=1 MatMulNBits of 50-100 KB takes ~6 us,
+mostly fixed cost), so this is the cheapest layout ORT's ops allow; B cannot ride in the same kernel
+because it needs x A^T first.
 
 Embedding and LM head: float32 (a tied head is a Gemm with transB on the embedding itself, no second
 copy), or block-quantized int8/int4: GatherBlockQuantized for the lookup, MatMulNBits for the head; a tied
@@ -35,6 +40,11 @@ steps (noisy: other jobs were running; best of 3):
     fused vs separate q/k/v and gate/up: ~+3 % decode (within noise, never slower) -> fused by default
     int4 vs int8 vs fp32 embedding/head: ~95 / 83 / 66 tok/s (2 threads) -> quantize the head
     EoRA rank 32 on all 7 projections: -30 % decode in float32, -22 % int8, -20 % int4
+Measured on the real SmolLM2 W1:8 + GPTQ + EoRA model (2 threads, idle box, benchmarks/bench_decode.py's
+"kernels only" run for the weight kernels alone):
+    eora_fuse_a: 361 -> 241 MatMulNBits, weight kernels alone 255 -> 289 tok/s, decode 211 -> 224 tok/s;
+                 40-window PPL 32.40 -> 32.32, KL 0.1637 -> 0.1659 (A in int4 costs nothing measurable)
+    int4 LM head (block 32 or 16): decode +10 %, but PPL 32.3 -> 36.9 / 36.1, KL 0.17 -> 0.26: not worth it
     ORT graph_opt "all" vs "basic": no difference (the graph is already fused; ORT turns
     Sigmoid*x into QuickGelu by itself)
 
@@ -138,6 +148,7 @@ class GraphOptions:
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
     eora_bits: int | None = None  # None: EoRA A/B as float32 MatMuls (exact); 8: int8 MatMulNBits (4x less to read)
+    eora_fuse_a: bool = False  # EoRA's A stacked under an int4 weight's rows: one kernel fewer per projection
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -340,7 +351,13 @@ class GraphWriter:
         self.nodes.append(self.onnx.helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
         return outs
 
-    def linear(self, x: str, lin: Linear, name: str, accuracy_level: int, eora_bits: int | None = None) -> str:
+    def linear(self, x: str, lin: Linear, name: str, accuracy_level: int, eora_bits: int | None = None,
+               fuse_a: bool = False) -> str:
+        """y = x W^T (+ bias) (+ (x A^T) B^T for EoRA). With `fuse_a` and an n-bit weight, A is stacked under
+        W's rows (quantized like W) so one kernel computes [x W^T | x A^T] and a Split separates them."""
+        eora = lin.eora
+        fold = (eora is not None and fuse_a and lin.nbits is not None and lin.nbits.perm is None
+                and lin.bias is None)
         if lin.nbits is None:
             y = self.node("MatMul", [x, self.const(f"{name}.weight_t", lin.float_weight.T)], name=f"{name}/MatMul")[0]
             if lin.bias is not None:
@@ -350,22 +367,29 @@ class GraphWriter:
             xin = x
             if nb.perm is not None:  # act-order GPTQ: the weight's K is stored sorted by group
                 xin = self.node("Gather", [x, self.const(f"{name}.perm", nb.perm)], axis=-1, name=f"{name}/ActOrder")[0]
+            if fold:
+                nb = concat_nbits([nb, quantize_rtn(eora[0], bits=nb.bits, block_size=nb.block_size,
+                                                    symmetric=nb.zero_points is None)])
             consts = [self.const(f"{name}.qweight", nb.B), self.const(f"{name}.scales", nb.scales),
                       self.const(f"{name}.zero_points", nb.zero_points) if nb.zero_points is not None else "",
                       self.const(f"{name}.bias", lin.bias) if lin.bias is not None else ""]
             y = self.matmul_nbits(xin, nb, consts, name, accuracy_level)
-        if lin.eora is not None:
-            a, b = lin.eora
+        if eora is None:
+            return y
+        a, b = eora
+
+        def factor(w: np.ndarray) -> Linear:
             if eora_bits is None:
-                t = self.linear(x, Linear(float_weight=a), f"{name}.eora_A", accuracy_level)
-                u = self.linear(t, Linear(float_weight=b), f"{name}.eora_B", accuracy_level)
-            else:
-                t = self.linear(x, Linear(nbits=quantize_rtn(a, bits=eora_bits, block_size=eora_block(a.shape[1]))),
-                                f"{name}.eora_A", accuracy_level)
-                u = self.linear(t, Linear(nbits=quantize_rtn(b, bits=eora_bits, block_size=eora_block(b.shape[1]))),
-                                f"{name}.eora_B", accuracy_level)
-            y = self.node("Add", [y, u], name=f"{name}/EoRA_Add")[0]
-        return y
+                return Linear(float_weight=w)
+            return Linear(nbits=quantize_rtn(w, bits=eora_bits, block_size=eora_block(w.shape[1])))
+
+        if fold:
+            split = self.const(f"{name}.eora_split", np.array([lin.n, a.shape[0]], np.int64))
+            y, t = self.node("Split", [y, split], n_out=2, axis=-1, name=f"{name}/EoRA_Split")
+        else:
+            t = self.linear(x, factor(a), f"{name}.eora_A", accuracy_level)
+        u = self.linear(t, factor(b), f"{name}.eora_B", accuracy_level)
+        return self.node("Add", [y, u], name=f"{name}/EoRA_Add")[0]
 
     def matmul_nbits(self, x: str, nb: NBitsWeight, consts: list[str], name: str, accuracy_level: int) -> str:
         """MatMulNBits over already-registered initializers [B, scales, zero_points or "", bias or ""]."""
@@ -418,7 +442,7 @@ def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None
     if any(l.num_attention_heads for l in spec.layers) and hd % 16:
         raise EdgepackError(f"head_dim={hd}: GroupQueryAttention with rotary needs a multiple of 16")
     g = GraphWriter()
-    acc, eb = options.accuracy_level, options.eora_bits
+    acc, eb, fa = options.accuracy_level, options.eora_bits, options.eora_fuse_a
     if eb not in (None, 4, 8):
         raise EdgepackError(f"GraphOptions.eora_bits={eb!r}: use None (float32), 8 or 4")
 
@@ -488,9 +512,9 @@ def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None
                 raise EdgepackError(f"layer {i}: q/k/v shapes {q.n}/{k.n}/{v.n} disagree with the spec")
             fused = fuse_linears([q, k, v]) if options.fuse_qkv else None
             if fused is not None:
-                qkv = [g.linear(h, fused, f"layers.{i}.attn.qkv_proj", acc, eb), "", ""]
+                qkv = [g.linear(h, fused, f"layers.{i}.attn.qkv_proj", acc, eb, fa), "", ""]
             else:
-                qkv = [g.linear(h, lin, f"layers.{i}.attn.{m}", acc, eb) for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
+                qkv = [g.linear(h, lin, f"layers.{i}.attn.{m}", acc, eb, fa) for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
             names = {"layer": i, "kv_heads": ls.num_key_value_heads,
                      "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value",
                      "present_key": f"present.{i}.key", "present_value": f"present.{i}.value"}
@@ -508,24 +532,24 @@ def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None
                           num_heads=ls.num_attention_heads, kv_num_heads=ls.num_key_value_heads,
                           do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
             o = load_linear(weights, f"{p}.self_attn.o_proj", options, _eora_for(eora, f"{p}.self_attn.o_proj"))
-            pending = g.linear(attn, o, f"layers.{i}.attn.o_proj", acc, eb)
+            pending = g.linear(attn, o, f"layers.{i}.attn.o_proj", acc, eb, fa)
         if ls.intermediate_size:
             h = norm(f"{p}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
             gate, up = (load_linear(weights, f"{p}.mlp.{m}", options, _eora_for(eora, f"{p}.mlp.{m}"))
                         for m in ("gate_proj", "up_proj"))
             fused = fuse_linears([gate, up]) if options.fuse_gate_up else None
             if fused is not None:
-                gu = g.linear(h, fused, f"layers.{i}.mlp.gate_up_proj", acc, eb)
+                gu = g.linear(h, fused, f"layers.{i}.mlp.gate_up_proj", acc, eb, fa)
                 split = g.const(f"layers.{i}.mlp.split", np.array([gate.n, up.n], np.int64))
                 gate_out, up_out = g.node("Split", [gu, split], n_out=2, axis=-1, name=f"layers.{i}/mlp/Split")
             else:
-                gate_out = g.linear(h, gate, f"layers.{i}.mlp.gate_proj", acc, eb)
-                up_out = g.linear(h, up, f"layers.{i}.mlp.up_proj", acc, eb)
+                gate_out = g.linear(h, gate, f"layers.{i}.mlp.gate_proj", acc, eb, fa)
+                up_out = g.linear(h, up, f"layers.{i}.mlp.up_proj", acc, eb, fa)
             sig = g.node("Sigmoid", [gate_out], name=f"layers.{i}/mlp/Sigmoid")[0]
             silu = g.node("Mul", [gate_out, sig], name=f"layers.{i}/mlp/SiLU")[0]
             act = g.node("Mul", [silu, up_out], name=f"layers.{i}/mlp/GateMul")[0]
             down = load_linear(weights, f"{p}.mlp.down_proj", options, _eora_for(eora, f"{p}.mlp.down_proj"))
-            pending = g.linear(act, down, f"layers.{i}.mlp.down_proj", acc, eb)
+            pending = g.linear(act, down, f"layers.{i}.mlp.down_proj", acc, eb, fa)
 
     h = norm("model.norm.weight", "final_norm")
 
@@ -596,6 +620,7 @@ def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None
             "accuracy_level": acc,
             "eora_modules": len(eora or {}),
             "eora_bits": eb,
+            "eora_fuse_a": bool(fa and eora),
             "fused_qkv": options.fuse_qkv,
             "fused_gate_up": options.fuse_gate_up,
         },

@@ -259,11 +259,11 @@ def test_gptq_conversion_refuses_non_group_g_idx():
                             np.array([0] * 20 + [1] * 12), group_size=16)  # groups of 20 and 12 rows
 
 
-def _one_node_session(lin: Linear, k: int, accuracy_level: int = 1):
+def _one_node_session(lin: Linear, k: int, accuracy_level: int = 1, fuse_a: bool = False):
     from onnx import TensorProto, helper
 
     g = GraphWriter()
-    y = g.linear("x", lin, "proj", accuracy_level)
+    y = g.linear("x", lin, "proj", accuracy_level, fuse_a=fuse_a)
     g.node("Identity", [y], outputs=["y"])
     graph = helper.make_graph(g.nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", lin.n])], g.initializers)
@@ -315,6 +315,20 @@ def test_eora_branch_adds_b_times_a():
     x = rng.standard_normal((3, 64)).astype(np.float32)
     y = _one_node_session(Linear(nbits=nb, eora=(a, b)), 64).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ (dequantize_matmulnbits(nb) + b @ a).T, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_eora_a_stacked_under_the_weight(symmetric):
+    """fuse_a: one MatMulNBits over [W; A] (A quantized like W), a Split, then B: equal to x (W + B A_q)^T."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((32, 80)).astype(np.float32)  # K=80: the last block of 32 is padded
+    a, b = rng.standard_normal((4, 80)).astype(np.float32), rng.standard_normal((32, 4)).astype(np.float32)
+    nb = quantize_rtn(w, bits=4, block_size=32, symmetric=symmetric)
+    a_q = dequantize_matmulnbits(quantize_rtn(a, bits=4, block_size=32, symmetric=symmetric))
+    x = rng.standard_normal((3, 80)).astype(np.float32)
+    sess = _one_node_session(Linear(nbits=nb, eora=(a, b)), 80, fuse_a=True)
+    y = sess.run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ (dequantize_matmulnbits(nb) + b @ a_q).T, atol=1e-4, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,7 +454,12 @@ def test_int8_activations_stay_close(tmp_path):
     assert (l1.argmax(-1) == l4.argmax(-1)).mean() > 0.9
 
 
-def test_eora_graph_equals_dequantized_plus_low_rank(tmp_path):
+@pytest.mark.parametrize("fuse_a", [False, True])
+def test_eora_graph_equals_dequantized_plus_low_rank(tmp_path, fuse_a):
+    """The EoRA branch on every kind of projection (fused q|k|v and gate|up with some parts lacking EoRA,
+    o, down); with fuse_a, A is stacked under the int4 weight and quantized like it."""
+    import onnx
+
     model = make_tiny_llama("llama32", intermediate_size=96)
     rng = np.random.default_rng(1)
     quant, deq = gptq_weights(numpy_state(model), 64, rng)
@@ -452,9 +471,15 @@ def test_eora_graph_equals_dequantized_plus_low_rank(tmp_path):
             a = (rng.standard_normal((8, k)) * 0.1).astype(np.float32)
             b = (rng.standard_normal((n, 8)) * 0.1).astype(np.float32)
             eora[name] = (a, b)
-            corrected[f"{name}.weight"] = deq[f"{name}.weight"] + b @ a
-    path, meta = build(tmp_path, quant, model.config, gptq=GptqFormat(group_size=64), accuracy_level=1, eora=eora)
-    assert meta["weights"]["eora_modules"] == len(eora)
+            a_used = dequantize_matmulnbits(quantize_rtn(a, 4, 64, symmetric=False)) if fuse_a else a
+            corrected[f"{name}.weight"] = deq[f"{name}.weight"] + b @ a_used
+    path, meta = build(tmp_path, quant, model.config, gptq=GptqFormat(group_size=64), accuracy_level=1, eora=eora,
+                       eora_fuse_a=fuse_a)
+    assert meta["weights"]["eora_modules"] == len(eora) and meta["weights"]["eora_fuse_a"] == fuse_a
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    branches = model.config.num_hidden_layers * 4  # q|k|v, o, gate|up, down
+    assert ops.count("MatMulNBits") == branches  # A rides in the weight's kernel, or is a float MatMul:
+    assert ops.count("MatMul") == branches * (1 if fuse_a else 2)
     out = run_graph(path, meta, IDS)
     np.testing.assert_allclose(out, hf_logits(hf_with_weights(model.config, corrected), IDS), atol=3e-4)
     assert np.abs(out - hf_logits(hf_with_weights(model.config, deq), IDS)).max() > 1e-2  # the branch matters

@@ -2,7 +2,9 @@
 
 One session load, then `repeats` runs of (fresh cache, prefill `prompt_tokens` of WikiText, greedy decode of
 `new_tokens` with no stop token), after one untimed warm-up run. Reported as min / median / max over the
-runs, since the first run after load and background load on a laptop both skew a mean.
+runs, since the first run after load and background load on a laptop both skew a mean. Each decode step's
+time spent in Python (sampling, detokenizing, stop strings) is reported on its own, so the report says how
+much of a token is the generation loop rather than onnxruntime.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
 
 
 def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 5,
-                 threads: int | None = None) -> dict:
+                 threads: int | None = None, prompt: list[int] | None = None) -> dict:
     """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS."""
     import onnxruntime as ort
 
@@ -56,7 +58,7 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
         raise EdgepackError(f"bench: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context "
                             f"of {decoder.max_len}")
     gen = Generator(decoder, bundle.tokenizer, stop_ids=set())  # no EOS: every run decodes new_tokens
-    prompt = bench_prompt(bundle.tokenizer, prompt_tokens)
+    prompt = list(prompt)[:prompt_tokens] if prompt else bench_prompt(bundle.tokenizer, prompt_tokens)
     settings = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
     gen.reset()
     gen.generate(prompt, SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=min(8, new_tokens)))
@@ -67,7 +69,8 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
         r = gen.generate(prompt, settings)
         total = time.perf_counter() - t
         runs.append({"ttft_s": r.ttft_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
-                     "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens})
+                     "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens,
+                     "loop_us_per_token": r.loop_us_per_token})
     return {
         "bundle": bundle.describe()["name"],
         "path": str(bundle.source),
@@ -82,6 +85,9 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
         "ttft_s": _stats([r["ttft_s"] for r in runs]),
         "prefill_tokens_per_s": _stats([r["prefill_tokens_per_s"] for r in runs]),
         "decode_tokens_per_s": _stats([r["decode_tokens_per_s"] for r in runs]),
+        # of each decode step, the time spent in Python rather than in onnxruntime (median over runs)
+        "loop_us_per_token": statistics.median(r["loop_us_per_token"] for r in runs),
+        "token_ids": r.token_ids,
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
     }
@@ -105,5 +111,8 @@ def format_bench(result: dict) -> str:
         row("time to first token", "ttft_s", "ms", 1000.0),
         row("prefill", "prefill_tokens_per_s", "tokens/s"),
         row("decode", "decode_tokens_per_s", "tokens/s"),
+        f"{'  in Python':22s} {result['loop_us_per_token']:.0f} µs of each token "
+        f"({result['loop_us_per_token'] * result['decode_tokens_per_s']['median'] / 1e4:.1f} %: sampling, detokenizing, "
+        "stop checks; the rest is onnxruntime)",
         f"{'peak memory (RSS)':22s} {format_bytes(rss) if rss else 'n/a'}",
     ])

@@ -77,6 +77,7 @@ class GenerationResult:
     decode_tokens_per_s: float  # tokens per second of decode + sampling time (the consumer's time excluded)
     prefill_tokens_per_s: float  # prompt tokens actually computed per second of prefill
     cached_tokens: int = 0  # prompt tokens already in the KV cache from the previous call (not recomputed)
+    loop_us_per_token: float = 0.0  # of each decode step, the time spent in Python (sampling, detokenizing, stops)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class Generator:
         ids: list[int] = []
         parts: list[str] = []
         reason = "cancelled"  # if the consumer abandons the stream
-        ttft = decode_time = 0.0
+        ttft = decode_time = loop_time = 0.0
         steps = 0
         try:
             while True:
@@ -319,7 +320,9 @@ class Generator:
                     reason = "context_full"
                 else:
                     if steps:  # sampling + detokenizing count as decode time; the consumer's time does not
-                        decode_time += time.perf_counter() - t
+                        host = time.perf_counter() - t
+                        decode_time += host
+                        loop_time += host
                     parts.append(text)
                     yield TokenEvent(text, tok)
                     t = time.perf_counter()
@@ -352,6 +355,7 @@ class Generator:
                 decode_tokens_per_s=steps / decode_time if decode_time > 0 else 0.0,
                 prefill_tokens_per_s=computed / t_prefill if t_prefill > 0 else 0.0,
                 cached_tokens=reused,
+                loop_us_per_token=1e6 * loop_time / steps if steps else 0.0,
             )
 
     def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings,

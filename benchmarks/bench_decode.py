@@ -17,8 +17,9 @@ cpu`; a lighter model: no EoRA, int4 LM head), and on each bundle's *own* graph 
 edgepack's Python one. The benchmark checks that this row generates exactly edgepack's tokens.
 
 The bandwidth limit: decode must read every weight once per token, so tokens/s <= read bandwidth / bytes of
-weights, with the bandwidth measured here in the same run (numpy reductions over 1 GiB on every core, best
-of 5; an AVX-512 C read loop measured the same ~77 GB/s on this machine). "MatMulNBits kernels only" runs
+weights, with the bandwidth measured here in the same run (runtime.bench.read_bandwidth: numpy reductions
+over 1 GiB on every core, best of 4 fresh allocations; an AVX-512 C read loop gives the same figures on the
+dev VM, ~50 or ~75 GB/s depending on the minute). "MatMulNBits kernels only" runs
 just the bundle's weight kernels, in graph order, with nothing else: the fastest decode any graph built on
 those onnxruntime kernels can reach here.
 """
@@ -196,38 +197,11 @@ def write_prompt_ids(bundle: Path, path: Path) -> Path:
     return path
 
 
-def read_bandwidth(allocations: int = 4) -> float:
-    """Best read of 1 GiB (numpy max or dot, split over all cores: numpy reductions release the GIL), so the
-    figure is what every core together can pull from memory, as a multi-threaded decode does. The buffer is
-    allocated afresh several times: on this VM the same read runs at ~50 or ~75 GB/s depending on where the
-    pages land, and the limit must be the best the machine can do."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    n = os.cpu_count() or 1
-    best = 0.0
-    with ThreadPoolExecutor(n) as pool:
-        for _ in range(allocations):
-            a = np.ones(1 << 28, dtype=np.float32)  # 1 GiB, far larger than any cache
-            parts = np.array_split(a, n)
-            for reduce in (np.max, lambda p: p.dot(p)):  # the fastest read wins (np.sum is compute-bound)
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    list(pool.map(reduce, parts))
-                    best = max(best, a.nbytes / (time.perf_counter() - t0))
-            del a, parts
-    return best
-
-
 def engine_bandwidth(args) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from runtime.bench import read_bandwidth
+
     return {"bytes_per_s": read_bandwidth()}
-
-
-def weight_bytes(bundle: Path) -> int:
-    """Bytes a decode step reads: the ONNX weights file (int4 projections, quantized head, EoRA factors).
-    The embedding gather reads one row per token, so a separate embedding table is not counted."""
-    return sum(f.stat().st_size for f in (bundle / "onnx").glob("*.data"))
 
 
 def genai_view(bundle: Path, out_dir: Path) -> Path:
@@ -384,7 +358,7 @@ def main() -> int:
         [args.bench_python, "-c", "import onnxruntime_genai"], capture_output=True).returncode == 0
     for b in [args.bundle, *args.extra_bundle]:
         b = Path(b)
-        wb = weight_bytes(b)
+        wb = file_bytes(b / "onnx", "*.data")  # what a decode step reads (as runtime.bench.weight_bytes)
         plan.append((f"edgepack {b.name}", "edgepack", sys.executable, b, wb))
         plan.append((f"MatMulNBits kernels only {b.name}", "kernels", sys.executable, b, wb))
         if genai_ok:

@@ -31,6 +31,38 @@ def peak_rss_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
+def read_bandwidth(allocations: int = 4, floats: int = 1 << 28) -> float:
+    """Bytes per second this machine reads from memory: the best numpy read (max or dot) of a 1 GiB buffer
+    split over all cores (numpy reductions release the GIL), as a multi-threaded decode reads. Best of several
+    fresh allocations, since the limit must be the best the machine can do. On a shared VM the figure also
+    moves over time (the 2-core dev VM reads ~50 GB/s in some minutes and ~75 GB/s in others; an AVX-512 C
+    loop agrees), so compare a decode speed with a bandwidth measured next to it, never an old one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    n = os.cpu_count() or 1
+    best = 0.0
+    with ThreadPoolExecutor(n) as pool:
+        for _ in range(allocations):
+            a = np.ones(floats, dtype=np.float32)
+            parts = np.array_split(a, n)
+            for reduce in (np.max, lambda p: p.dot(p)):  # the fastest read wins (np.sum is compute-bound)
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    list(pool.map(reduce, parts))
+                    best = max(best, a.nbytes / (time.perf_counter() - t0))
+            del a, parts
+    return best
+
+
+def weight_bytes(bundle) -> int:
+    """Bytes a decode step reads: the ONNX weights (int4 projections, quantized head, EoRA factors). The
+    embedding lookup reads one row per token, so a table of its own is counted although it is barely read."""
+    return sum(int(info["size"]) for rel, info in bundle.manifest["files"].items()
+               if rel.startswith("onnx/") and rel.endswith(".data"))
+
+
 def bench_prompt(tokenizer, n: int) -> list[int]:
     """The first n tokens of the shipped WikiText-2 test text (real text: realistic token ids)."""
     from runtime.datasets import wikitext_eval_text
@@ -43,8 +75,10 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
 
 
 def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 5,
-                 threads: int | None = None, prompt: list[int] | None = None) -> dict:
-    """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS."""
+                 threads: int | None = None, prompt: list[int] | None = None, bandwidth: bool = False) -> dict:
+    """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS; with
+    `bandwidth`, also the memory-bandwidth limit of decode (measured after the peak RSS is read, so its
+    1 GiB buffer does not count as the bundle's memory)."""
     import onnxruntime as ort
 
     from runtime.generation import Generator, SamplingSettings
@@ -71,7 +105,7 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
         runs.append({"ttft_s": r.ttft_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
                      "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens,
                      "loop_us_per_token": r.loop_us_per_token})
-    return {
+    result = {
         "bundle": bundle.describe()["name"],
         "path": str(bundle.source),
         "threads": threads,
@@ -91,6 +125,10 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
     }
+    if bandwidth:  # every weight is read once per token: tokens/s <= bandwidth / weight bytes
+        bw, wb = read_bandwidth(), weight_bytes(bundle)
+        result.update(read_bandwidth_GBps=bw / 1e9, weight_bytes=wb, bandwidth_limit_tokens_per_s=bw / wb)
+    return result
 
 
 def format_bench(result: dict) -> str:
@@ -114,5 +152,9 @@ def format_bench(result: dict) -> str:
         f"{'  in Python':22s} {result['loop_us_per_token']:.0f} µs of each token "
         f"({result['loop_us_per_token'] * result['decode_tokens_per_s']['median'] / 1e4:.1f} %: sampling, detokenizing, "
         "stop checks; the rest is onnxruntime)",
+        *([f"{'bandwidth limit':22s} {result['bandwidth_limit_tokens_per_s']:.0f} tokens/s = "
+           f"{result['read_bandwidth_GBps']:.1f} GB/s read / {result['weight_bytes'] / 1e6:.1f} MB of weights; decode "
+           f"runs at {100 * result['decode_tokens_per_s']['median'] / result['bandwidth_limit_tokens_per_s']:.0f} % of it"]
+          if "bandwidth_limit_tokens_per_s" in result else []),
         f"{'peak memory (RSS)':22s} {format_bytes(rss) if rss else 'n/a'}",
     ])

@@ -37,6 +37,8 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--no-bandwidth", action="store_true",
+                   help="skip measuring memory bandwidth (the decode limit; a few seconds and 1 GiB of RAM)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=cmd_bench)
 
@@ -113,7 +115,7 @@ def cmd_bench(args) -> int:
     open_s = time.perf_counter() - t
     result = {"open_s": open_s}  # digest checks (and extraction, for an archive seen the first time)
     result |= bench_bundle(bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                          repeats=args.repeats, threads=args.threads)
+                          repeats=args.repeats, threads=args.threads, bandwidth=not args.no_bandwidth)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 

@@ -96,6 +96,11 @@ def test_cli_bench_json(good, capsys):
     for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
         assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
     assert 0 < r["loop_us_per_token"] < 1e6 / r["decode_tokens_per_s"]["median"] and len(r["token_ids"]) == 8
+    assert r["weight_bytes"] == (good / "onnx" / "model.onnx.data").stat().st_size and r["read_bandwidth_GBps"] > 0.1
+    assert r["bandwidth_limit_tokens_per_s"] == pytest.approx(r["read_bandwidth_GBps"] * 1e9 / r["weight_bytes"])
+    assert r["peak_rss_bytes"] is None or r["peak_rss_bytes"] < 1 << 30  # the 1 GiB bandwidth buffer is not counted
+    assert run_cli("bench", good, "--no-bandwidth", "--new-tokens", "4", "--repeats", "1") == 0
+    assert "bandwidth limit" not in capsys.readouterr().out
     assert r["load_s"] > 0 and (r["peak_rss_bytes"] is None or r["peak_rss_bytes"] > 10 << 20)
     with pytest.raises(EdgepackError, match="exceed the model's context"):
         run_cli("bench", good, "--prompt-tokens", "500", "--new-tokens", "100")

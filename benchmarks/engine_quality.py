@@ -26,13 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float32, copy=True)
-    x -= x.max(axis=-1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
-    return x
+sys.path.insert(0, str(ROOT))  # the runtime's harness and metrics score every engine
 
 
 class GenaiGraphBackend:
@@ -55,7 +49,9 @@ class GenaiGraphBackend:
         feeds = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((b, t), np.int64)}
         for name, heads, dim in self.past:
             feeds[name] = np.zeros((b, heads, 0, dim), np.float32)
-        return _log_softmax(self.session.run(["logits"], feeds)[0])
+        from runtime.metrics import log_softmax
+
+        return log_softmax(self.session.run(["logits"], feeds)[0])
 
 
 class LlamaCppBackend:
@@ -68,17 +64,18 @@ class LlamaCppBackend:
                          n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count())
 
     def log_probs(self, ids: np.ndarray) -> np.ndarray:
+        from runtime.metrics import log_softmax
+
         rows = []
         for row in ids:
             self.llm.reset()
             self.llm.eval([int(t) for t in row])
-            rows.append(_log_softmax(np.asarray(self.llm.scores[: len(row)], np.float32)))
+            rows.append(log_softmax(np.asarray(self.llm.scores[: len(row)], np.float32)))
         return np.stack(rows)
 
 
 def measure(kind: str, target: str, bundle: str, threads: int | None) -> dict:
     """PPL / KLD / top-1 of one engine's model on the bundle's reference windows (runs inside a subprocess)."""
-    sys.path.insert(0, str(ROOT))
     from runtime.harness import PRESETS, eval_perplexity
     from runtime.reference import Reference
     from runtime.tokenizer import TextTokenizer

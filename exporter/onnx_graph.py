@@ -42,8 +42,8 @@ steps (noisy: other jobs were running; best of 3):
     EoRA rank 32 on all 7 projections: -30 % decode in float32, -22 % int8, -20 % int4
 Measured on the real SmolLM2 W1:8 + GPTQ + EoRA model (2 threads, idle box, benchmarks/bench_decode.py's
 "kernels only" run for the weight kernels alone):
-    eora_fuse_a: 361 -> 241 MatMulNBits, weight kernels alone 255 -> 289 tok/s, decode +2.4 % (192.6 ->
-                 197.3 tok/s, interleaved A/B in one process);
+    eora_fuse_a: 361 -> 241 MatMulNBits, weight kernels alone 255 -> 289 tok/s, decode +2-6 % (interleaved
+                 A/B, benchmarks/ab_decode.py: 192.6 -> 197.3 and 195.5 -> 207.3 tok/s in two runs);
                  40-window PPL 32.40 -> 32.32, KL 0.1637 -> 0.1659 (A in int4 costs nothing measurable)
     int4 LM head (block 32 or 16): decode +10 %, but PPL 32.3 -> 36.9 / 36.1, KL 0.17 -> 0.26: not worth it
     ORT graph_opt "all" vs "basic": no difference (the graph is already fused; ORT turns

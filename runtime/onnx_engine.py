@@ -76,13 +76,14 @@ class KVCache:
 class DecodeStep:
     """The decode step's inputs and logits as numpy arrays shared with OrtValues, bound once."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int):
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int, width: int = 1):
+        """width > 1: a step that appends `width` tokens per row with logits at each (speculative scoring)."""
         b = cache.batch
-        self.ids = np.zeros((b, 1), np.int64)
+        self.ids = np.zeros((b, width), np.int64)
         self.seqlens = np.zeros(b, np.int32)
         self.total = np.zeros((), np.int32)
-        self.positions = np.zeros((b, 1), np.int64)
-        self.logits = np.zeros((b, 1, vocab), np.float32)
+        self.positions = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width)).copy()
+        self.logits = np.zeros((b, width, vocab), np.float32)
         self.binding = session.io_binding()
         for name, arr in (("input_ids", self.ids), ("seqlens_k", self.seqlens),
                           ("total_sequence_length", self.total), ("logits_positions", self.positions)):
@@ -138,6 +139,7 @@ class OnnxDecoder:
         self.threads = threads
         self._cache: KVCache | None = None  # the interactive sequence's cache (batch 1, max_len)
         self._step: DecodeStep | None = None
+        self._wide_steps: dict[int, DecodeStep] = {}  # score(): one bound step per number of tokens
         self.length = 0  # tokens in the interactive cache
 
     # -----------------------------------------------------------------------------------------------------
@@ -179,6 +181,37 @@ class OnnxDecoder:
         self.session.run_with_iobinding(step.binding)
         self.length += 1
         return step.logits[0, 0].copy()
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Append `ids` in one pass over the cache and return the logits [len(ids), vocab] after each of
+        them: speculative decoding's verification of a draft. GroupQueryAttention treats a multi-token step
+        after a past as a "subsequent prompt" (causal within the new tokens), so row i equals what `decode`
+        would return after the same tokens (to float rounding). Bindings are kept per length, so a step costs
+        what `decode` costs plus the extra rows' compute."""
+        n = len(ids)
+        if n == 0:
+            raise EdgepackError("score: no tokens given")
+        if self.length == 0:
+            raise EdgepackError("score: call prefill first (the sequence is empty)")
+        if n == 1:
+            return self.decode(ids[0])[None]
+        self._check_room(self.length + n)
+        step = self._wide_steps.get(n)
+        if step is None:
+            step = self._wide_steps[n] = DecodeStep(self.session, self._cache, self.vocab_size, width=n)
+        step.ids[0, :] = ids
+        step.seqlens[0] = self.length + n - 1
+        step.total[()] = self.length + n
+        self.session.run_with_iobinding(step.binding)
+        self.length += n
+        return step.logits[0].copy()
+
+    def rewind(self, length: int) -> None:
+        """Keep the first `length` tokens of the sequence (speculative rollback, a shared chat prefix): the
+        rows after them stay in the buffer but are never attended to and are overwritten by the next step."""
+        if not 0 <= length <= self.length:
+            raise EdgepackError(f"rewind: length {length} is outside the sequence's 0..{self.length} tokens")
+        self.length = int(length)
 
     # -----------------------------------------------------------------------------------------------------
     # Harness backend protocol (runtime.harness.Backend)

@@ -59,6 +59,7 @@ class Bundle:
         self.reference_path: Path | None = self.path / rt["reference"] if rt.get("reference") else None
         self.safetensors_path: Path | None = self.path / rt["safetensors"] if rt.get("safetensors") else None
         self.tokenizer_path = self.path / manifest["tokenizer"]["directory"]
+        self.draft_path: Path | None = check_draft(manifest, self.path)  # optional speculative-decoding draft
         check_requirements(rt.get("requires") or {}, self.path / MANIFEST_NAME)
         for f in sorted(manifest["files"]):  # malformed JSON gets a clear error naming the file
             if f.startswith(manifest["tokenizer"]["directory"].rstrip("/") + "/") and f.endswith(JSON_SUFFIXES):
@@ -124,11 +125,38 @@ class Bundle:
                                 f"tokenizer's ({self.tokenizer.vocab_size})")
         return dec
 
-    def generator(self, threads: int | None = None, max_len: int | None = None):
-        """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS)."""
+    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto"):
+        """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS).
+        draft: speculative decoding's proposer (runtime.speculative.make_proposer): "auto" (the bundle's draft
+        model if it has one, else prompt lookup), "model", "lookup" or "none"."""
         from runtime.generation import Generator
+        from runtime.speculative import make_proposer
 
-        return Generator(self.decoder(threads, max_len), self.tokenizer, stop_ids=self.stop_ids)
+        proposer = make_proposer(draft, self, threads)
+        return Generator(self.decoder(threads, max_len), self.tokenizer, stop_ids=self.stop_ids, draft=proposer)
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft_path is not None
+
+    @property
+    def draft_cost(self) -> float:
+        """One draft step's cost relative to one step of the bundle's model (as the exporter measured it)."""
+        return float(self.manifest["runtime"]["draft"].get("cost_per_token", 0.3))
+
+    def draft_decoder(self, threads: int | None = None, max_len: int | None = None):
+        """An OnnxDecoder on the bundle's draft model (EdgepackError if it has none, or if its vocabulary
+        differs from the model's)."""
+        from runtime.onnx_engine import OnnxDecoder
+
+        if self.draft_path is None:
+            raise EdgepackError(f"{self.path}: the bundle has no draft model")
+        dec = OnnxDecoder(self.draft_path, threads=threads, max_len=max_len, pad_id=self.tokenizer.pad_id)
+        main_vocab = int(self.manifest["model"].get("vocab_size") or dec.vocab_size)
+        if dec.vocab_size != main_vocab or dec.vocab_size < self.tokenizer.vocab_size:
+            raise EdgepackError(f"{self.draft_path}: the draft's vocabulary ({dec.vocab_size}) differs from the "
+                                f"model's ({main_vocab})")
+        return dec
 
     def chat(self, threads: int | None = None, system_prompt: str | None = None):
         """A runtime.generation.ChatSession with the manifest's system prompt unless one is given."""
@@ -172,6 +200,33 @@ class Bundle:
             "quality": quality,
             "created_by": m["created_by"],
         }
+
+
+def check_draft(manifest: dict, directory: Path) -> Path | None:
+    """The draft model's ONNX path from the manifest's optional `runtime.draft` block ({"onnx": "draft/....onnx",
+    "cost_per_token", "acceptance", ...}), or None. The ONNX file must be listed in `files` (so its digest was
+    checked like every file), and so must every file lying in its directory: onnxruntime would load an
+    unlisted external-data file next to it without any check."""
+    draft = manifest["runtime"].get("draft")
+    if draft is None:
+        return None
+    where = Path(directory) / MANIFEST_NAME
+    if not isinstance(draft, dict) or not isinstance(draft.get("onnx"), str):
+        raise EdgepackError(f"{where}: manifest field 'runtime.draft' must be an object with an 'onnx' path")
+    rel = check_relative_path(draft["onnx"], str(where), "runtime.draft.onnx")
+    if not rel.startswith("draft/"):
+        raise EdgepackError(f"{where}: manifest field 'runtime.draft.onnx' must be under draft/, got {rel!r}")
+    if rel not in manifest["files"]:
+        raise EdgepackError(f"{where}: manifest field 'runtime.draft.onnx' names {rel!r}, which is not in 'files'")
+    cost = draft.get("cost_per_token", 0.3)
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost <= 10:
+        raise EdgepackError(f"{where}: manifest field 'runtime.draft.cost_per_token' must be a number in [0, 10]")
+    folder = (Path(directory) / rel).parent
+    for f in sorted(folder.rglob("*")):
+        name = f.relative_to(directory).as_posix()
+        if f.is_file() and name not in manifest["files"]:
+            raise EdgepackError(f"{f}: file in the draft's directory is not listed in the manifest (refused)")
+    return Path(directory) / rel
 
 
 def check_requirements(requires: dict, where) -> None:

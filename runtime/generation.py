@@ -78,6 +78,13 @@ class GenerationResult:
     prefill_tokens_per_s: float  # prompt tokens actually computed per second of prefill
     cached_tokens: int = 0  # prompt tokens already in the KV cache from the previous call (not recomputed)
     loop_us_per_token: float = 0.0  # of each decode step, the time spent in Python (sampling, detokenizing, stops)
+    draft: str = "none"  # the speculative proposer used ("none", "lookup", "model")
+    drafted_tokens: int = 0  # guesses the proposer made (speculative decoding)
+    accepted_tokens: int = 0  # guesses the model kept
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,12 +226,32 @@ class StopStringFilter:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class PlainTokens:
+    """Tokens for Generator._stream, one decode step each (runtime.speculative.SpeculativeTokens is the other
+    source): `next()` samples from the current logits, `feed(tok)` appends tok to the sequence."""
+
+    def __init__(self, decoder, sampler: Sampler, logits: np.ndarray, cache_ids: list[int]):
+        self.dec, self.sampler, self.logits, self.cache_ids = decoder, sampler, logits, cache_ids
+
+    def next(self) -> int:
+        return self.sampler(self.logits)
+
+    def feed(self, tok: int) -> None:
+        self.logits = self.dec.decode(tok)
+        self.cache_ids.append(tok)
+
+    def close(self) -> None:
+        pass
+
+
 class Generator:
     """Generates from token ids with one OnnxDecoder. Not thread-safe: one stream at a time."""
 
-    def __init__(self, decoder, tokenizer, stop_ids: set[int] | None = None):
-        """stop_ids: token ids that end generation (default: the decoder's and the tokenizer's EOS)."""
+    def __init__(self, decoder, tokenizer, stop_ids: set[int] | None = None, draft=None):
+        """stop_ids: token ids that end generation (default: the decoder's and the tokenizer's EOS).
+        draft: a runtime.speculative proposer (PromptLookup, DraftModel) for speculative decoding, or None."""
         self.decoder, self.tokenizer = decoder, tokenizer
+        self.draft = draft
         if stop_ids is None:
             stop_ids = set(getattr(decoder, "eos_token_ids", []) or [])
             if getattr(tokenizer, "eos_id", None) is not None:
@@ -241,6 +268,8 @@ class Generator:
         """Forget the cached sequence: the next prompt is prefilled from scratch."""
         self.decoder.reset()
         self._cache_ids = []
+        if self.draft is not None:
+            self.draft.reset()
 
     def _prefill(self, prompt: list[int]) -> tuple[np.ndarray, int]:
         """Logits after `prompt`, reusing the longest prefix already in the cache; returns (logits, reused)."""
@@ -290,6 +319,7 @@ class Generator:
             raise
         t_prefill = time.perf_counter() - t0
         sampler = Sampler(settings, logits.shape[-1], prompt)
+        source = self._token_source(logits, sampler)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringFilter(settings.stop_strings)
         ids: list[int] = []
@@ -303,7 +333,7 @@ class Generator:
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
-                tok = sampler(logits)
+                tok = source.next()
                 if not ids:
                     ttft = time.perf_counter() - t0
                 if tok in self.stop_ids:
@@ -316,7 +346,7 @@ class Generator:
                     reason = "stop_string"
                 elif len(ids) >= settings.max_new_tokens:
                     reason = "max_tokens"
-                elif dec.length + 1 > dec.max_len:
+                elif len(self._cache_ids) + 1 > dec.max_len:
                     reason = "context_full"
                 else:
                     if steps:  # sampling + detokenizing count as decode time; the consumer's time does not
@@ -326,8 +356,7 @@ class Generator:
                     parts.append(text)
                     yield TokenEvent(text, tok)
                     t = time.perf_counter()
-                    logits = dec.decode(tok)
-                    self._cache_ids.append(tok)
+                    source.feed(tok)
                     decode_time += time.perf_counter() - t
                     steps += 1
                     continue
@@ -344,6 +373,7 @@ class Generator:
                     parts.append(tail)
                     yield TokenEvent(tail, -1)
         finally:
+            source.close()
             computed = len(prompt) - reused
             self.last_result = GenerationResult(
                 text="".join(parts),
@@ -356,7 +386,17 @@ class Generator:
                 prefill_tokens_per_s=computed / t_prefill if t_prefill > 0 else 0.0,
                 cached_tokens=reused,
                 loop_us_per_token=1e6 * loop_time / steps if steps else 0.0,
+                draft=getattr(self.draft, "name", "none"),
+                drafted_tokens=getattr(source, "proposed", 0),
+                accepted_tokens=getattr(source, "accepted", 0),
             )
+
+    def _token_source(self, logits: np.ndarray, sampler: Sampler):
+        if self.draft is None:
+            return PlainTokens(self.decoder, sampler, logits, self._cache_ids)
+        from runtime.speculative import SpeculativeTokens
+
+        return SpeculativeTokens(self.decoder, self.draft, sampler, logits, self._cache_ids, sampler.s.max_new_tokens)
 
     def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings,
                  cancel: threading.Event | None = None) -> GenerationResult:

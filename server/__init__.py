@@ -1,0 +1,1 @@
+"""`edgepack serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn, extra [serve]) over runtime/."""

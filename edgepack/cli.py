@@ -99,23 +99,16 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_options(args):
-    from dataclasses import replace
-
     from exporter.export import ExportOptions
 
     opts = ExportOptions()
-    graph = {"eora_fuse_a": not args.eora_separate_a}
-    if args.embedding:
-        graph["embedding"] = args.embedding
-    if args.lm_head:
-        graph["lm_head"] = args.lm_head
-    if args.projections:
-        graph["projections"] = "keep" if args.projections == "fp32" else "int4"
+    for attr, val in (("embedding", args.embedding), ("lm_head", args.lm_head), ("projections", args.projections),
+                      ("limits", args.quality_limits)):
+        if val:
+            setattr(opts, attr, val)
     if args.eora_bits:
-        graph["eora_bits"] = None if args.eora_bits == "fp32" else int(args.eora_bits)
-    opts.graph = replace(opts.graph, **graph)
-    if args.quality_limits:
-        opts.limits = args.quality_limits
+        opts.eora_bits = None if args.eora_bits == "fp32" else int(args.eora_bits)
+    opts.eora_fuse_a = not args.eora_separate_a
     opts.archive = not args.no_archive
     return opts
 

@@ -24,6 +24,8 @@ from pathlib import Path
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_open, atomic_write_json, sha256_file
 from runtime.manifest import MANIFEST_NAME, build_manifest
+from runtime.onnx_check import ORT_MIN_VERSION
+from runtime.signing import SIGNATURE_NAME
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
@@ -81,7 +83,7 @@ def write_bundle(out_dir, *, onnx_dir, tokenizer_dir, reference_path, safetensor
             rel = f.relative_to(tmp).as_posix()
             files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         tok = _tokenizer_facts(tmp / "tokenizer")
-        runtime = {"requires": {"onnxruntime": ">=1.20", "tokenizers": ">=0.20"},
+        runtime = {"requires": {"onnxruntime": f">={ORT_MIN_VERSION}", "tokenizers": ">=0.20"},
                    **manifest_fields.get("runtime", {}),
                    "onnx": f"onnx/{models[0].name}", "reference": reference_rel, "safetensors": safetensors_rel}
         tokenizer = {**tok, **manifest_fields.get("tokenizer", {}), "directory": "tokenizer"}
@@ -105,14 +107,16 @@ def archive_path(bundle_dir) -> Path:
 
 
 def write_archive(bundle_dir, path: Path | None = None) -> Path:
-    """The bundle directory as one uncompressed zip (manifest.json first), written atomically."""
+    """The bundle directory as one uncompressed zip (manifest.json first, then manifest.sig when the bundle
+    is signed, then the files the manifest lists: nothing else), written atomically."""
     bundle_dir = Path(bundle_dir)
     path = Path(path) if path else archive_path(bundle_dir)
     from runtime.bundle import read_manifest
 
     manifest = read_manifest(bundle_dir)
     with atomic_open(path) as out, zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for rel in [MANIFEST_NAME, *manifest["files"]]:
+        signed = (bundle_dir / SIGNATURE_NAME).is_file()
+        for rel in [MANIFEST_NAME, *([SIGNATURE_NAME] if signed else []), *manifest["files"]]:
             src = bundle_dir / rel
             info = zipfile.ZipInfo(rel, date_time=ZIP_DATE)
             info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--

@@ -1,16 +1,24 @@
 """Open a bundle (a directory or a BUNDLE.edgepack archive) and check it before anything is parsed.
 
-Order of trust: manifest.json is read as plain JSON and validated (runtime.manifest); then every file it
-lists is checked for presence, size and sha256; only then are the tokenizer, the ONNX model and the
-reference parsed. Nothing is ever unpickled: the formats are JSON, ONNX, safetensors and text.
+A bundle is untrusted input (see the README's "Security" section for the threat model). Order of trust:
+manifest.json is read as bytes, its signature (manifest.sig, runtime.signing) checked against them when
+there is one, then parsed as plain JSON and validated (runtime.manifest); then every file it lists is
+checked for presence (a regular file, no symlink in its path), size and sha256; only then are the
+tokenizer, the ONNX model (its external-data locations and metadata first, runtime.onnx_check) and the
+reference parsed, and only files the manifest lists are ever opened. Nothing is ever unpickled: the
+formats are JSON, ONNX, safetensors and text.
 
 An archive is an uncompressed zip of the bundle directory. It is extracted, once, into a cache directory
 keyed by the archive's sha256 ($EDGEPACK_CACHE, or the platform's user cache dir / edgepack / bundles),
-under these rules: only regular files (no symlinks, devices or other links); member names relative,
-'/'-separated, without '..'; only manifest.json and the files the manifest lists; at most MAX_FILES
-members and MAX_TOTAL_BYTES in all; each member's size and sha256 checked while it is written. The
-extraction goes to a temporary directory that is renamed into place when complete, so a crash never
-leaves a half-extracted bundle that looks finished.
+under these rules: only regular files (no symlinks, devices or other links), stored uncompressed and
+unencrypted (so no member can expand beyond its listed size: no zip bombs); member names relative,
+'/'-separated, without '..', control characters or over-long parts, and no two names that clash on a
+case-insensitive file system; only manifest.json, manifest.sig and the files the manifest lists; at most
+MAX_FILES members and MAX_TOTAL_BYTES in all; each member's size and sha256 checked while it is written.
+The extraction goes to a temporary directory (named with the extracting process' id) that is renamed into
+place when complete, so a killed extraction never leaves a half-extracted bundle that looks finished; the
+next extraction deletes temporary directories whose process is gone, and a damaged or incomplete cache
+entry is checked on every open and extracted afresh.
 """
 from __future__ import annotations
 
@@ -24,14 +32,16 @@ import zipfile
 from pathlib import Path
 
 from runtime.errors import EdgepackError
-from runtime.fileio import read_json, sha256_file
-from runtime.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, METRICS, check_relative_path, validate_manifest
+from runtime.fileio import parse_json, read_json, sha256_file
+from runtime.manifest import (MANIFEST_NAME, MAX_FILES, MAX_MANIFEST_BYTES, METRICS, check_name_clashes,
+                              check_relative_path, validate_manifest)
+from runtime.signing import SIGNATURE_NAME, SignatureCheck, TrustPolicy, check_signature
 from runtime.tokenizer import TextTokenizer
 
 ARCHIVE_SUFFIX = ".edgepack"
-MAX_FILES = 1000
 MAX_TOTAL_BYTES = 64 << 30  # 64 GiB: far above any small model, far below a zip bomb's claims
 JSON_SUFFIXES = (".json",)
+MAX_SIGNATURE_BYTES = 64 << 10
 
 
 def cache_root() -> Path:
@@ -50,10 +60,14 @@ class Bundle:
     validated manifest.json), tokenizer (runtime.tokenizer.TextTokenizer), onnx_path, reference_path (None
     when the bundle ships no reference), source (what was opened: the directory or the archive)."""
 
-    def __init__(self, path: Path, manifest: dict, source: Path | None = None):
+    def __init__(self, path: Path, manifest: dict, source: Path | None = None,
+                 signature: SignatureCheck | None = None):
+        from runtime.onnx_check import check_onnx_model
+
         self.path = Path(path)
         self.manifest = manifest
         self.source = Path(source) if source else self.path
+        self.signature = signature or SignatureCheck("unsigned")
         rt = manifest["runtime"]
         self.onnx_path: Path = self.path / rt["onnx"]
         self.reference_path: Path | None = self.path / rt["reference"] if rt.get("reference") else None
@@ -61,23 +75,34 @@ class Bundle:
         self.tokenizer_path = self.path / manifest["tokenizer"]["directory"]
         self.draft_path: Path | None = check_draft(manifest, self.path)  # optional speculative-decoding draft
         check_requirements(rt.get("requires") or {}, self.path / MANIFEST_NAME)
-        for f in sorted(manifest["files"]):  # malformed JSON gets a clear error naming the file
-            if f.startswith(manifest["tokenizer"]["directory"].rstrip("/") + "/") and f.endswith(JSON_SUFFIXES):
-                read_json(self.path / f)
-        self.tokenizer = TextTokenizer(self.tokenizer_path)
+        tok_prefix = manifest["tokenizer"]["directory"].rstrip("/") + "/"
+        tok_files = {f[len(tok_prefix):] for f in manifest["files"] if f.startswith(tok_prefix)}
+        for f in sorted(tok_files):  # malformed JSON gets a clear error naming the file
+            if f.endswith(JSON_SUFFIXES):
+                read_json(self.tokenizer_path / f)
+        # Only the tokenizer files the manifest lists (hence digest-checked) are read, never another file
+        # that happens to lie in the directory.
+        self.tokenizer = TextTokenizer(self.tokenizer_path, files=tok_files)
+        self.onnx_metadata = check_onnx_model(self.onnx_path, rt["onnx"], manifest["files"])
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, verify_digests: bool = True) -> "Bundle":
-        """Open a bundle directory or archive. Every file's size and sha256 is checked against the manifest
-        before any file is parsed (verify_digests=False checks presence and size only); any problem raises
-        one EdgepackError naming the file."""
+    def open(cls, path, verify_digests: bool = True, trust: TrustPolicy | None = None) -> "Bundle":
+        """Open a bundle directory or archive. The manifest's signature is checked first (`trust`: whose
+        keys to accept and whether a signature is required; default: the user's trust file, not required),
+        then every file's size and sha256 against the manifest before any file is parsed
+        (verify_digests=False checks presence and size only); any problem raises one EdgepackError naming
+        the file. A bad signature is always refused; `bundle.signature` says what was found."""
         path = Path(path).expanduser()
+        trust = trust if trust is not None else TrustPolicy.default()
         if path.is_dir():
-            return cls(path, _checked_directory(path, verify_digests))
+            manifest, raw = _checked_directory(path, verify_digests)
+            return cls(path, manifest, signature=check_signature(path, raw, trust))
         if path.is_file():
             directory = extract_archive(path, verify_digests=verify_digests)
-            return cls(directory, read_manifest(directory), source=path)
+            raw = _read_manifest_bytes(directory)
+            manifest = validate_manifest(parse_json(raw, str(directory / MANIFEST_NAME)), str(directory / MANIFEST_NAME))
+            return cls(directory, manifest, source=path, signature=check_signature(directory, raw, trust))
         raise EdgepackError(f"{path}: no such bundle (give a bundle directory or a {ARCHIVE_SUFFIX} file)")
 
     # ---------------------------------------------------------------------------------------------------
@@ -123,6 +148,15 @@ class Bundle:
         if dec.vocab_size < self.tokenizer.vocab_size:
             raise EdgepackError(f"{self.onnx_path}: the model's vocabulary ({dec.vocab_size}) is smaller than the "
                                 f"tokenizer's ({self.tokenizer.vocab_size})")
+        inputs = {i.name for i in dec.session.get_inputs()}
+        outputs = {o.name for o in dec.session.get_outputs()}
+        needed_in = {"input_ids", "seqlens_k", "total_sequence_length", "logits_positions"}
+        needed_in |= {layer[k] for layer in dec.kv_layers for k in ("past_key", "past_value")}
+        needed_out = {"logits"} | {layer[k] for layer in dec.kv_layers for k in ("present_key", "present_value")}
+        missing = sorted((needed_in - inputs) | (needed_out - outputs))
+        if missing:
+            raise EdgepackError(f"{self.onnx_path}: the graph lacks {missing[0]!r}, which its metadata names "
+                                "(not an edgepack decoder graph)")
         return dec
 
     def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto"):
@@ -171,7 +205,8 @@ class Bundle:
             return None
         from runtime.reference import Reference
 
-        return Reference.load(self.reference_path)
+        vocab = max(self.tokenizer.vocab_size, int(self.onnx_metadata["vocab_size"]))
+        return Reference.load(self.reference_path, vocab_size=vocab)
 
     def size_bytes(self) -> int:
         return sum(int(f["size"]) for f in self.manifest["files"].values())
@@ -260,33 +295,73 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 # Directory checks
 
 
-def read_manifest(directory: Path) -> dict:
+def _read_manifest_bytes(directory: Path) -> bytes:
     mpath = Path(directory) / MANIFEST_NAME
-    if not mpath.is_file():
-        raise EdgepackError(f"{mpath}: manifest not found (not an edgepack bundle)")
-    if mpath.stat().st_size > MAX_MANIFEST_BYTES:
+    try:
+        st = mpath.lstat()
+    except FileNotFoundError:
+        raise EdgepackError(f"{mpath}: manifest not found (not an edgepack bundle)") from None
+    except OSError as e:
+        raise EdgepackError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EdgepackError(f"{mpath}: the manifest is not a regular file (links are refused)")
+    if st.st_size > MAX_MANIFEST_BYTES:
         raise EdgepackError(f"{mpath}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-    return validate_manifest(read_json(mpath), str(mpath))
+    try:
+        return mpath.read_bytes()
+    except OSError as e:
+        raise EdgepackError(f"{mpath}: cannot read the manifest ({e.strerror or e})") from None
 
 
-def _checked_directory(directory: Path, verify_digests: bool) -> dict:
-    manifest = read_manifest(directory)
-    root = directory.resolve()
+def read_manifest(directory: Path) -> dict:
+    """The validated manifest of a bundle directory (its files are not checked here)."""
+    mpath = Path(directory) / MANIFEST_NAME
+    return validate_manifest(parse_json(_read_manifest_bytes(directory), str(mpath)), str(mpath))
+
+
+def _checked_directory(directory: Path, verify_digests: bool) -> tuple[dict, bytes]:
+    """(validated manifest, its raw bytes) once every listed file is a regular file reached through no
+    symlink, of the listed size and (verify_digests) sha256."""
+    raw = _read_manifest_bytes(directory)
+    manifest = validate_manifest(parse_json(raw, str(directory / MANIFEST_NAME)), str(directory / MANIFEST_NAME))
     for rel, info in manifest["files"].items():
         p = directory / rel
-        if not p.is_file():
-            raise EdgepackError(f"{p}: file listed in the manifest is missing")
-        if not p.resolve().is_relative_to(root):
-            raise EdgepackError(f"{p}: points outside the bundle directory (symlink)")
-        size = p.stat().st_size
+        size = _regular_file_size(directory, rel)
         if size != info["size"]:
             raise EdgepackError(f"{p}: {size} bytes, the manifest says {info['size']} (truncated or modified)")
     if verify_digests:
         for rel, info in manifest["files"].items():
             p = directory / rel
-            if sha256_file(p) != info["sha256"]:
+            try:
+                digest = sha256_file(p)
+            except OSError as e:
+                raise EdgepackError(f"{p}: cannot read ({e.strerror or e})") from None
+            if digest != info["sha256"]:
                 raise EdgepackError(f"{p}: sha256 does not match the manifest (the file was modified or corrupted)")
-    return manifest
+    return manifest, raw
+
+
+def _regular_file_size(directory: Path, rel: str) -> int:
+    """The size of directory/rel, which must be a regular file with no symlink anywhere below `directory`
+    (lstat of every component: a link inside the bundle could point anywhere on the user's disk)."""
+    here = Path(directory)
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        here = here / part
+        try:
+            st = here.lstat()
+        except FileNotFoundError:
+            raise EdgepackError(f"{directory / rel}: file listed in the manifest is missing") from None
+        except OSError as e:
+            raise EdgepackError(f"{here}: cannot read ({e.strerror or e})") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise EdgepackError(f"{here}: is a symlink; bundles hold regular files only (refused)")
+        last = i == len(parts) - 1
+        if last and not stat.S_ISREG(st.st_mode):
+            raise EdgepackError(f"{here}: not a regular file (devices, FIFOs and directories are refused)")
+        if not last and not stat.S_ISDIR(st.st_mode):
+            raise EdgepackError(f"{here}: expected a directory")
+    return st.st_size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,77 +372,130 @@ def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | No
                     max_files: int = MAX_FILES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
     """Extract a bundle archive safely into the cache (once per archive content) and return the directory."""
     archive = Path(archive)
-    digest = sha256_file(archive)
+    try:
+        digest = sha256_file(archive)
+    except OSError as e:
+        raise EdgepackError(f"{archive}: cannot read ({e.strerror or e})") from None
     root = Path(cache) if cache else cache_root()
     target = root / digest[:32]
-    if (target / MANIFEST_NAME).is_file():
-        try:  # the cache is on the user's disk: check it again, and extract afresh if it was damaged
+    if target.exists() or target.is_symlink():
+        try:  # the cache is on the user's disk: check it again, and extract afresh if damaged or incomplete
             _checked_directory(target, verify_digests)
             return target
         except EdgepackError:
-            shutil.rmtree(target, ignore_errors=True)
+            _remove_cache_entry(target, root)
     try:
         zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise EdgepackError(f"{archive}: not a bundle archive ({e})") from None
-    with zf:
-        members = _checked_members(zf, archive, max_files, max_total_bytes)
-        if MANIFEST_NAME not in members:
-            raise EdgepackError(f"{archive}: no {MANIFEST_NAME} in the archive (not an edgepack bundle)")
-        info = members[MANIFEST_NAME]
-        if info.file_size > MAX_MANIFEST_BYTES:
-            raise EdgepackError(f"{archive}!{MANIFEST_NAME}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB")
-        import json
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise EdgepackError(f"{archive}: not a bundle archive ({str(e)[:200]})") from None
+    try:
+        with zf:
+            return _extract(zf, archive, target, root, verify_digests, max_files, max_total_bytes)
+    except (zipfile.BadZipFile, EOFError, zlib_error(), NotImplementedError, RuntimeError) as e:
+        raise EdgepackError(f"{archive}: corrupt archive ({str(e)[:200]})") from None
+    except OSError as e:  # read-only or full cache directory, or a name the file system refuses
+        raise EdgepackError(f"{root}: cannot write the bundle cache ({e.strerror or e}); free some space or "
+                            "set EDGEPACK_CACHE to a writable directory") from None
 
-        where = f"{archive}!{MANIFEST_NAME}"
-        try:
-            manifest = json.loads(_read_capped(zf, info, MAX_MANIFEST_BYTES, archive).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EdgepackError(f"{where}: malformed JSON ({e})") from None
-        validate_manifest(manifest, where)
-        files = manifest["files"]
-        extra = sorted(set(members) - set(files) - {MANIFEST_NAME})
-        if extra:
-            raise EdgepackError(f"{archive}!{extra[0]}: archive member not listed in the manifest")
-        for rel, meta in files.items():
-            if rel not in members:
-                raise EdgepackError(f"{archive}!{rel}: file listed in the manifest is missing from the archive")
-            if members[rel].file_size != meta["size"]:
-                raise EdgepackError(f"{archive}!{rel}: {members[rel].file_size} bytes, the manifest says "
-                                    f"{meta['size']} (truncated or modified)")
 
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+def zlib_error():
+    import zlib
+
+    return zlib.error
+
+
+def _remove_cache_entry(target: Path, root: Path) -> None:
+    try:
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        else:
+            shutil.rmtree(target)
+    except OSError as e:
+        raise EdgepackError(f"{target}: damaged cache entry that cannot be removed ({e.strerror or e}); "
+                            "delete it by hand or set EDGEPACK_CACHE") from None
+
+
+def clean_stale_extractions(root: Path) -> int:
+    """Delete temporary extraction directories left by processes that are gone (killed mid-extraction);
+    returns how many. Names are .DIGEST.tmp-PID-XXXX (see _extract)."""
+    removed = 0
+    for tmp in root.glob(".*.tmp-*"):
         try:
-            for rel, meta in files.items():
-                out = tmp / rel
-                out.parent.mkdir(parents=True, exist_ok=True)
-                h = hashlib.sha256()
-                written = 0
-                # Streamed copy (weights can be large); atomicity comes from renaming the whole directory.
-                with zf.open(members[rel]) as src, open(out, "xb") as dst:
-                    while block := src.read(1 << 20):
-                        written += len(block)
-                        if written > meta["size"]:
-                            raise EdgepackError(f"{archive}!{rel}: longer than the manifest's {meta['size']} bytes")
-                        h.update(block)
-                        dst.write(block)
-                if written != meta["size"]:
-                    raise EdgepackError(f"{archive}!{rel}: {written} bytes, the manifest says {meta['size']} (truncated)")
-                if verify_digests and h.hexdigest() != meta["sha256"]:
-                    raise EdgepackError(f"{archive}!{rel}: sha256 does not match the manifest "
-                                        "(the file was modified or corrupted)")
-            with open(tmp / MANIFEST_NAME, "xb") as dst:
-                dst.write(_read_capped(zf, info, MAX_MANIFEST_BYTES, archive))
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process extracted the same archive meanwhile
-                if not (target / MANIFEST_NAME).is_file():
-                    raise
-        except zipfile.BadZipFile as e:
-            raise EdgepackError(f"{archive}: corrupt archive ({e})") from None
-        finally:
+            pid = int(tmp.name.split(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _process_alive(pid):
             shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _extract(zf: zipfile.ZipFile, archive: Path, target: Path, root: Path, verify_digests: bool,
+             max_files: int, max_total_bytes: int) -> Path:
+    members = _checked_members(zf, archive, max_files, max_total_bytes)
+    if MANIFEST_NAME not in members:
+        raise EdgepackError(f"{archive}: no {MANIFEST_NAME} in the archive (not an edgepack bundle)")
+    info = members[MANIFEST_NAME]
+    if info.file_size > MAX_MANIFEST_BYTES:
+        raise EdgepackError(f"{archive}!{MANIFEST_NAME}: manifest larger than {MAX_MANIFEST_BYTES >> 20} MiB")
+    where = f"{archive}!{MANIFEST_NAME}"
+    raw_manifest = _read_capped(zf, info, MAX_MANIFEST_BYTES, archive)
+    manifest = validate_manifest(parse_json(raw_manifest, where), where)
+    files = manifest["files"]
+    extra = sorted(set(members) - set(files) - {MANIFEST_NAME, SIGNATURE_NAME})
+    if extra:
+        raise EdgepackError(f"{archive}!{extra[0]}: archive member not listed in the manifest")
+    for rel, meta in files.items():
+        if rel not in members:
+            raise EdgepackError(f"{archive}!{rel}: file listed in the manifest is missing from the archive")
+        if members[rel].file_size != meta["size"]:
+            raise EdgepackError(f"{archive}!{rel}: {members[rel].file_size} bytes, the manifest says "
+                                f"{meta['size']} (truncated or modified)")
+
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_extractions(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=root))
+    try:
+        for rel, meta in files.items():
+            out = tmp / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            written = 0
+            # Streamed copy (weights can be large); atomicity comes from renaming the whole directory.
+            with zf.open(members[rel]) as src, open(out, "xb") as dst:
+                while block := src.read(1 << 20):
+                    written += len(block)
+                    if written > meta["size"]:
+                        raise EdgepackError(f"{archive}!{rel}: longer than the manifest's {meta['size']} bytes")
+                    h.update(block)
+                    dst.write(block)
+            if written != meta["size"]:
+                raise EdgepackError(f"{archive}!{rel}: {written} bytes, the manifest says {meta['size']} (truncated)")
+            if verify_digests and h.hexdigest() != meta["sha256"]:
+                raise EdgepackError(f"{archive}!{rel}: sha256 does not match the manifest "
+                                    "(the file was modified or corrupted)")
+        with open(tmp / MANIFEST_NAME, "xb") as dst:
+            dst.write(raw_manifest)  # the very bytes validated above
+        if SIGNATURE_NAME in members:
+            with open(tmp / SIGNATURE_NAME, "xb") as dst:
+                dst.write(_read_capped(zf, members[SIGNATURE_NAME], MAX_SIGNATURE_BYTES, archive))
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process extracted the same archive meanwhile
+            if not (target / MANIFEST_NAME).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -380,8 +508,13 @@ def _checked_members(zf: zipfile.ZipFile, archive: Path, max_files: int, max_tot
         name = info.filename
         mode = info.external_attr >> 16
         _check_member_name(name.rstrip("/") if info.is_dir() else name, archive)
+        if info.flag_bits & 0x1:
+            raise EdgepackError(f"{archive}!{name}: archive member is encrypted; bundles are never encrypted")
         if info.is_dir():
             continue
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise EdgepackError(f"{archive}!{name}: archive member is compressed (method {info.compress_type}); "
+                                "bundle archives store members uncompressed (no expansion, no zip bombs)")
         kind = stat.S_IFMT(mode)  # 0 when the writer stored permissions only (or a non-Unix zip)
         if kind and kind != stat.S_IFREG:
             kind = "a symlink" if kind == stat.S_IFLNK else "not a regular file"
@@ -392,6 +525,10 @@ def _checked_members(zf: zipfile.ZipFile, archive: Path, max_files: int, max_tot
         if total > max_total:
             raise EdgepackError(f"{archive}: more than {max_total} bytes uncompressed, over the limit")
         members[name] = info
+    try:
+        check_name_clashes(list(members), str(archive), "archive member")
+    except EdgepackError as e:
+        raise EdgepackError(str(e).replace("manifest field ", "")) from None
     return members
 
 
@@ -399,7 +536,40 @@ def _check_member_name(name: str, archive: Path) -> None:
     try:
         check_relative_path(name, str(archive), "archive member")
     except EdgepackError:
-        raise EdgepackError(f"{archive}!{name}: unsafe archive member path (absolute, '..' or '\\')") from None
+        raise EdgepackError(f"{archive}!{name[:80]!r}: unsafe archive member path (absolute, '..', '\\', control "
+                            "characters or over-long)") from None
+
+
+def archive_with_signature(archive: Path, signature: bytes) -> Path:
+    """Re-write a bundle archive with `signature` as its manifest.sig member (right after manifest.json,
+    replacing any earlier one), atomically; the signature must verify for the archive's own manifest."""
+    from runtime.fileio import atomic_open
+    from runtime.signing import verify_signature_bytes
+
+    archive = Path(archive)
+    try:
+        with zipfile.ZipFile(archive) as src:
+            members = _checked_members(src, archive, MAX_FILES + 2, MAX_TOTAL_BYTES)
+            if MANIFEST_NAME not in members:
+                raise EdgepackError(f"{archive}: no {MANIFEST_NAME} in the archive (not an edgepack bundle)")
+            manifest_bytes = _read_capped(src, members[MANIFEST_NAME], MAX_MANIFEST_BYTES, archive)
+            verify_signature_bytes(signature, manifest_bytes, f"{archive} (new signature)")
+            order = [MANIFEST_NAME, SIGNATURE_NAME] + [n for n in members if n not in (MANIFEST_NAME, SIGNATURE_NAME)]
+            with atomic_open(archive) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as dst:
+                for name in order:
+                    if name == SIGNATURE_NAME:
+                        info = zipfile.ZipInfo(SIGNATURE_NAME, date_time=members[MANIFEST_NAME].date_time)
+                        info.external_attr = 0o100644 << 16
+                        dst.writestr(info, signature)
+                        continue
+                    old = members[name]
+                    info = zipfile.ZipInfo(name, date_time=old.date_time)
+                    info.external_attr, info.file_size = old.external_attr, old.file_size
+                    with src.open(old) as fi, dst.open(info, "w") as fo:
+                        shutil.copyfileobj(fi, fo, 1 << 20)
+    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as e:
+        raise EdgepackError(f"{archive}: corrupt archive ({str(e)[:200]})") from None
+    return archive
 
 
 def _read_capped(zf: zipfile.ZipFile, info: zipfile.ZipInfo, cap: int, archive: Path) -> bytes:

@@ -1,10 +1,11 @@
-"""The runtime's subcommands: `generate`, `verify`, `bench`. edgepack/cli.py registers them with
+"""The runtime's subcommands: `generate`, `verify`, `bench`, `sign`, `keygen`. edgepack/cli.py registers them with
 `add_runtime_commands(sub)`; each handler imports what it needs when it runs, so `--help` stays instant."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def add_runtime_commands(subparsers) -> None:
@@ -22,6 +23,10 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+    p.add_argument("--draft", choices=("auto", "none", "lookup", "model"), default="auto",
+                   help="speculative decoding: the bundle's draft model, prompt lookup, or none (default auto: the "
+                        "draft model if the bundle has one, else lookup; the output is the same either way)")
+    add_trust_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = subparsers.add_parser("verify", help="re-measure a bundle's quality claims here; exit 1 on any failure")
@@ -29,6 +34,7 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="check the manifest's quick claims (its smaller limits)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON on stdout")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    add_trust_args(p)
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("bench", help="load time, time to first token, prefill/decode tokens/s, memory")
@@ -40,7 +46,59 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--no-bandwidth", action="store_true",
                    help="skip measuring memory bandwidth (the decode limit; a few seconds and 1 GiB of RAM)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--draft", choices=("auto", "none", "lookup", "model"), default="none",
+                   help="also time speculative decoding with this draft, interleaved with plain decoding "
+                        "(auto: the bundle's draft model if it has one, else prompt lookup)")
+    add_trust_args(p)
     p.set_defaults(func=cmd_bench)
+
+    p = subparsers.add_parser("sign", help="sign a bundle's manifest with your Ed25519 key (writes manifest.sig)")
+    p.add_argument("bundle", help="bundle directory (its .edgepack archive beside it is re-written too) or archive")
+    p.add_argument("--key", required=True, help="private key file (PEM, Ed25519; `edgepack keygen` makes one)")
+    p.set_defaults(func=cmd_sign)
+
+    p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: NAME.key, NAME.pub")
+    p.add_argument("name", help="path prefix of the key files, e.g. ~/.config/edgepack/alice")
+    p.set_defaults(func=cmd_keygen)
+
+
+def add_trust_args(p: argparse.ArgumentParser) -> None:
+    """--trust and --require-signature (verify, generate, bench, chat)."""
+    p.add_argument("--trust", action="append", metavar="PUBLIC_KEY",
+                   help="trust bundles signed by this key (PEM public key or trust file; repeatable), besides "
+                        "the keys in your trust file")
+    p.add_argument("--require-signature", action="store_true",
+                   help="refuse a bundle unless it is signed by a trusted key (default: unsigned runs, with a warning)")
+
+
+def trust_policy(args):
+    from runtime.signing import TrustPolicy
+
+    return TrustPolicy.from_args(getattr(args, "trust", None), getattr(args, "require_signature", False))
+
+
+def open_bundle(args):
+    """Bundle.open with the command's trust flags; says on stderr who signed it, or warns that nobody did."""
+    from runtime.bundle import Bundle
+
+    bundle = Bundle.open(args.bundle, trust=trust_policy(args))
+    print(f"edgepack: {bundle.signature.message(bundle.name)}", file=sys.stderr)
+    return bundle
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or stdin for '-': valid UTF-8 text, else one error line."""
+    from runtime.tokenizer import check_text
+
+    if prompt != "-":
+        return check_text(prompt, "prompt")
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        from runtime.errors import EdgepackError
+
+        raise EdgepackError(f"prompt (stdin): not valid UTF-8 text (byte {e.start})") from None
 
 
 def _settings(args, bundle):
@@ -56,14 +114,12 @@ def _settings(args, bundle):
 
 
 def cmd_generate(args) -> int:
-    from runtime.bundle import Bundle
-
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    bundle = Bundle.open(args.bundle)
+    prompt = read_prompt(args.prompt)
+    bundle = open_bundle(args)
     settings = _settings(args, bundle)
-    gen = bundle.generator(args.threads)
+    gen = bundle.generator(args.threads, draft=args.draft)
     if args.raw:
-        ids = bundle.tokenizer.encode(prompt, add_special_tokens=True)
+        ids = bundle.tokenizer.encode_text(prompt, add_special_tokens=True)  # special tokens typed stay text
         events = gen.stream(ids, settings)
     else:
         from runtime.generation import ChatSession
@@ -84,15 +140,16 @@ def cmd_generate(args) -> int:
     if args.stats and r is not None:
         print(f"[{r.prompt_tokens} prompt + {r.new_tokens} new tokens, stop: {r.stop_reason}, "
               f"first token {1000 * r.ttft_s:.0f} ms, prefill {r.prefill_tokens_per_s:.0f} tok/s, "
-              f"decode {r.decode_tokens_per_s:.1f} tok/s]", file=sys.stderr)
+              f"decode {r.decode_tokens_per_s:.1f} tok/s"
+              + (f", draft={r.draft}: {r.accepted_tokens}/{r.drafted_tokens} guesses kept" if r.drafted_tokens else "")
+              + "]", file=sys.stderr)
     return 0
 
 
 def cmd_verify(args) -> int:
-    from runtime.bundle import Bundle
     from runtime.verify import checks_to_json, format_checks, verify_bundle
 
-    bundle = Bundle.open(args.bundle)
+    bundle = open_bundle(args)
     d = bundle.describe()
     print(f"verifying {d['name']} ({d['size_text']}, {'quick' if args.quick else 'full'} claims); "
           "all file digests match the manifest", file=sys.stderr)
@@ -106,17 +163,36 @@ def cmd_verify(args) -> int:
 
 def cmd_bench(args) -> int:
     from runtime.bench import bench_bundle, format_bench
-    from runtime.bundle import Bundle
 
     import time
 
     t = time.perf_counter()
-    bundle = Bundle.open(args.bundle)
+    bundle = open_bundle(args)
     open_s = time.perf_counter() - t
     result = {"open_s": open_s}  # digest checks (and extraction, for an archive seen the first time)
     result |= bench_bundle(bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                          repeats=args.repeats, threads=args.threads, bandwidth=not args.no_bandwidth)
+                          repeats=args.repeats, threads=args.threads, bandwidth=not args.no_bandwidth,
+                          draft=args.draft)
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def cmd_sign(args) -> int:
+    from runtime.signing import sign_bundle
+
+    for path in sign_bundle(args.bundle, args.key):
+        print(path)
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from runtime.signing import generate_keypair, trust_file_path
+
+    key, pub, line = generate_keypair(Path(args.name).expanduser())
+    print(f"private key: {key} (keep it secret)\npublic key:  {pub} (give it to your users: --trust {pub.name})",
+          file=sys.stderr)
+    print(f"users can trust it for good by adding this line to {trust_file_path()}:", file=sys.stderr)
+    print(line)
     return 0
 
 

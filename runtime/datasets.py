@@ -32,6 +32,19 @@ NAMED = {
 }
 
 
+# sha256 of each shipped copy: a named set is checked against it before it is read, so a quality claim
+# re-measured by `edgepack verify` is measured on exactly the data the exporter used.
+SHIPPED_SHA256 = {
+    WIKITEXT_TEST: "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+    WIKITEXT_VALID: "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+    TRIVIAQA: "2f9352c0977f1389da5827bdaa06430bbcfd550bb644bfa47eb3ad784142e897",
+    TINY_WIKITEXT: "425a7b371d0c38bf0e1da121954e8c4519a257a7f5f3d6793843961c9d3dd877",
+    TINY_TRIVIAQA: "91ccd1c24184d6c5753a41acf27ecfd94ce96cc1ce1a6a461e8ebae716e54171",
+}
+_CHECKED: set[Path] = set()
+MAX_DATA_BYTES = 1 << 30
+
+
 @dataclass
 class QARecord:
     id: str
@@ -42,21 +55,45 @@ class QARecord:
 
 
 def _resolve(name_or_path: str | Path) -> Path:
+    """A shipped set by name (its digest checked once per process), or a user's own file given on the
+    command line: a regular file, never a device or FIFO (checked before it is opened)."""
+    import stat
+
     if str(name_or_path) in NAMED:
-        return NAMED[str(name_or_path)]
+        path = NAMED[str(name_or_path)]
+        if path not in _CHECKED:
+            from runtime.fileio import sha256_file
+
+            try:
+                ok = sha256_file(path) == SHIPPED_SHA256[path]
+            except OSError as e:
+                raise EdgepackError(f"{path}: shipped data file unreadable ({e.strerror}); reinstall edgepack") from None
+            if not ok:
+                raise EdgepackError(f"{path}: shipped data file does not match its digest; reinstall edgepack")
+            _CHECKED.add(path)
+        return path
     path = Path(name_or_path).expanduser()
-    if not path.exists():
+    try:
+        st = path.stat()
+    except OSError:
         raise EdgepackError(
             f"{path}: data file not found (give a path, or one of: {', '.join(sorted(NAMED))})"
-        )
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise EdgepackError(f"{path}: not a regular file (devices, FIFOs and directories are refused)")
+    if st.st_size > MAX_DATA_BYTES:
+        raise EdgepackError(f"{path}: larger than {MAX_DATA_BYTES >> 20} MiB")
     return path
 
 
 def wikitext_rows(name_or_path: str | Path = "wikitext2-test") -> list[str]:
     """The rows of a WikiText file as Hugging Face `datasets` returns them: blank lines become ''."""
     path = _resolve(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        return ["" if not line.strip() else line for line in f]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ["" if not line.strip() else line for line in f]
+    except UnicodeDecodeError as e:
+        raise EdgepackError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
 
 
 def wikitext_eval_text(name_or_path: str | Path = "wikitext2-test") -> str:
@@ -89,30 +126,35 @@ def triviaqa_records(
     Also accepts "answer" (a string or list) in place of "answers"."""
     path = _resolve(name_or_path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                question = row["question"]
-                answers = row.get("answers", row.get("answer"))
-                if answers is None:
-                    raise KeyError("answers")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise EdgepackError(
-                    f"{path}:{lineno}: expected JSON with 'question' and 'answers' ({e})"
-                ) from None
-            if isinstance(answers, str):
-                answers = [answers]
-            rec = QARecord(
-                id=str(row.get("id", f"row{lineno}")),
-                question=_clean_question(question),
-                answers=[str(a) for a in answers],
-                context=row.get("context") or "",
-                extra={k: v for k, v in row.items() if k not in {"id", "question", "answers", "answer", "context"}},
-            )
-            records.append(rec)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise EdgepackError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            question = row["question"]
+            answers = row.get("answers", row.get("answer"))
+            if answers is None or not isinstance(question, str):
+                raise KeyError("answers")
+            if not isinstance(answers, (str, list)):
+                raise TypeError("answers must be a string or a list")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise EdgepackError(
+                f"{path}:{lineno}: expected JSON with 'question' and 'answers' ({e})"
+            ) from None
+        if isinstance(answers, str):
+            answers = [answers]
+        rec = QARecord(
+            id=str(row.get("id", f"row{lineno}")),
+            question=_clean_question(question),
+            answers=[str(a) for a in answers],
+            context=row["context"] if isinstance(row.get("context"), str) else "",
+            extra={k: v for k, v in row.items() if k not in {"id", "question", "answers", "answer", "context"}},
+        )
+        records.append(rec)
     if with_context_only:
         records = [r for r in records if r.context]
     if not records:

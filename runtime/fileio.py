@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,17 +59,77 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """Read a JSON file; a missing or malformed file raises EdgepackError naming it."""
+MAX_JSON_BYTES = 64 << 20  # tokenizer.json of a large vocabulary is ~10-20 MB
+MAX_JSON_DEPTH = 64  # bundles' JSON files nest a handful of levels; deeper is a nesting bomb
+
+
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Read a JSON file as untrusted input; every problem (missing, not a regular file, too large, not
+    UTF-8, malformed, NaN/Infinity, nested deeper than MAX_JSON_DEPTH) raises one EdgepackError naming it."""
+    from runtime.errors import EdgepackError
+
+    path = Path(path)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise EdgepackError(f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise EdgepackError(f"{path}: {st.st_size} bytes, more than the {max_bytes >> 20} MiB allowed for JSON")
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise EdgepackError(f"{path}: file not found") from None
+    except OSError as e:
+        raise EdgepackError(f"{path}: cannot read ({e.strerror or e})") from None
+    return parse_json(data, str(path))
+
+
+def parse_json(data: bytes | str, where: str) -> Any:
+    """json.loads for untrusted bytes: strict UTF-8, no NaN/Infinity, at most MAX_JSON_DEPTH levels of
+    nesting (checked on the text first, so a nesting bomb never reaches the recursive parser), and huge
+    numbers refused; errors are one EdgepackError line naming `where`."""
     from runtime.errors import EdgepackError
 
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise EdgepackError(f"{path}: file not found") from None
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as e:
+        raise EdgepackError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    depth = json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise EdgepackError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not allowed")
+
+    def finite_float(s):
+        value = float(s)
+        if not math.isfinite(value):
+            raise ValueError(f"number {s[:20]} is out of range")
+        return value
+
+    try:
+        return json.loads(text, parse_constant=no_constant, parse_float=finite_float)
     except json.JSONDecodeError as e:
-        raise EdgepackError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+        raise EdgepackError(f"{where}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # NaN/Infinity, integers of more than 4300 digits
+        raise EdgepackError(f"{where}: malformed JSON ({str(e).splitlines()[0][:120]})") from None
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { outside strings. Written by hand because the json module has no depth
+    limit (it recurses until RecursionError); a linear scan over the text is cheap next to parsing it."""
+    import re
+
+    depth = best = 0
+    # Strings are skipped whole (escapes included); only brackets outside them count.
+    for m in re.finditer(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', text):
+        tok = m.group()
+        if tok in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif tok in "]}":
+            depth -= 1
+    return best
 
 
 @contextmanager

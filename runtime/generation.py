@@ -44,6 +44,18 @@ class SamplingSettings:
     stop_strings: tuple[str, ...] = ()  # generation ends before the first one; it is never emitted
 
     def check(self) -> None:
+        import math
+
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise EdgepackError(f"{name}={value}: must be a finite number")
+        for name in ("top_k", "max_new_tokens"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise EdgepackError(f"{name}={getattr(self, name)}: must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**63):
+            raise EdgepackError(f"seed={self.seed}: must be an integer in [0, 2^63)")
         if self.temperature < 0:
             raise EdgepackError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -407,7 +419,7 @@ class Generator:
     def generate_text(self, prompt: str, settings: SamplingSettings, add_special_tokens: bool = True,
                       cancel: threading.Event | None = None) -> GenerationResult:
         """Plain completion of a text prompt (no chat template)."""
-        return self.generate(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), settings, cancel)
+        return self.generate(self.tokenizer.encode_text(prompt, add_special_tokens=add_special_tokens), settings, cancel)
 
 
 class ChatSession:
@@ -429,6 +441,9 @@ class ChatSession:
 
     def _encode(self, messages: list[dict]) -> list[int]:
         head = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        if hasattr(self.tokenizer, "encode_chat"):
+            # Contents are user text: special tokens typed in them stay plain text (TextTokenizer.encode_chat).
+            return self.tokenizer.encode_chat(head + list(messages), add_generation_prompt=True)
         text = self.tokenizer.apply_chat_template(head + list(messages), add_generation_prompt=True)
         # The template writes any BOS itself (as transformers' apply_chat_template assumes).
         return self.tokenizer.encode(text, add_special_tokens=False)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from pathlib import PurePosixPath
 
 from runtime.errors import EdgepackError
@@ -65,6 +66,17 @@ TOLERANCE_KINDS = ("relative", "absolute")
 REQUIRED = ("format", "format_version", "created_by", "model", "recipe", "files", "generation", "quality",
             "runtime", "tokenizer")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_FILES = 1000
+MAX_NAME_BYTES = 255  # one path component (the limit of ext4, APFS and NTFS)
+MAX_PATH_CHARS = 1024
+MAX_CONTEXT = 1 << 20
+# What a claim's limits may hold, and their ranges (runtime.harness.EvalLimits). The evaluation sets are
+# names of the copies shipped in runtime/data, never paths: a manifest must not point verify at local files.
+LIMIT_RANGES = {"ctx": (2, 1 << 16), "ppl_windows": (1, 100_000), "qa_questions": (1, 100_000),
+                "qa_max_new_tokens": (1, 4096), "batch_size": (1, 256)}
+LIMIT_OPTIONAL = ("ppl_windows", "qa_questions")
+EVAL_SETS = {"wikitext": ("wikitext2-test", "tiny-wikitext"), "triviaqa": ("triviaqa", "tiny-triviaqa")}
 
 
 def _fail(where: str, field: str, what: str):
@@ -95,12 +107,51 @@ def _type_names(types) -> str:
 
 def check_relative_path(rel: str, where: str, field: str) -> str:
     """A bundle path: relative, '/'-separated, no '..', no empty or '.' parts, no backslash or NUL."""
-    if not rel or "\\" in rel or "\x00" in rel or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
-        _fail(where, field, f"has an unsafe path {rel!r} (must be relative, '/'-separated)")
+    if not isinstance(rel, str):
+        _fail(where, field, "must be a path string")
+    if not rel or "\\" in rel or _CONTROL.search(rel) or rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
+        _fail(where, field, f"has an unsafe path {rel[:80]!r} (must be relative, '/'-separated, no control characters)")
     parts = PurePosixPath(rel).parts
     if any(p in ("..", ".", "") for p in rel.split("/")) or not parts:
-        _fail(where, field, f"has an unsafe path {rel!r} (no '..', '.' or empty parts)")
+        _fail(where, field, f"has an unsafe path {rel[:80]!r} (no '..', '.' or empty parts)")
+    if len(rel) > MAX_PATH_CHARS or any(len(p.encode("utf-8", "replace")) > MAX_NAME_BYTES for p in parts):
+        _fail(where, field, f"has an over-long path {rel[:80]!r}... (at most {MAX_NAME_BYTES} bytes a name, "
+              f"{MAX_PATH_CHARS} characters in all)")
     return rel
+
+
+def check_name_clashes(names, where: str, field: str) -> None:
+    """Refuse two paths that would land on the same file (case or Unicode normalisation differs only, as
+    on macOS and Windows file systems) and a path that is both a file and another path's directory."""
+    seen: dict[str, str] = {}
+    for rel in names:
+        key = unicodedata.normalize("NFC", rel).casefold()
+        if key in seen:
+            _fail(where, f"{field}[{rel!r}]", f"collides with {seen[key]!r} on case-insensitive file systems")
+        seen[key] = rel
+    for rel in names:
+        parts = unicodedata.normalize("NFC", rel).casefold().split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in seen:
+                _fail(where, f"{field}[{rel!r}]", f"needs {seen[prefix]!r} to be a directory, but it is a file")
+
+
+def _int_in(obj: dict, key: str, lo: int, hi: int, where: str, prefix: str, optional: bool = False):
+    val = _need(obj, key, int, where, prefix, optional=optional)
+    if val is not None and not lo <= val <= hi:
+        _fail(where, f"{prefix}{key}", f"is {val}, must be in [{lo}, {hi}]")
+    return val
+
+
+def _number_in(obj: dict, key: str, lo: float, hi: float, where: str, prefix: str, optional: bool = False,
+               open_low: bool = False):
+    val = _need(obj, key, (int, float), where, prefix, optional=optional)
+    if val is None:
+        return None
+    if not math.isfinite(val) or val < lo or val > hi or (open_low and val == lo):
+        _fail(where, f"{prefix}{key}", f"is {val}, must be a finite number in {'(' if open_low else '['}{lo}, {hi}]")
+    return val
 
 
 def validate_manifest(obj: dict, where: str) -> dict:
@@ -112,17 +163,17 @@ def validate_manifest(obj: dict, where: str) -> dict:
         if key not in obj:
             _fail(where, key, "is missing")
     if obj["format"] != FORMAT:
-        _fail(where, "format", f"is {obj['format']!r}, expected {FORMAT!r} (not an edgepack bundle)")
+        _fail(where, "format", f"is {str(obj['format'])[:40]!r}, expected {FORMAT!r} (not an edgepack bundle)")
     version = obj["format_version"]
     if not isinstance(version, int) or isinstance(version, bool):
         _fail(where, "format_version", "must be an integer")
     if version != FORMAT_VERSION:
         _fail(where, "format_version", f"is {version}: this edgepack reads format version {FORMAT_VERSION} "
               f"({'upgrade edgepack' if version > FORMAT_VERSION else 're-export the bundle'})")
-    _need(obj, "created_by", str, where)
+    _one_line(_need(obj, "created_by", str, where), where, "created_by")
 
     model = _need(obj, "model", dict, where)
-    _need(model, "name", str, where, "model.")
+    _one_line(_need(model, "name", str, where, "model."), where, "model.name")
     _need(model, "source", (str, dict), where, "model.")
     params = _need(model, "parameters", int, where, "model.")
     if params < 0:
@@ -139,6 +190,8 @@ def validate_manifest(obj: dict, where: str) -> dict:
     files = _need(obj, "files", dict, where)
     if not files:
         _fail(where, "files", "is empty")
+    if len(files) > MAX_FILES:
+        _fail(where, "files", f"lists {len(files)} files, more than the limit of {MAX_FILES}")
     for rel, info in files.items():
         field = f"files[{rel!r}]"
         check_relative_path(rel, where, field)
@@ -152,23 +205,20 @@ def validate_manifest(obj: dict, where: str) -> dict:
         digest = _need(info, "sha256", str, where, f"{field}.")
         if not _SHA256.match(digest):
             _fail(where, f"{field}.sha256", "must be 64 lowercase hex digits")
-    lowered = {}
-    for rel in files:  # two names that differ only in case collide on macOS/Windows file systems
-        if rel.lower() in lowered:
-            _fail(where, f"files[{rel!r}]", f"collides with {lowered[rel.lower()]!r} on case-insensitive file systems")
-        lowered[rel.lower()] = rel
+    check_name_clashes([*files, MANIFEST_NAME], where, "files")
 
     gen = _need(obj, "generation", dict, where)
     eos = _need(gen, "eos_token_ids", list, where, "generation.")
-    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
-        _fail(where, "generation.eos_token_ids", "must be a list of token ids")
-    _need(gen, "bos_token_id", int, where, "generation.", optional=True)
-    ctx = _need(gen, "context_length", int, where, "generation.")
-    if ctx < 2:
-        _fail(where, "generation.context_length", "must be >= 2")
-    for key, types in (("temperature", (int, float)), ("top_k", int), ("top_p", (int, float)),
-                       ("repetition_penalty", (int, float)), ("max_new_tokens", int), ("system_prompt", str)):
-        _need(gen, key, types, where, "generation.", optional=True)
+    if len(eos) > 64 or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < 1 << 31 for e in eos):
+        _fail(where, "generation.eos_token_ids", "must be a list of at most 64 token ids")
+    _int_in(gen, "bos_token_id", 0, (1 << 31) - 1, where, "generation.", optional=True)
+    _int_in(gen, "context_length", 2, MAX_CONTEXT, where, "generation.")
+    _number_in(gen, "temperature", 0, 100, where, "generation.", optional=True)
+    _int_in(gen, "top_k", 0, 1 << 31, where, "generation.", optional=True)
+    _number_in(gen, "top_p", 0, 1, where, "generation.", optional=True, open_low=True)
+    _number_in(gen, "repetition_penalty", 0, 100, where, "generation.", optional=True, open_low=True)
+    _int_in(gen, "max_new_tokens", 1, MAX_CONTEXT, where, "generation.", optional=True)
+    _need(gen, "system_prompt", str, where, "generation.", optional=True)
 
     quality = _need(obj, "quality", dict, where)
     for level, claims in quality.items():
@@ -189,11 +239,18 @@ def validate_manifest(obj: dict, where: str) -> dict:
     st_dir = _need(runtime, "safetensors", str, where, "runtime.", optional=True)
     if st_dir is not None and not any(f.startswith(st_dir.rstrip("/") + "/") for f in files):
         _fail(where, "runtime.safetensors", f"names {st_dir!r}, but no file in 'files' is under it")
-    _need(runtime, "requires", dict, where, "runtime.", optional=True)
+    requires = _need(runtime, "requires", dict, where, "runtime.", optional=True) or {}
+    for package, spec in requires.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", package) or not isinstance(spec, str) or len(spec) > 64 \
+                or _CONTROL.search(spec):
+            _fail(where, f"runtime.requires[{package[:40]!r}]", "must map a package name to a version spec string")
+    _need(runtime, "accuracy_level", int, where, "runtime.", optional=True)
 
     tok = _need(obj, "tokenizer", dict, where)
     tok_dir = _need(tok, "directory", str, where, "tokenizer.")
     check_relative_path(tok_dir, where, "tokenizer.directory")
+    if tok_dir in files:
+        _fail(where, "tokenizer.directory", f"names {tok_dir!r}, which is a file")
     if f"{tok_dir.rstrip('/')}/tokenizer.json" not in files:
         _fail(where, "tokenizer.directory", f"has no {tok_dir}/tokenizer.json in 'files'")
     return obj
@@ -207,13 +264,8 @@ def _validate_claim(claim, where: str, field: str, metric: str) -> None:
     value = _need(claim, "value", (int, float), where, f"{field}.")
     if not math.isfinite(value):
         _fail(where, f"{field}.value", "must be a finite number")
-    limits = _need(claim, "limits", dict, where, f"{field}.")
-    for key in ("ctx", "ppl_windows", "qa_questions", "qa_max_new_tokens"):
-        if key not in limits:
-            _fail(where, f"{field}.limits.{key}", "is missing")
-    n = _need(claim, "n", int, where, f"{field}.")
-    if n < 1:
-        _fail(where, f"{field}.n", "must be >= 1")
+    _validate_limits(_need(claim, "limits", dict, where, f"{field}."), where, f"{field}.limits.")
+    _int_in(claim, "n", 1, 1 << 40, where, f"{field}.")
     tol = _need(claim, "tolerance", dict, where, f"{field}.")
     kind = _need(tol, "kind", str, where, f"{field}.tolerance.")
     if kind not in TOLERANCE_KINDS:
@@ -221,6 +273,31 @@ def _validate_claim(claim, where: str, field: str, metric: str) -> None:
     tv = _need(tol, "value", (int, float), where, f"{field}.tolerance.")
     if not math.isfinite(tv) or tv < 0:
         _fail(where, f"{field}.tolerance.value", "must be a finite number >= 0")
+
+
+def _validate_limits(limits: dict, where: str, prefix: str) -> None:
+    """A claim's evaluation limits: known keys, integers in range, and evaluation sets that are names of
+    the shipped copies (a path, '~/...', a device or a FIFO is refused here, before anything is opened)."""
+    unknown = sorted(set(limits) - set(LIMIT_RANGES) - set(EVAL_SETS))
+    if unknown:
+        _fail(where, f"{prefix}{unknown[0][:40]}", "is not a known evaluation limit (written by a newer edgepack?)")
+    for key in ("ctx", "ppl_windows", "qa_questions", "qa_max_new_tokens"):
+        if key not in limits:
+            _fail(where, f"{prefix}{key}", "is missing")
+    for key, (lo, hi) in LIMIT_RANGES.items():
+        if key in limits:
+            _int_in(limits, key, lo, hi, where, prefix, optional=key in LIMIT_OPTIONAL)
+    for key, names in EVAL_SETS.items():
+        if key in limits and limits[key] not in names:
+            shown = limits[key][:80] if isinstance(limits[key], str) else limits[key]
+            _fail(where, f"{prefix}{key}", f"is {shown!r}; a bundle's claims may name only the built-in evaluation "
+                  f"sets ({', '.join(names)}), never a file")
+
+
+def _one_line(text: str, where: str, field: str) -> str:
+    if len(text) > 200 or _CONTROL.search(text):
+        _fail(where, field, "must be one line of at most 200 printable characters")
+    return text
 
 
 def build_manifest(*, model: dict, recipe: dict, files: dict, generation: dict, quality: dict, runtime: dict,

@@ -41,13 +41,44 @@ class Reference:
         atomic_write_bytes(path, data)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Reference":
+    def load(cls, path: str | Path, vocab_size: int | None = None) -> "Reference":
+        """Read and check a reference file: the three arrays present with the right dtypes and consistent
+        shapes ([n, ctx] windows, [n, ctx-1, k] top ids and log-probs), token ids inside [0, vocab_size),
+        log-probs finite and <= 0. Anything else raises one EdgepackError naming the file."""
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         try:
             t = load_file(str(path))
-            return cls(t["window_ids"], t["top_ids"], t["top_logp"])
         except FileNotFoundError:
             raise EdgepackError(f"{path}: reference file not found") from None
-        except Exception as e:
-            raise EdgepackError(f"{path}: not a valid reference file ({e})") from None
+        except (SafetensorError, OSError, ValueError, TypeError, KeyError, MemoryError) as e:
+            raise EdgepackError(f"{path}: not a valid reference file ({str(e).splitlines()[0][:200]})") from None
+        ref = cls(*(_array(t, name, dtype, path) for name, dtype in
+                    (("window_ids", np.int64), ("top_ids", np.int32), ("top_logp", np.float32))))
+        ref.check(path, vocab_size)
+        return ref
+
+    def check(self, where, vocab_size: int | None = None) -> None:
+        w, ids, lp = self.window_ids, self.top_ids, self.top_logp
+        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 2:
+            raise EdgepackError(f"{where}: reference window_ids must be [windows, ctx >= 2], got {list(w.shape)}")
+        n, ctx = w.shape
+        if ids.ndim != 3 or ids.shape[:2] != (n, ctx - 1) or ids.shape[2] < 1 or lp.shape != ids.shape:
+            raise EdgepackError(f"{where}: reference top_ids/top_logp must be [{n}, {ctx - 1}, k], got "
+                                f"{list(ids.shape)} and {list(lp.shape)}")
+        hi = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
+        for name, arr in (("window_ids", w), ("top_ids", ids)):
+            if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= hi):
+                raise EdgepackError(f"{where}: reference {name} holds token ids outside [0, {hi})")
+        if lp.size and (not np.isfinite(lp).all() or float(lp.max()) > 1e-3):
+            raise EdgepackError(f"{where}: reference top_logp must be finite log-probabilities (<= 0)")
+
+
+def _array(tensors: dict, name: str, dtype, where) -> np.ndarray:
+    if name not in tensors:
+        raise EdgepackError(f"{where}: reference file lacks the {name!r} array")
+    arr = tensors[name]
+    if arr.dtype != dtype:
+        raise EdgepackError(f"{where}: reference {name} is {arr.dtype}, expected {np.dtype(dtype).name}")
+    return arr

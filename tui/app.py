@@ -186,7 +186,11 @@ class ChatApp(App[int]):
     async def on_mount(self) -> None:
         # The list starts hidden on narrow terminals (80 columns leave the chat too little room): Ctrl+B.
         self.query_one("#sidebar").display = self.size.width >= SIDEBAR_MIN_WIDTH
-        self.conversations = self.store.list()
+        # A failed write (full disk) is shown and the app goes on; unreadable files are skipped, kept, and named.
+        self.store.on_error = lambda message: self._say(message, title="Not saved", severity="error", timeout=10)
+        self.conversations, skipped = self.store.list_with_warnings()
+        for warning in skipped:
+            self._say(warning, title="Conversation skipped", severity="warning", timeout=10)
         if self.conversations:
             self.conv = self.conversations[0]
         await self._show_conversation(self.conv)
@@ -581,7 +585,8 @@ class ChatApp(App[int]):
             self._say("Nothing to export yet.", severity="warning")
             return
         path = self.store.export_markdown(conv)
-        self._say(str(path), title="Exported as Markdown", timeout=8)
+        if path is not None:
+            self._say(str(path), title="Exported as Markdown", timeout=8)
 
     def action_delete(self) -> None:
         conv = self._target()
@@ -742,13 +747,14 @@ def chat_generator(bundle, threads: int | None = None):
     return bundle.generator(threads=threads)
 
 
-def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None = None) -> int:
+def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None) -> int:
     """Open the bundle (digests checked), load the model, run the chat. Returns the exit code."""
     from runtime.bundle import Bundle
 
     try:
         print(f"opening {bundle_path} …", file=sys.stderr, flush=True)
-        bundle = Bundle.open(bundle_path)
+        bundle = Bundle.open(bundle_path, trust=trust)  # trust: runtime.signing.TrustPolicy (None: trust file)
+        print(f"edgepack: {bundle.signature.message(bundle.name)}", file=sys.stderr, flush=True)
         generator = chat_generator(bundle, threads)
         store = ConversationStore(data_dir)
     except EdgepackError as e:

@@ -11,11 +11,15 @@ def add_chat_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where conversations are kept (default: $EDGEPACK_DATA_DIR, "
                                       "else the user data directory for edgepack)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per physical core)")
+    from runtime.cli_commands import add_trust_args
+
+    add_trust_args(p)
     p.set_defaults(func=_cmd_chat)
     return p
 
 
 def _cmd_chat(args) -> int:
+    from runtime.cli_commands import trust_policy
     from tui.app import run_chat
 
-    return run_chat(args.bundle, args.data_dir, threads=args.threads)
+    return run_chat(args.bundle, args.data_dir, threads=args.threads, trust=trust_policy(args))

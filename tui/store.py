@@ -6,10 +6,14 @@ fsync + rename), so a crash mid-write leaves the previous version intact; the ap
 before generating and the partial reply while it streams, so nothing typed is lost.
 
 Where: `--data-dir`, else $EDGEPACK_DATA_DIR, else platformdirs' user data dir for "edgepack".
+
+Failures never stop the app: a conversation file that cannot be read or parsed is skipped with a warning
+and left on disk untouched (`list_with_warnings`); a write that fails (full disk, read-only directory) is
+reported through `on_error` when the app sets it (else raised as one EdgepackError), and the conversation
+stays in memory, to be written with its next change.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
@@ -18,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from typing import Callable
+
 from runtime.errors import EdgepackError
-from runtime.fileio import atomic_write_json, atomic_write_text
+from runtime.fileio import atomic_write_json, atomic_write_text, read_json
 
 DATA_DIR_ENV = "EDGEPACK_DATA_DIR"
 HISTORY_LIMIT = 500  # prompts kept for the up-arrow history
@@ -73,9 +79,20 @@ class Conversation:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Conversation":
+        """A conversation from its JSON; a field of the wrong type raises ValueError (the file is skipped)."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key, types in (("id", str), ("title", str), ("created", str), ("updated", str), ("titled_by_user", bool),
+                           ("system_prompt", (str, type(None))), ("settings", dict), ("bundle", str),
+                           ("messages", list)):
+            if key in known and not isinstance(known[key], types):
+                raise ValueError(f"field {key!r} has the wrong type")
+        if "id" in known and not re.fullmatch(r"[A-Za-z0-9_.-]+", known["id"]):
+            raise ValueError("field 'id' is not a valid file name")
         conv = cls(**known)
-        conv.messages = [m for m in conv.messages if isinstance(m, dict) and m.get("role") in ("user", "assistant")]
+        conv.messages = [m for m in conv.messages if isinstance(m, dict) and m.get("role") in ("user", "assistant")
+                         and isinstance(m.get("content", ""), str)]
         return conv
 
     def to_dict(self) -> dict:
@@ -95,8 +112,10 @@ class Conversation:
 class ConversationStore:
     """Conversations as DIR/conversations/ID.json, prompt history as DIR/prompt_history.json."""
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, on_error: Callable[[str], None] | None = None):
+        """on_error(message): called instead of raising when a write fails (the app shows it and goes on)."""
         self.root = data_dir(root)
+        self.on_error = on_error
         self.conv_dir = self.root / "conversations"
         self.history_path = self.root / "prompt_history.json"
         self.export_dir = self.root / "exports"
@@ -107,32 +126,54 @@ class ConversationStore:
         return self.conv_dir / f"{conv_id}.json"
 
     def list(self) -> list[Conversation]:
-        """All readable conversations, most recently updated first. A damaged file is skipped, not fatal:
-        the sidebar must open even if one file was hand-edited badly."""
-        out = []
-        if not self.conv_dir.is_dir():
-            return out
-        for p in self.conv_dir.glob("*.json"):
-            try:
-                out.append(Conversation.from_dict(json.loads(p.read_text(encoding="utf-8"))))
-            except (OSError, ValueError, TypeError):
-                continue
-        out.sort(key=lambda c: (c.updated, c.id), reverse=True)
-        return out
+        """All readable conversations, most recently updated first (see list_with_warnings)."""
+        return self.list_with_warnings()[0]
 
-    def load(self, conv_id: str) -> Conversation:
-        path = self._path(conv_id)
+    def list_with_warnings(self) -> tuple[list[Conversation], list[str]]:
+        """(readable conversations, most recently updated first; one warning line per file skipped). A
+        damaged file is skipped, not fatal, and kept on disk: the sidebar must open even if one file was
+        hand-edited badly, and the user may still want to repair it."""
+        out, warnings = [], []
         try:
-            return Conversation.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise EdgepackError(f"{path}: conversation not found") from None
+            paths = sorted(self.conv_dir.glob("*.json")) if self.conv_dir.is_dir() else []
+        except OSError as e:
+            return [], [f"{self.conv_dir}: cannot list conversations ({e.strerror or e})"]
+        for p in paths:
+            try:
+                out.append(self._read(p))
+            except EdgepackError as e:
+                warnings.append(f"skipped {e} (the file is kept)")
+        out.sort(key=lambda c: (c.updated, c.id), reverse=True)
+        return out, warnings
+
+    def _read(self, path: Path) -> Conversation:
+        try:
+            return Conversation.from_dict(read_json(path))
         except (ValueError, TypeError) as e:
             raise EdgepackError(f"{path}: damaged conversation file ({e})") from None
 
-    def save(self, conv: Conversation, touch: bool = True) -> Path:
+    def load(self, conv_id: str) -> Conversation:
+        path = self._path(conv_id)
+        if not path.exists():
+            raise EdgepackError(f"{path}: conversation not found")
+        return self._read(path)
+
+    def _failed(self, what: str, path: Path, e: OSError) -> None:
+        message = f"{path}: could not {what} ({e.strerror or e}); it is kept in this window"
+        if self.on_error is None:
+            raise EdgepackError(message) from None
+        self.on_error(message)
+
+    def save(self, conv: Conversation, touch: bool = True) -> Path | None:
+        """Write the conversation; None if the write failed (reported through on_error)."""
         if touch:
             conv.updated = now_iso()
-        return atomic_write_json(self._path(conv.id), conv.to_dict())
+        path = self._path(conv.id)
+        try:
+            return atomic_write_json(path, conv.to_dict())
+        except OSError as e:
+            self._failed("save the conversation", path, e)
+            return None
 
     def rename(self, conv: Conversation, title: str) -> None:
         title = " ".join(title.split())
@@ -142,22 +183,33 @@ class ConversationStore:
         self.save(conv, touch=False)
 
     def delete(self, conv: Conversation) -> None:
-        self._path(conv.id).unlink(missing_ok=True)
+        path = self._path(conv.id)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            self._failed("delete the conversation", path, e)
 
-    def export_markdown(self, conv: Conversation, directory: str | os.PathLike | None = None) -> Path:
-        """Write the conversation as a Markdown file; returns its path (never overwrites another export)."""
+    def export_markdown(self, conv: Conversation, directory: str | os.PathLike | None = None) -> Path | None:
+        """Write the conversation as a Markdown file; returns its path (never overwrites another export),
+        None if the write failed (reported through on_error)."""
         directory = Path(directory) if directory else self.export_dir
         slug = re.sub(r"[^A-Za-z0-9]+", "-", conv.title).strip("-").lower()[:40] or "chat"
         path = directory / f"{slug}-{conv.id}.md"
-        atomic_write_text(path, conversation_markdown(conv))
+        try:
+            atomic_write_text(path, conversation_markdown(conv))
+        except OSError as e:
+            self._failed("export the conversation", path, e)
+            return None
         return path
 
     # Prompt history (shared by all conversations, like a shell's)
 
     def load_history(self) -> list[str]:
+        if not self.history_path.is_file():
+            return []
         try:
-            items = json.loads(self.history_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            items = read_json(self.history_path)
+        except EdgepackError:
             return []
         return [s for s in items if isinstance(s, str)] if isinstance(items, list) else []
 
@@ -167,7 +219,10 @@ class ConversationStore:
             return history
         history = [h for h in history if h != prompt] + [prompt]
         history = history[-HISTORY_LIMIT:]
-        atomic_write_json(self.history_path, history)
+        try:
+            atomic_write_json(self.history_path, history)
+        except OSError:
+            pass  # the history is a convenience: the conversation's own save reports a full disk
         return history
 
 

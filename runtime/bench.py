@@ -75,10 +75,13 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
 
 
 def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 5,
-                 threads: int | None = None, prompt: list[int] | None = None, bandwidth: bool = False) -> dict:
+                 threads: int | None = None, prompt: list[int] | None = None, bandwidth: bool = False,
+                 draft: str = "none") -> dict:
     """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS; with
     `bandwidth`, also the memory-bandwidth limit of decode (measured after the peak RSS is read, so its
-    1 GiB buffer does not count as the bundle's memory)."""
+    1 GiB buffer does not count as the bundle's memory). With a `draft` (runtime.speculative.make_proposer's
+    choices), each repeat also runs speculative decoding right after (or before: the order alternates) the
+    plain run, and result["speculative"] holds its decode tokens/s, acceptance rate and speedup."""
     import onnxruntime as ort
 
     from runtime.generation import Generator, SamplingSettings
@@ -94,17 +97,30 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
     gen = Generator(decoder, bundle.tokenizer, stop_ids=set())  # no EOS: every run decodes new_tokens
     prompt = list(prompt)[:prompt_tokens] if prompt else bench_prompt(bundle.tokenizer, prompt_tokens)
     settings = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
+    from runtime.speculative import make_proposer
+
+    proposer = make_proposer(draft, bundle, threads)
     gen.reset()
     gen.generate(prompt, SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=min(8, new_tokens)))
-    runs = []
-    for _ in range(repeats):
-        gen.reset()  # a fresh cache each run, so the prompt is really prefilled
-        t = time.perf_counter()
-        r = gen.generate(prompt, settings)
-        total = time.perf_counter() - t
-        runs.append({"ttft_s": r.ttft_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
-                     "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens,
-                     "loop_us_per_token": r.loop_us_per_token})
+    runs, spec_runs = [], []
+    for i in range(repeats):
+        for drafted in ((False, True) if i % 2 == 0 else (True, False)) if proposer else (False,):
+            gen.draft = proposer if drafted else None
+            gen.reset()  # a fresh cache each run, so the prompt is really prefilled
+            if drafted and i == 0:  # warm-up of the speculative path (multi-token bindings, the draft's session)
+                gen.generate(prompt, settings)
+                gen.reset()
+            t = time.perf_counter()
+            r = gen.generate(prompt, settings)
+            total = time.perf_counter() - t
+            (spec_runs if drafted else runs).append({
+                "ttft_s": r.ttft_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
+                "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens,
+                "loop_us_per_token": r.loop_us_per_token, "drafted": r.drafted_tokens, "accepted": r.accepted_tokens,
+                "token_ids": r.token_ids})
+    gen.draft = None
+    token_ids = runs[-1]["token_ids"]
+    same_tokens = all([x.pop("token_ids") == token_ids for x in runs + spec_runs])
     result = {
         "bundle": bundle.describe()["name"],
         "path": str(bundle.source),
@@ -121,10 +137,22 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
         "decode_tokens_per_s": _stats([r["decode_tokens_per_s"] for r in runs]),
         # of each decode step, the time spent in Python rather than in onnxruntime (median over runs)
         "loop_us_per_token": statistics.median(r["loop_us_per_token"] for r in runs),
-        "token_ids": r.token_ids,
+        "token_ids": token_ids,
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
     }
+    if spec_runs:
+        drafted, accepted = sum(x["drafted"] for x in spec_runs), sum(x["accepted"] for x in spec_runs)
+        speedups = [s["decode_tokens_per_s"] / p["decode_tokens_per_s"] for s, p in zip(spec_runs, runs)]
+        result["speculative"] = {
+            "draft": proposer.name,
+            "decode_tokens_per_s": _stats([x["decode_tokens_per_s"] for x in spec_runs]),
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "drafted_tokens": drafted,
+            "speedup": _stats(speedups),  # per repeat, against the plain run next to it
+            "same_tokens": same_tokens,
+            "runs": spec_runs,
+        }
     if bandwidth:  # every weight is read once per token: tokens/s <= bandwidth / weight bytes
         bw, wb = read_bandwidth(), weight_bytes(bundle)
         result.update(read_bandwidth_GBps=bw / 1e9, weight_bytes=wb, bandwidth_limit_tokens_per_s=bw / wb)
@@ -134,8 +162,8 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
 def format_bench(result: dict) -> str:
     from runtime.bundle import format_bytes
 
-    def row(label, key, unit, scale=1.0, fmt="{:.1f}"):
-        s = result[key]
+    def row(label, key, unit, scale=1.0, fmt="{:.1f}", source=None):
+        s = (source or result)[key]
         vals = " / ".join(fmt.format(s[k] * scale) for k in ("min", "median", "max"))
         return f"{label:22s} {vals} {unit}  (min / median / max)"
 
@@ -149,6 +177,13 @@ def format_bench(result: dict) -> str:
         row("time to first token", "ttft_s", "ms", 1000.0),
         row("prefill", "prefill_tokens_per_s", "tokens/s"),
         row("decode", "decode_tokens_per_s", "tokens/s"),
+        *([row(f"decode, draft={result['speculative']['draft']}", "decode_tokens_per_s", "tokens/s",
+               source=result["speculative"]),
+           f"{'  speculative':22s} {result['speculative']['speedup']['median']:.2f}x plain decode (median of "
+           f"interleaved pairs), {100 * result['speculative']['acceptance_rate']:.0f} % of "
+           f"{result['speculative']['drafted_tokens']} guesses kept, output "
+           f"{'identical' if result['speculative']['same_tokens'] else 'DIFFERENT (float near-tie)'}"]
+          if "speculative" in result else []),
         f"{'  in Python':22s} {result['loop_us_per_token']:.0f} µs of each token "
         f"({result['loop_us_per_token'] * result['decode_tokens_per_s']['median'] / 1e4:.1f} %: sampling, detokenizing, "
         "stop checks; the rest is onnxruntime)",

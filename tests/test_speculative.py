@@ -401,3 +401,33 @@ def test_forged_draft_with_refreshed_digest_is_a_different_model_but_still_exact
     spec = b.generator(threads=1, draft="model")
     for ids in prompts(b):
         assert spec.generate(ids, GREEDY).token_ids == plain.generate(ids, GREEDY).token_ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where it is used: `edgepack generate --draft`, `edgepack bench --draft`
+
+
+def test_generate_command_with_and_without_draft(draft_bundle_dir, capsys):
+    from runtime.cli_commands import build_parser
+
+    outputs = {}
+    for draft in ("none", "lookup", "model"):
+        args = build_parser().parse_args(["generate", str(draft_bundle_dir), "Hello there.", "--temperature", "0",
+                                          "--max-new-tokens", "24", "--draft", draft, "--stats", "--threads", "1"])
+        assert args.func(args) == 0
+        captured = capsys.readouterr()
+        outputs[draft] = captured.out
+        assert ("guesses kept" in captured.err) == (draft != "none")
+    assert outputs["lookup"] == outputs["none"] == outputs["model"] and outputs["none"].strip()
+
+
+def test_bench_times_speculative_decoding_next_to_plain(draft_bundle_dir):
+    from runtime.bench import bench_bundle, format_bench
+
+    b = Bundle.open(draft_bundle_dir)
+    result = bench_bundle(b, prompt_tokens=32, new_tokens=24, repeats=2, threads=1, draft="model")
+    spec = result["speculative"]
+    assert spec["draft"] == "model" and spec["same_tokens"] and spec["drafted_tokens"] > 0
+    assert len(spec["runs"]) == len(result["runs"]) == 2 and 0 <= spec["acceptance_rate"] <= 1
+    assert "decode, draft=model" in format_bench(result)
+    assert "speculative" not in bench_bundle(b, prompt_tokens=16, new_tokens=8, repeats=1, threads=1)

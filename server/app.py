@@ -100,14 +100,14 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except EdgepackError as e:
             raise ApiError(400, str(e), param="messages") from None
-        prompt = tokenizer.encode(text, add_special_tokens=False)
+        prompt = tokenizer.encode(unicode_text(text, "messages"), add_special_tokens=False)
         settings = sampling(body, defaults, len(prompt), scheduler.context, "messages")
         return await respond(request, body, prompt, settings, "chat")
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
         check_request(body, model_id)
-        prompt = tokenizer.encode(body.prompt_text(), add_special_tokens=True)  # as `edgepack generate --raw`
+        prompt = tokenizer.encode(unicode_text(body.prompt_text(), "prompt"), add_special_tokens=True)  # as generate --raw
         settings = sampling(body, defaults, len(prompt), scheduler.context, "prompt")
         return await respond(request, body, prompt, settings, "text")
 
@@ -152,6 +152,16 @@ def check_request(body, model_id: str) -> None:
                        code="unsupported_parameter")
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
+
+
+def unicode_text(text: str, param: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer accepts: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"'{param}' contains text that is not valid Unicode (a lone surrogate)",
+                       param=param, code="invalid_value") from None
+    return text
 
 
 def check_model(name: str, model_id: str) -> None:

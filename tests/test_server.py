@@ -248,6 +248,9 @@ def test_bad_requests_get_openai_errors(server, bundle):
     assert_error_shape(post({"model": bundle.name, "prompt": ["a", "b"]}, path=f"{server}/v1/completions"), 400,
                        "unsupported_parameter")
     assert_error_shape(httpx.get(f"{server}/v1/files/etc/passwd", timeout=10), 404)
+    surrogate = b'{"model": "%s", "prompt": "hi \\ud800", "max_tokens": 2}' % bundle.name.encode()
+    assert assert_error_shape(post(content=surrogate, path=f"{server}/v1/completions",
+                                   headers={"content-type": "application/json"}), 400)["param"] == "prompt"
     # The official client raises its typed errors from these bodies.
     c = client(server)
     with pytest.raises(openai.BadRequestError) as e:
@@ -300,3 +303,29 @@ def test_full_queue_answers_429_and_keeps_serving(bundle_dir, bundle):
                 assert int(r.headers["retry-after"]) >= 1
         reply = client(url).completions.create(model=bundle.name, prompt="Count", max_tokens=3)
         assert reply.usage.completion_tokens >= 1
+
+
+def test_a_crashing_request_gets_a_500_and_the_next_is_served(bundle):
+    """In process (the crash is injected): an unexpected exception answers 500 in OpenAI's shape."""
+    from starlette.testclient import TestClient
+
+    from runtime.batching import BatchScheduler
+    from server.app import create_app
+    from server.config import ServeConfig
+
+    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids) as scheduler:
+        submit, calls = scheduler.submit, []
+
+        def crash_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("injected crash")
+            return submit(*args, **kwargs)
+
+        scheduler.submit = crash_once
+        body = {"model": bundle.name, "prompt": "hi", "max_tokens": 3, "temperature": 0}
+        with TestClient(create_app(bundle, scheduler, ServeConfig()), raise_server_exceptions=False) as tc:
+            err = assert_error_shape(tc.post("/v1/completions", json=body), 500)
+            assert err["type"] == "server_error" and "injected" not in err["message"]
+            reply = tc.post("/v1/completions", json=body)
+            assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3

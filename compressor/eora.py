@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from compressor.gptq import (
     read_quantize_config,
     staging_dir,
 )
+from compressor.recipe import EoraStage
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_write_json, sha256_file
 
@@ -47,25 +48,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
-@dataclass
-class EoraSettings:
-    rank: int = 32
-    calibration_samples: int = 128  # at most this many calibration rows are used (the first ones given)
-    dtype: str = "bfloat16"  # "bfloat16" or "float16": gptqmodel's EoRA refuses float32 (see module docstring)
-
-
-def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: EoraSettings | None = None) -> dict[str, Any]:
+def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: EoraStage | None = None,
+                  dtype: str = "bfloat16") -> dict[str, Any]:
     """Fit EoRA adapters for the GPTQ checkpoint `quantized_dir` of the float model `model_dir` and write
-    them to `out_dir` as a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json)."""
-    settings = settings or EoraSettings()
+    them to `out_dir` as a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json), from at most
+    `settings.samples` calibration rows. `dtype`: "bfloat16" or "float16" (gptqmodel's EoRA refuses float32,
+    see the module docstring)."""
+    settings = settings or EoraStage()
     model_dir, quantized_dir, out_dir = Path(model_dir), Path(quantized_dir), Path(out_dir)
     check_model_dir(model_dir)
     read_quantize_config(quantized_dir)
-    if settings.dtype not in ("bfloat16", "float16"):
-        raise EdgepackError(f"eora dtype={settings.dtype!r}: gptqmodel's EoRA supports bfloat16 or float16 only")
-    if settings.rank < 1:
-        raise EdgepackError(f"eora rank={settings.rank}: must be >= 1")
-    rows = calibration_rows(calib_examples, settings.calibration_samples)
+    if dtype not in ("bfloat16", "float16"):
+        raise EdgepackError(f"eora dtype={dtype!r}: gptqmodel's EoRA supports bfloat16 or float16 only")
+    rows = calibration_rows(calib_examples, settings.samples)
 
     gptqmodel = import_gptqmodel()
     from gptqmodel import GPTQModel
@@ -79,7 +74,7 @@ def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: E
             model_id_or_path=str(model_dir),
             quantized_model_id_or_path=str(quantized_dir),
             calibration_dataset=rows,
-            dtype=getattr(torch, settings.dtype),
+            dtype=getattr(torch, dtype),
             device=device,
         )
         seconds = time.perf_counter() - t0
@@ -88,7 +83,7 @@ def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: E
         eora = load_eora(tmp)
         record = {
             "stage": "eora",
-            "settings": asdict(settings),
+            "settings": {**asdict(settings), "dtype": dtype},
             "source": str(model_dir),
             "quantized": str(quantized_dir),
             "gptqmodel_version": gptqmodel.__version__,

@@ -23,28 +23,19 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from compressor.device import pick_device
+from compressor.recipe import GptqStage
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_directory, atomic_write_json, sha256_file
 
 MIN_CALIB_TOKENS = 11  # gptqmodel silently drops rows of <= 10 tokens (calibration_data_min_length=10)
 QUANT_TENSOR_SUFFIXES = (".qweight", ".qzeros", ".scales", ".g_idx")
-
-
-@dataclass
-class GptqSettings:
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    desc_act: bool = False
-    damp_percent: float = 0.05  # gptqmodel's default; raised automatically (damp_auto_increment) if H is singular
-    calibration_samples: int = 256  # at most this many calibration rows are used (the first ones given)
 
 
 def import_gptqmodel():
@@ -110,14 +101,15 @@ def calibration_rows(calib_examples, limit: int | None) -> list[list[int]]:
     return rows
 
 
-def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqSettings | None = None) -> dict[str, Any]:
+def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None = None) -> dict[str, Any]:
     """Quantize the float checkpoint in `model_dir` (with its tokenizer) and write a GPTQ checkpoint to
     `out_dir`. The model is loaded in float32, so GPTQ rounds the exact float weights the LoRA merge wrote
-    (not an fp16/bf16 copy of them); calibration rows are used as given, one per batch."""
-    settings = settings or GptqSettings()
+    (not an fp16/bf16 copy of them); calibration rows are used as given, one per batch, at most
+    `settings.samples` of them. gptqmodel raises its damping by itself (damp_auto_increment) if H is singular."""
+    settings = settings or GptqStage()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
-    rows = calibration_rows(calib_examples, settings.calibration_samples)
+    rows = calibration_rows(calib_examples, settings.samples)
 
     gptqmodel = import_gptqmodel()
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -128,7 +120,7 @@ def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqSettings | N
         group_size=settings.group_size,
         sym=settings.sym,
         desc_act=settings.desc_act,
-        damp_percent=settings.damp_percent,
+        damp_percent=settings.damp,
         offload_to_disk=False,  # small models fit in memory; offloading only adds temp files
     )
     t0 = time.perf_counter()

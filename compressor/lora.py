@@ -17,7 +17,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compressor.device import pick_device
+from compressor.recipe import LoraStage
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_directory, atomic_write_bytes, atomic_write_json, read_json
 
@@ -39,24 +40,35 @@ RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every")
 
 
 @dataclass
-class LoraSettings:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    lr: float = 2e-4
-    weight_decay: float = 0.0
+class LoraTraining:
+    """One LoRA training run: the recipe's `[lora]` settings, embedded as they are (rank, alpha, targets, lr,
+    batch size, samples ...), plus the schedule the stage derives from the amount of data (steps, warmup,
+    evaluation and checkpoint intervals) and the trainer's fixed knobs."""
+
+    stage: LoraStage = field(default_factory=LoraStage)
     steps: int = 200  # optimizer steps
-    samples: int | None = None  # use the first `samples` training examples (None: all)
-    batch_size: int = 8
-    grad_accum: int = 1
     warmup_steps: int = 20
-    max_grad_norm: float = 1.0
     eval_every: int = 50
     checkpoint_every: int = 50
-    seed: int = 0
     max_len: int = 512
     pad_id: int = 0  # any id works: padded positions are masked out of attention and loss
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def for_examples(cls, stage: LoraStage, n_examples: int, pad_id: int) -> LoraTraining:
+        """The pipeline's schedule: one pass over the examples, 10 % warmup, 4 evaluations and checkpoints."""
+        steps = max(1, math.ceil(n_examples / (stage.batch_size * stage.grad_accum)))
+        return cls(stage, steps=steps, warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4),
+                   checkpoint_every=max(1, steps // 4), max_len=max(stage.seqlen, 512), pad_id=pad_id)
+
+    @classmethod
+    def from_flat(cls, flat: dict) -> LoraTraining:
+        """The inverse of `settings_json`: one flat dict with the stage's and the schedule's keys."""
+        stage_keys = {f.name for f in fields(LoraStage)}
+        stage = LoraStage(**{k: (list(v) if k == "targets" else v) for k, v in flat.items() if k in stage_keys})
+        return cls(stage, **{k: v for k, v in flat.items() if k not in stage_keys})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,14 +159,14 @@ def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[Example], settings: LoraSettings, device) -> float | None:
+def heldout_loss(model, examples: list[Example], settings: LoraTraining, device) -> float | None:
     if not examples:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), settings.batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + settings.batch_size], settings.pad_id).items()}
+    for start in range(0, len(examples), settings.stage.batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + settings.stage.batch_size], settings.pad_id).items()}
         s, c = nll_sum(model, batch)
         total, count = total + float(s), count + c
     model.train(was_training)
@@ -165,14 +177,14 @@ def heldout_loss(model, examples: list[Example], settings: LoraSettings, device)
 # Adapter
 
 
-def attach_lora(model, settings: LoraSettings):
+def attach_lora(model, settings: LoraTraining):
     """Wrap a plain transformers model with fresh LoRA adapters (peft); the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
     if hasattr(model, "peft_config"):
         raise EdgepackError("attach_lora: the model already carries a peft adapter; pass the base model")
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=settings.stage.rank, lora_alpha=settings.stage.alpha, lora_dropout=settings.stage.dropout,
+                        target_modules=list(settings.stage.targets), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
     return get_peft_model(model, config)
 
@@ -205,7 +217,7 @@ def save_adapter(peft_model, adapter_dir: Path) -> None:
     atomic_write_json(adapter_dir / ADAPTER_CONFIG, adapter_config_json(peft_model))
 
 
-def load_lora(model, out_dir, settings: LoraSettings | None = None):
+def load_lora(model, out_dir, settings: LoraTraining | None = None):
     """The base model with the trained adapter of `out_dir/adapter` attached, e.g. to merge it in a later
     process. Settings default to the ones recorded with the adapter."""
     from safetensors.torch import load_file
@@ -220,14 +232,14 @@ def load_lora(model, out_dir, settings: LoraSettings | None = None):
     return peft_model
 
 
-def settings_from_json(d: dict) -> LoraSettings:
-    d = dict(d)
-    d["target_modules"] = tuple(d["target_modules"])
-    return LoraSettings(**d)
+def settings_from_json(d: dict) -> LoraTraining:
+    return LoraTraining.from_flat(d)
 
 
-def settings_json(settings: LoraSettings) -> dict:
-    return json.loads(json.dumps(asdict(settings)))  # tuples become lists, as they read back
+def settings_json(settings: LoraTraining) -> dict:
+    """One flat dict (the stage's keys and the schedule's), as checkpoints and records store it."""
+    flat = {**asdict(settings.stage), **{k: v for k, v in asdict(settings).items() if k != "stage"}}
+    return json.loads(json.dumps(flat))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,7 +315,7 @@ def load_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
 # Training
 
 
-def train_lora(model, train_examples: list[Example], heldout_examples: list[Example], settings: LoraSettings,
+def train_lora(model, train_examples: list[Example], heldout_examples: list[Example], settings: LoraTraining,
                out_dir) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapters on `model` (a plain transformers model, left frozen) and return
     (peft_model, record). Resumes from `out_dir`'s last checkpoint when there is one for the same run.
@@ -312,10 +324,9 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     `out_dir/lora_record.json`; merge with `merge_lora(peft_model, masks)`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if settings.steps < 1 or settings.batch_size < 1 or settings.grad_accum < 1:
-        raise EdgepackError("lora: steps, batch_size and grad_accum must be >= 1")
-    train, dropped = prepare_examples(train_examples[: settings.samples] if settings.samples else train_examples,
-                                      settings.max_len)
+    if settings.steps < 1:  # batch_size and grad_accum are checked by LoraStage
+        raise EdgepackError("lora: steps must be >= 1")
+    train, dropped = prepare_examples(train_examples[: settings.stage.samples], settings.max_len)
     heldout, _ = prepare_examples(heldout_examples, settings.max_len)
     if not train:
         raise EdgepackError("lora: no training example has a token to learn (all labels are -100)")
@@ -324,7 +335,7 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     device = pick_device()
     peft_model = attach_lora(model, settings).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=settings.stage.lr, weight_decay=settings.weight_decay)
 
     history = {"train_loss": [], "heldout_loss": []}
     start_step, seconds_before = 0, 0.0
@@ -354,15 +365,15 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     bar = tqdm(total=settings.steps, initial=start_step, desc="LoRA", unit="step", dynamic_ncols=True)
     for step in range(start_step, settings.steps):
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * lr_factor(step, settings.warmup_steps, settings.steps)
+            group["lr"] = settings.stage.lr * lr_factor(step, settings.warmup_steps, settings.steps)
         step_loss = 0.0
-        for micro in range(settings.grad_accum):
-            idx = micro_batch(len(train), settings.batch_size, settings.seed, step * settings.grad_accum + micro)
+        for micro in range(settings.stage.grad_accum):
+            idx = micro_batch(len(train), settings.stage.batch_size, settings.seed, step * settings.stage.grad_accum + micro)
             batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], settings.pad_id).items()}
             nll, count = nll_sum(peft_model, batch)
             loss = nll / max(count, 1)
-            (loss / settings.grad_accum).backward()
-            step_loss += float(loss.detach()) / settings.grad_accum
+            (loss / settings.stage.grad_accum).backward()
+            step_loss += float(loss.detach()) / settings.stage.grad_accum
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
@@ -401,7 +412,7 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     return peft_model, record
 
 
-def check_same_run(state: dict, settings: LoraSettings, fingerprint: str, ckpt: Path) -> None:
+def check_same_run(state: dict, settings: LoraTraining, fingerprint: str, ckpt: Path) -> None:
     saved = {k: v for k, v in state["settings"].items() if k not in RESUMABLE_CHANGES}
     now = {k: v for k, v in settings_json(settings).items() if k not in RESUMABLE_CHANGES}
     changed = sorted(k for k in now if saved.get(k) != now[k])

@@ -38,37 +38,60 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 from runtime.errors import EdgepackError
+from runtime.settings import Settings
 
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QuantData = Literal["wikitext", "triviaqa"]  # calibration rows for GPTQ / EoRA (compressor.training_data)
+
+
+def _known_projections(settings: Settings, name: str) -> None:
+    value = getattr(settings, name)
+    if not value or any(t not in PROJECTIONS for t in value):
+        raise settings.error(name, value, f"expected some of {', '.join(PROJECTIONS)}")
 
 
 @dataclass
-class Calibration:
+class Calibration(Settings):
     """Calibration windows for depth scoring and WANDA / channel norms. 8 x 512 tokens keeps depth scoring
     (one forward pass per layer) to minutes on a 2-core CPU; WANDA's paper used 128 x 2048: one option away."""
 
+    section: ClassVar[str] = "calibration"
     dataset: str = "wikitext2-valid"  # a shipped name or a text file path
     samples: int = 8
     seqlen: int = 512
     seed: int = 0
     batch_size: int = 4
 
+    def check(self) -> None:
+        self.at_least(1, "samples", "seqlen", "batch_size")
+
 
 @dataclass
-class DepthStage:
+class DepthStage(Settings):
+    section: ClassVar[str] = "depth"
     remove: int = 2  # number of decoder layers to drop
-    method: str = "oneshot"  # "oneshot" ranking, or "iterative" greedy re-scoring
+    method: Literal["oneshot", "iterative"] = "oneshot"  # one-shot ranking, or greedy re-scoring
+
+    def check(self) -> None:
+        self.at_least(1, "remove")
 
 
 @dataclass
-class WidthStage:
+class WidthStage(Settings):
+    section: ClassVar[str] = "width"
     n: int = 1  # weights PRUNED ...
     m: int = 8  # ... in every group of m consecutive input weights
     targets: list[str] = field(default_factory=lambda: list(PROJECTIONS))
-    method: str = "wanda"
+    method: Literal["wanda"] = "wanda"
+
+    def check(self) -> None:
+        if not 0 < self.n < self.m:
+            raise self.error("n", self.n, f"N:M needs 0 < N < M (N pruned of every M), got {self.n}:{self.m}")
+        _known_projections(self, "targets")
 
     @property
     def sparsity(self) -> float:
@@ -76,17 +99,24 @@ class WidthStage:
 
 
 @dataclass
-class ChannelStage:
+class ChannelStage(Settings):
+    section: ClassVar[str] = "channels"
     ffn_keep: float = 0.75  # fraction of FFN channels kept per layer
     kv_groups_keep: int | None = None  # KV-head groups kept per layer (None = attention untouched)
 
+    def check(self) -> None:
+        if not 0 < self.ffn_keep <= 1:
+            raise self.error("ffn_keep", self.ffn_keep, "keeps a fraction in (0, 1] of the FFN channels")
+        self.at_least(1, "kv_groups_keep")
+
 
 @dataclass
-class LoraStage:
-    dataset: str = "wikitext"  # "wikitext" (causal LM on packed text) or "triviaqa" (answer-only loss)
-    triviaqa_mode: str = "closed"  # prompts for TriviaQA training: "closed" or "open"
+class LoraStage(Settings):
+    section: ClassVar[str] = "lora"
+    dataset: Literal["wikitext", "triviaqa"] = "wikitext"  # causal LM on packed text, or answer-only loss
+    triviaqa_mode: Literal["closed", "open"] = "closed"  # prompts for TriviaQA training
     rank: int = 8
-    alpha: int = 16
+    alpha: float = 16
     dropout: float = 0.05
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     samples: int = 256  # the seed used 8192 (hours on a 2-core CPU): one option away
@@ -96,32 +126,48 @@ class LoraStage:
     seqlen: int = 256
     keep_dense: bool = False  # False: re-apply the N:M mask after merging
 
+    def check(self) -> None:
+        self.at_least(1, "rank", "samples", "batch_size", "grad_accum", "seqlen")
+        if not 0 <= self.dropout < 1:
+            raise self.error("dropout", self.dropout, "must be in [0, 1)")
+        _known_projections(self, "targets")
+
 
 @dataclass
-class GptqStage:
-    bits: int = 4
+class GptqStage(Settings):
+    section: ClassVar[str] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False  # act-order
     damp: float = 0.01
     samples: int = 32
     seqlen: int = 512
-    dataset: str = "wikitext"
+    dataset: QuantData = "wikitext"
+
+    def check(self) -> None:
+        self.at_least(1, "group_size", "samples", "seqlen")
+        if not 0 < self.damp < 1:
+            raise self.error("damp", self.damp, "must be in (0, 1)")
 
 
 @dataclass
-class EoraStage:
+class EoraStage(Settings):
+    section: ClassVar[str] = "eora"
     rank: int = 32
-    dataset: str = "wikitext"  # or "triviaqa"
+    dataset: QuantData = "wikitext"
     samples: int = 32
     seqlen: int = 512
 
+    def check(self) -> None:
+        self.at_least(1, "rank", "samples", "seqlen")
+
 
 @dataclass
-class Recipe:
+class Recipe(Settings):
     name: str = "baseline"
     model: str = DEFAULT_MODEL
-    order: str = "DWL"
+    order: Literal["DWL", "DLW"] = "DWL"  # depth→width→LoRA or depth→LoRA→width
     calibration: Calibration = field(default_factory=Calibration)
     depth: DepthStage | None = None
     width: WidthStage | None = None
@@ -129,6 +175,10 @@ class Recipe:
     lora: LoraStage | None = None
     gptq: GptqStage | None = None
     eora: EoraStage | None = None
+
+    def check(self) -> None:
+        if self.eora and not self.gptq:
+            raise EdgepackError("[eora] needs [gptq] (EoRA compensates the quantization error)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -181,6 +231,29 @@ PRUNED_PRESETS = PRUNED_DEPTH + PRUNED_WIDTH + PRUNED_COMBOS
 
 
 _PART = re.compile(r"^(?:D(?P<d>\d+)|W(?P<n>\d+):(?P<m>\d+)|C(?P<c>\d+)(?:A(?P<a>\d+))?)$")
+# The settings a preset string spells out (`D2`, `W1:8`, `C75A2`, `lora=...`); the rest are defaults.
+PRESET_FIELDS = {"depth": ("remove",), "width": ("n", "m"), "channels": ("ffn_keep", "kv_groups_keep"),
+                 "lora": ("dataset",)}
+SECTIONS = {"calibration": Calibration, "depth": DepthStage, "width": WidthStage, "channels": ChannelStage,
+            "lora": LoraStage, "gptq": GptqStage, "eora": EoraStage}
+TOP_LEVEL = ("name", "model", "order", "preset")
+
+
+def _preset_part(part: str, text: str) -> tuple[str, Settings]:
+    mt = _PART.match(part)
+    if not mt:
+        raise EdgepackError(f"unknown preset part {part!r} in {text!r} (see `edgepack recipes`)")
+    try:
+        if mt["d"]:
+            return "depth", DepthStage(remove=int(mt["d"]))
+        if mt["n"]:
+            return "width", WidthStage(n=int(mt["n"]), m=int(mt["m"]))
+        keep = int(mt["c"])
+        if not 0 < keep <= 100:
+            raise EdgepackError("C<percent> keeps 1-100 % of FFN channels")
+        return "channels", ChannelStage(ffn_keep=keep / 100, kv_groups_keep=int(mt["a"]) if mt["a"] else None)
+    except EdgepackError as e:
+        raise EdgepackError(f"{part}: {e}") from None
 
 
 def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
@@ -188,54 +261,71 @@ def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
     tokens = text.split()
     if not tokens:
         raise EdgepackError("empty preset name")
-    recipe = Recipe(name=text.strip(), model=model)
+    fields_: dict = {"name": text.strip(), "model": model}
     if tokens[0] != "baseline":
-        for part in tokens[0].split("+"):
-            mt = _PART.match(part)
-            if not mt:
-                raise EdgepackError(f"unknown preset part {part!r} in {text!r} (see `edgepack recipes`)")
-            if mt["d"]:
-                recipe.depth = DepthStage(remove=int(mt["d"]))
-            elif mt["n"]:
-                n, m = int(mt["n"]), int(mt["m"])
-                if not 0 < n < m:
-                    raise EdgepackError(f"{part}: N:M needs 0 < N < M (N pruned of every M)")
-                recipe.width = WidthStage(n=n, m=m)
-            else:
-                keep = int(mt["c"])
-                if not 0 < keep <= 100:
-                    raise EdgepackError(f"{part}: C<percent> keeps 1-100 % of FFN channels")
-                recipe.channels = ChannelStage(ffn_keep=keep / 100, kv_groups_keep=int(mt["a"]) if mt["a"] else None)
+        fields_.update(_preset_part(part, text) for part in tokens[0].split("+"))
     for opt in tokens[1:]:
         key, _, value = opt.partition("=")
         if key == "lora":
-            if value not in ("wikitext", "triviaqa"):
-                raise EdgepackError(f"lora={value}: expected wikitext or triviaqa")
-            recipe.lora = LoraStage(dataset=value)
+            fields_["lora"] = LoraStage(dataset=value)
         elif key == "quant":
             if value not in ("gptq", "eora", "none"):
                 raise EdgepackError(f"quant={value}: expected gptq, eora or none")
-            recipe.gptq = GptqStage() if value in ("gptq", "eora") else None
-            recipe.eora = EoraStage() if value == "eora" else None
+            fields_["gptq"] = GptqStage() if value in ("gptq", "eora") else None
+            fields_["eora"] = EoraStage() if value == "eora" else None
         elif key == "order":
-            if value not in ("DWL", "DLW"):
-                raise EdgepackError(f"order={value}: expected DWL (depth→width→LoRA) or DLW (depth→LoRA→width)")
-            recipe.order = value
+            fields_["order"] = value
         else:
             raise EdgepackError(f"unknown preset option {opt!r} (lora=, quant=, order=)")
-    return recipe
+    return Recipe(**fields_)
 
 
-_SECTIONS = {"calibration": Calibration, "depth": DepthStage, "width": WidthStage, "channels": ChannelStage,
-             "lora": LoraStage, "gptq": GptqStage, "eora": EoraStage}
-
-
-def _build(cls, data: dict, where: str):
+def build_section(cls: type[Settings], data: dict, where: str) -> Settings:
+    """One TOML table -> its settings dataclass (unknown keys refused here, values checked by the class)."""
+    if not isinstance(data, dict):
+        raise EdgepackError(f"{where}: must be a table")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise EdgepackError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
     return cls(**data)
+
+
+def recipe_from_dict(data: dict, defaults: dict | None = None, where: str = "recipe") -> Recipe:
+    """A recipe table (a TOML recipe file, or one `[[run]]` of a sweep grid) -> Recipe. Precedence, lowest
+    first: the dataclass defaults, `defaults`' sections (a grid's top-level ones), what the preset string
+    sets, the table's own sections. A default section only tunes recipes that have that stage; it never
+    adds the stage. Every error is one line that starts with `where`."""
+    try:
+        return _recipe_from_dict(data, defaults or {})
+    except EdgepackError as e:
+        raise EdgepackError(f"{where}: {e}") from None
+
+
+def _recipe_from_dict(data: dict, defaults: dict) -> Recipe:
+    unknown = set(data) - set(TOP_LEVEL) - set(SECTIONS)
+    if unknown:
+        raise EdgepackError(f"unknown key(s) {', '.join(sorted(unknown))} ({', '.join(TOP_LEVEL)}, "
+                            f"or a section: {', '.join(SECTIONS)})")
+    if "preset" not in data and "name" not in data:
+        raise EdgepackError("a run needs preset = \"...\" or name = \"...\"")
+    model = data.get("model", defaults.get("model", DEFAULT_MODEL))
+    preset = parse_preset(data["preset"], model) if "preset" in data else Recipe(model=model)
+    fields_ = {"name": data.get("name", data.get("preset")), "model": model, "order": data.get("order", preset.order)}
+    for section, cls in SECTIONS.items():
+        current = getattr(preset, section)
+        if section != "calibration" and current is None and section not in data:
+            fields_[section] = None  # absent stage stays absent
+            continue
+        explicit = {}
+        if "preset" in data and current is not None:  # what the preset string itself says wins over defaults
+            explicit = {k: getattr(current, k) for k in PRESET_FIELDS.get(section, ())}
+        for src in (defaults, data):
+            if section in src and not isinstance(src[section], dict):
+                raise EdgepackError(f"[{section}] must be a table")
+        merged = {**dataclasses.asdict(cls()), **defaults.get(section, {}), **explicit, **data.get(section, {})}
+        fields_[section] = build_section(cls, merged, f"[{section}]")
+    return Recipe(**fields_)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -246,24 +336,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise EdgepackError(f"{path}: recipe file not found") from None
     except tomllib.TOMLDecodeError as e:
         raise EdgepackError(f"{path}: invalid TOML ({e})") from None
-    top = {k: v for k, v in data.items() if k not in _SECTIONS}
-    unknown = set(top) - {"name", "model", "order", "preset"}
-    if unknown:
-        raise EdgepackError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
-    recipe = parse_preset(top["preset"], top.get("model", DEFAULT_MODEL)) if "preset" in top else Recipe()
-    recipe.name = top.get("name", top.get("preset", path.stem))
-    recipe.model = top.get("model", recipe.model)
-    recipe.order = top.get("order", recipe.order)
-    if recipe.order not in ("DWL", "DLW"):
-        raise EdgepackError(f"{path}: order must be DWL or DLW")
-    for section, cls in _SECTIONS.items():
-        if section in data:
-            if not isinstance(data[section], dict):
-                raise EdgepackError(f"{path}: [{section}] must be a table")
-            setattr(recipe, section, _build(cls, data[section], f"{path} [{section}]"))
-    if recipe.eora and not recipe.gptq:
-        raise EdgepackError(f"{path}: [eora] needs [gptq] (EoRA compensates the quantization error)")
-    return recipe
+    data.setdefault("name", data.get("preset", path.stem))
+    return recipe_from_dict(data, where=str(path))
 
 
 def resolve(spec: str) -> Recipe:

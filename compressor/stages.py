@@ -138,25 +138,16 @@ def run_channels(ctx: StageContext, src: Path, out: Path) -> dict:
 def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
     """Train LoRA (checkpoints in out/train, so an interrupted run resumes), then merge it in float32;
     after N:M width pruning the merge re-applies the mask unless the recipe keeps the merge dense."""
-    import math
-
-    from compressor.lora import LoraSettings, merge_lora, train_lora
+    from compressor.lora import LoraTraining, merge_lora, train_lora
     from compressor.training_data import triviaqa_examples, wikitext_examples
 
     s = ctx.recipe.lora
     if s.dataset == "wikitext":
         train, held, data = wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)
-    elif s.dataset == "triviaqa":
+    else:  # "triviaqa" (LoraStage checks the choice)
         train, held, data = triviaqa_examples(ctx.tokenizer, s.triviaqa_mode)
         train = train[: s.samples]
-    else:
-        raise EdgepackError(f"lora.dataset={s.dataset!r}: expected wikitext or triviaqa")
-    steps = max(1, math.ceil(len(train) / (s.batch_size * s.grad_accum)))
-    settings = LoraSettings(rank=s.rank, alpha=s.alpha, dropout=s.dropout, target_modules=tuple(s.targets), lr=s.lr,
-                            steps=steps, batch_size=s.batch_size, grad_accum=s.grad_accum,
-                            warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4),
-                            checkpoint_every=max(1, steps // 4), max_len=max(s.seqlen, 512),
-                            pad_id=ctx.tokenizer.pad_id)
+    settings = LoraTraining.for_examples(s, len(train), ctx.tokenizer.pad_id)
     model = load_causal_lm(src).to(ctx.device)
     peft_model, train_record = train_lora(model, train, held, settings, out / "train")
     masks = None
@@ -171,14 +162,12 @@ def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
 
 
 def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:
-    from compressor.gptq import GptqSettings, quantize_gptq
+    from compressor.gptq import quantize_gptq
     from compressor.training_data import quant_calibration_rows
 
     s = ctx.recipe.gptq
     rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
-    settings = GptqSettings(bits=s.bits, group_size=s.group_size, sym=s.sym, desc_act=s.desc_act,
-                            damp_percent=s.damp, calibration_samples=s.samples)
-    record = quantize_gptq(src, rows, out / "model", settings)
+    record = quantize_gptq(src, rows, out / "model", s)
     _copy_tokenizer(src, out / "model")
     return {"gptq": {k: v for k, v in record.items() if k not in ("module_loss", "settings", "stage")},
             "module_loss": record.get("module_loss")}
@@ -186,13 +175,13 @@ def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:
 
 def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
     """EoRA needs both the float model that was quantized (the GPTQ stage's input) and the GPTQ checkpoint."""
-    from compressor.eora import EoraSettings, generate_eora
+    from compressor.eora import generate_eora
     from compressor.training_data import quant_calibration_rows
 
     s = ctx.recipe.eora
     float_dir = ctx.inputs["gptq"]
     rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
-    record = generate_eora(float_dir, src, rows, out / "adapter", EoraSettings(rank=s.rank, calibration_samples=s.samples))
+    record = generate_eora(float_dir, src, rows, out / "adapter", s)
     return {"eora": {k: v for k, v in record.items() if k not in ("settings", "stage")}, "float_model": str(float_dir),
             "quantized_model": str(src), "output": "adapter"}
 

@@ -44,10 +44,10 @@ from pathlib import Path
 from compressor.importer import MODELS_DIR
 from compressor.recipe import (
     CHANNEL_PRESETS,
-    DEFAULT_MODEL,
     PRUNED_PRESETS,
+    SECTIONS,
     Recipe,
-    parse_preset,
+    recipe_from_dict,
     settings_hash,
 )
 from runtime.errors import EdgepackError
@@ -82,48 +82,6 @@ assert all(c in CHANNEL_PRESETS for c in NAMED_GRIDS["pruned"][-2:])
 
 
 # ------------------------------------------------------------------ grids
-# The settings a preset string spells out (`D2`, `W1:8`, `C75A2`, `lora=...`); the rest are defaults.
-PRESET_FIELDS = {"depth": ("remove",), "width": ("n", "m"), "channels": ("ffn_keep", "kv_groups_keep"),
-                 "lora": ("dataset",)}
-
-
-def recipe_from_dict(data: dict, defaults: dict | None = None, where: str = "grid") -> Recipe:
-    """One `[[run]]` table -> Recipe. Precedence, lowest first: the dataclass defaults, the grid's top-level
-    sections, what the preset string sets, the run's own sections. A top-level stage section only tunes
-    runs that have that stage; it never adds the stage."""
-    from compressor.recipe import _SECTIONS, _build  # recipe.py's TOML section table and validator
-
-    defaults = defaults or {}
-    unknown = set(data) - {"name", "model", "order", "preset"} - set(_SECTIONS)
-    if unknown:
-        raise EdgepackError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (name, model, order, preset, "
-                            f"or a section: {', '.join(_SECTIONS)})")
-    if "preset" not in data and "name" not in data:
-        raise EdgepackError(f"{where}: a run needs preset = \"...\" or name = \"...\"")
-    model = data.get("model", defaults.get("model", DEFAULT_MODEL))
-    recipe = parse_preset(data["preset"], model) if "preset" in data else Recipe(model=model)
-    recipe.name = data.get("name", data.get("preset"))
-    recipe.order = data.get("order", recipe.order)
-    if recipe.order not in ("DWL", "DLW"):
-        raise EdgepackError(f"{where}: order must be DWL or DLW")
-    for section, cls in _SECTIONS.items():
-        for src in (defaults, data):
-            if section in src and not isinstance(src[section], dict):
-                raise EdgepackError(f"{where}: [{section}] must be a table")
-        current = getattr(recipe, section)
-        if section != "calibration" and current is None and section not in data:
-            continue  # absent stage stays absent
-        base = dataclasses.asdict(cls())
-        explicit = {}
-        if "preset" in data and current is not None:  # what the preset string itself says wins over grid defaults
-            explicit = {k: getattr(current, k) for k in PRESET_FIELDS.get(section, ())}
-        merged = {**base, **defaults.get(section, {}), **explicit, **data.get(section, {})}
-        setattr(recipe, section, _build(cls, merged, f"{where} [{section}]"))
-    if recipe.eora and not recipe.gptq:
-        raise EdgepackError(f"{where}: [eora] needs [gptq] (EoRA compensates the quantization error)")
-    return recipe
-
-
 def load_grid(spec: str, model: str | None = None) -> tuple[str, list[Recipe]]:
     """A named grid or a TOML grid file -> (grid name, recipes); the baseline is always the first row."""
     if spec in NAMED_GRIDS:
@@ -145,12 +103,10 @@ def load_grid(spec: str, model: str | None = None) -> tuple[str, list[Recipe]]:
                 raise EdgepackError(f"{path}: grid = {base!r} is not a named grid ({', '.join(NAMED_GRIDS)})")
             runs = [{"preset": p} for p in NAMED_GRIDS[base]] + runs
         name = data.pop("name", path.stem)
-        from compressor.recipe import _SECTIONS
-
-        unknown = set(data) - {"model"} - set(_SECTIONS)
+        unknown = set(data) - {"model"} - set(SECTIONS)
         if unknown:
             raise EdgepackError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))} (name, model, grid, "
-                                f"[[run]], or a default section: {', '.join(_SECTIONS)})")
+                                f"[[run]], or a default section: {', '.join(SECTIONS)})")
         defaults = data
         if not runs:
             raise EdgepackError(f"{path}: no [[run]] tables and no grid = \"...\"")

@@ -99,16 +99,23 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_options(args):
+    from dataclasses import replace
+
     from exporter.export import ExportOptions
 
     opts = ExportOptions()
-    for attr, val in (("embedding", args.embedding), ("lm_head", args.lm_head), ("projections", args.projections),
-                      ("limits", args.quality_limits)):
-        if val:
-            setattr(opts, attr, val)
+    graph = {"eora_fuse_a": not args.eora_separate_a}
+    if args.embedding:
+        graph["embedding"] = args.embedding
+    if args.lm_head:
+        graph["lm_head"] = args.lm_head
+    if args.projections:
+        graph["projections"] = "keep" if args.projections == "fp32" else "int4"
     if args.eora_bits:
-        opts.eora_bits = None if args.eora_bits == "fp32" else int(args.eora_bits)
-    opts.eora_fuse_a = not args.eora_separate_a
+        graph["eora_bits"] = None if args.eora_bits == "fp32" else int(args.eora_bits)
+    opts.graph = replace(opts.graph, **graph)
+    if args.quality_limits:
+        opts.limits = args.quality_limits
     opts.archive = not args.no_archive
     return opts
 

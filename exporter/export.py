@@ -19,11 +19,12 @@ import datetime as _dt
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from exporter.onnx_graph import GptqFormat, GraphOptions
 from runtime.errors import EdgepackError
 from runtime.fileio import read_json
 from runtime.harness import PRESETS, EvalLimits
@@ -34,15 +35,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 CHECKPOINT_FILES = ("config.json", "quantize_config.json", "generation_config.json")
 
 
+def shipping_graph() -> GraphOptions:
+    """The graph a bundle ships with (measured choices, docs/graph_benchmarks.md): int8 embedding and LM head
+    (the tied 49152x576 table is a fifth of SmolLM2; int8 keeps the head exact to ~1e-3 at 1/4 the bytes),
+    RTN int4 projections for recipes without GPTQ, int8-activation MatMulNBits (accuracy_level 4, fastest on
+    CPU), EoRA factors as int8 MatMulNBits with A stacked under the int4 weight's kernel."""
+    return GraphOptions(max_len=2048, embedding="int8", lm_head="int8", projections="int4", accuracy_level=4,
+                        eora_bits=8, eora_fuse_a=True)
+
+
 @dataclass
 class ExportOptions:
-    embedding: str = "int8"  # "fp32", "int8" or "int4": the tied 49152x576 table is a fifth of SmolLM2
-    lm_head: str = "int8"  # the LM head read every token: int8 keeps it exact to ~1e-3 at 1/4 the bytes
-    projections: str = "int4"  # recipes without GPTQ: "int4" (RTN, ORT-style blocks) or "fp32"
-    accuracy_level: int = 4  # MatMulNBits int8 activations (fastest on CPU)
-    eora_bits: int | None = 8  # EoRA A/B as int8 MatMulNBits (4x fewer bytes per token than fp32); None = fp32
-    eora_fuse_a: bool = True  # EoRA's A inside the int4 weight's kernel (int4, one kernel fewer per projection)
-    max_len: int = 2048
+    graph: GraphOptions = field(default_factory=shipping_graph)  # gptq is filled in from the checkpoint
     limits: str | EvalLimits = "standard"  # limits of the claimed quality (a preset name or EvalLimits)
     quick_limits: str | EvalLimits = "quick"  # the second, smaller claim that `edgepack verify --quick` checks
     reference_k: int = 32
@@ -76,7 +80,7 @@ def _eora_numpy(adapter_dir: Path) -> dict:
 
 def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptions) -> dict:
     """Write onnx/model.onnx for the run's final model; returns the graph metadata."""
-    from exporter.onnx_graph import GptqFormat, GraphOptions, build_decoder, spec_from_hf_config
+    from exporter.onnx_graph import build_decoder, spec_from_hf_config
 
     dirs = _stage_dirs(workdir, summary)
     eora = None
@@ -96,10 +100,8 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
     weights = _load_weights(model_dir)
     config = read_json(model_dir / "config.json")
     spec = spec_from_hf_config(config, weights)
-    graph_options = GraphOptions(max_len=options.max_len, gptq=gptq, embedding=options.embedding,
-                                 lm_head=options.lm_head, accuracy_level=options.accuracy_level,
-                                 projections="int4" if (options.projections == "int4" and not gptq) else "keep",
-                                 eora_bits=options.eora_bits, eora_fuse_a=options.eora_fuse_a)
+    # GPTQ codes are re-packed as they are: RTN applies only to recipes without GPTQ
+    graph_options = replace(options.graph, gptq=gptq, projections="keep" if gptq else options.graph.projections)
     meta = build_decoder(weights, spec, out_dir / "onnx" / "model.onnx", graph_options, eora=eora)
     meta["source_checkpoint"] = str(model_dir)
     return meta
@@ -219,7 +221,7 @@ def manifest_fields(summary: dict, graph: dict, quality: dict, tokenizer: TextTo
                        "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1,
                        "max_new_tokens": 256},
         "quality": quality,
-        "runtime": {"requires": {"onnxruntime": ">=1.20"}, "accuracy_level": options.accuracy_level,
+        "runtime": {"requires": {"onnxruntime": ">=1.20"}, "accuracy_level": options.graph.accuracy_level,
                     "built_with": {"onnxruntime": onnxruntime.__version__}},
         "tokenizer": {"chat_template": bool(tokenizer.chat_template), "bos_token": tokenizer.bos_token,
                       "eos_token": tokenizer.eos_token, "vocab_size": tokenizer.vocab_size},

@@ -82,13 +82,14 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from exporter.int4 import NBitsWeight, concat_nbits, gptq_to_matmulnbits, quantize_rtn
 from exporter.rope import RopeSpec, cos_sin_cache, rope_from_hf
 from runtime.errors import EdgepackError
+from runtime.settings import Settings
 
 FORMAT = "edgepack.decoder"
 FORMAT_VERSION = 1
@@ -137,19 +138,25 @@ class GptqFormat:
 
 
 @dataclass
-class GraphOptions:
+class GraphOptions(Settings):
+    """How the graph stores and computes its weights; checked once, on construction (runtime.settings)."""
+
+    section: ClassVar[str] = "GraphOptions"
     max_len: int | None = None  # longest context (cos/sin cache rows); None = min(max_position_embeddings, 2048)
     gptq: GptqFormat | None = None  # needed when `weights` holds GPTQ tensors
-    projections: str = "keep"  # "keep": float weights stay fp32, GPTQ stays int4; "int4": RTN-quantize float ones
+    projections: Literal["keep", "int4"] = "keep"  # "keep": float stays fp32, GPTQ stays int4; "int4": RTN float ones
     rtn_block_size: int = 32
-    embedding: str = "fp32"  # "fp32", "int8" or "int4" (GatherBlockQuantized)
-    lm_head: str = "fp32"  # "fp32", "int8" or "int4" (MatMulNBits)
+    embedding: Literal["fp32", "int8", "int4"] = "fp32"  # int8/int4: GatherBlockQuantized
+    lm_head: Literal["fp32", "int8", "int4"] = "fp32"  # int8/int4: MatMulNBits
     head_block_size: int = 32  # block of the quantized embedding / LM head
-    accuracy_level: int = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 1 = fp32 activations
+    accuracy_level: Literal[0, 1, 2, 3, 4] = 4  # MatMulNBits: 4 = int8 activations (fastest on CPU), 1 = fp32
     fuse_qkv: bool = True
     fuse_gate_up: bool = True
-    eora_bits: int | None = None  # None: EoRA A/B as float32 MatMuls (exact); 8: int8 MatMulNBits (4x less to read)
+    eora_bits: Literal[8, 4] | None = None  # None: EoRA A/B as float32 MatMuls (exact); 8: int8 MatMulNBits
     eora_fuse_a: bool = False  # EoRA's A stacked under an int4 weight's rows: one kernel fewer per projection
+
+    def check(self) -> None:
+        self.at_least(16, "rtn_block_size", "head_block_size")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,10 +277,8 @@ def load_linear(weights, prefix: str, options: GraphOptions, eora=None) -> Linea
         w = as_numpy(weights[f"{prefix}.weight"]).astype(np.float32)
         if options.projections == "int4":
             lin = Linear(nbits=quantize_rtn(w, bits=4, block_size=options.rtn_block_size))
-        elif options.projections == "keep":
+        else:  # "keep" (GraphOptions checks the choice)
             lin = Linear(float_weight=w)
-        else:
-            raise EdgepackError(f"GraphOptions.projections={options.projections!r}: use 'keep' or 'int4'")
     else:
         raise EdgepackError(f"weights: no {prefix}.weight or {prefix}.qweight")
     if f"{prefix}.bias" in weights:
@@ -435,17 +440,12 @@ def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None
     from onnx import TensorProto, helper
 
     options = options or GraphOptions()
-    for key, val in (("embedding", options.embedding), ("lm_head", options.lm_head)):
-        if val not in ("fp32", "int8", "int4"):
-            raise EdgepackError(f"GraphOptions.{key}={val!r}: use 'fp32', 'int8' or 'int4'")
     max_len = int(options.max_len or min(spec.max_position_embeddings, 2048))
     hd, hidden, vocab = spec.head_dim, spec.hidden_size, spec.vocab_size
     if any(l.num_attention_heads for l in spec.layers) and hd % 16:
         raise EdgepackError(f"head_dim={hd}: GroupQueryAttention with rotary needs a multiple of 16")
     g = GraphWriter()
     acc, eb, fa = options.accuracy_level, options.eora_bits, options.eora_fuse_a
-    if eb not in (None, 4, 8):
-        raise EdgepackError(f"GraphOptions.eora_bits={eb!r}: use None (float32), 8 or 4")
 
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),

@@ -2,6 +2,8 @@
 matches the pipeline's own quantized model, and `verify` passes on it."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -17,15 +19,16 @@ QUICK = EvalLimits(ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, w
 
 @pytest.fixture(scope="module")
 def exported(tiny_checkpoint, tmp_path_factory):
-    from exporter.export import ExportOptions, export_run
+    from exporter.export import ExportOptions, export_run, shipping_graph
 
     work = tmp_path_factory.mktemp("export")
     recipe = Recipe(name="tiny-w14-eora", model=str(tiny_checkpoint),
                     calibration=Calibration(samples=4, seqlen=32, batch_size=2), width=WidthStage(n=1, m=4),
                     gptq=GptqStage(group_size=32, samples=8, seqlen=64), eora=EoraStage(rank=4, samples=8, seqlen=64))
     pipeline.run_pipeline(recipe, work / "run", eval_limits=LIMITS, stage_eval=False, log=lambda m: None)
-    options = ExportOptions(limits=LIMITS, quick_limits=QUICK, embedding="fp32", lm_head="fp32", accuracy_level=1,
-                            eora_bits=None, eora_fuse_a=False)  # exact fp32 EoRA branch: a tight parity test
+    graph = replace(shipping_graph(), embedding="fp32", lm_head="fp32", accuracy_level=1, eora_bits=None,
+                    eora_fuse_a=False)  # exact fp32 EoRA branch: a tight parity test
+    options = ExportOptions(graph=graph, limits=LIMITS, quick_limits=QUICK)
     bundle = export_run(work / "run", work / "bundle", options, log=lambda m: None)
     return work, bundle
 
@@ -117,15 +120,16 @@ def test_export_without_gptq(tiny_checkpoint, tmp_path, projections):
 
     from compressor.recipe import ChannelStage, DepthStage
     from compressor.torch_backend import load_causal_lm
-    from exporter.export import ExportOptions, export_run
+    from exporter.export import ExportOptions, export_run, shipping_graph
     from runtime.bundle import Bundle
     from runtime.verify import verify_bundle
 
     recipe = Recipe(name="tiny-d1-c50", model=str(tiny_checkpoint), calibration=Calibration(samples=4, seqlen=32),
                     depth=DepthStage(remove=1), channels=ChannelStage(ffn_keep=0.5, kv_groups_keep=1))
     summary = pipeline.run_pipeline(recipe, tmp_path / "run", eval_limits=LIMITS, log=lambda m: None)
-    options = ExportOptions(limits=LIMITS, quick_limits=QUICK, embedding="fp32", lm_head="fp32",
-                            projections=projections, accuracy_level=1, archive=False)
+    graph = replace(shipping_graph(), embedding="fp32", lm_head="fp32", accuracy_level=1,
+                    projections="keep" if projections == "fp32" else projections)
+    options = ExportOptions(graph=graph, limits=LIMITS, quick_limits=QUICK, archive=False)
     path = export_run(tmp_path / "run", tmp_path / "bundle", options, log=lambda m: None)
     bundle = Bundle.open(path)
     assert bundle.manifest["model"]["layers"] == 3

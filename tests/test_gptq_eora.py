@@ -39,8 +39,9 @@ def calibration(n: int, seqlen: int, seed: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from compressor.eora import EoraSettings, generate_eora
-    from compressor.gptq import GptqSettings, quantize_gptq
+    from compressor.eora import generate_eora
+    from compressor.gptq import quantize_gptq
+    from compressor.recipe import EoraStage, GptqStage
 
     root = tmp_path_factory.mktemp("gptq_eora")
     base = root / "base"
@@ -48,8 +49,8 @@ def run(tmp_path_factory):
     model.save_pretrained(base)
     save_tiny_tokenizer(base)
     calib = calibration(24, 64, seed=1)
-    gptq_record = quantize_gptq(base, calib, root / "gptq", GptqSettings(group_size=GROUP, calibration_samples=16))
-    eora_record = generate_eora(base, root / "gptq", calib, root / "eora", EoraSettings(rank=RANK, calibration_samples=16))
+    gptq_record = quantize_gptq(base, calib, root / "gptq", GptqStage(group_size=GROUP, samples=16, damp=0.05))
+    eora_record = generate_eora(base, root / "gptq", calib, root / "eora", EoraStage(rank=RANK, samples=16))
     return dict(root=root, base=base, model=model, calib=calib, gptq=gptq_record, eora=eora_record)
 
 

@@ -24,10 +24,10 @@ def stream(n_tokens: int, seed: int = 0) -> list[int]:
     return out
 
 
-def quick(**overrides) -> L.LoraSettings:
+def quick(**overrides) -> L.LoraTraining:
     base = dict(steps=6, batch_size=4, warmup_steps=2, eval_every=3, checkpoint_every=3, max_len=32, lr=5e-3)
     base.update(overrides)
-    return L.LoraSettings(**base)
+    return L.LoraTraining.from_flat(base)
 
 
 def data():
@@ -126,7 +126,7 @@ def test_load_lora_restores_the_trained_adapter(tmp_path):
         assert torch.equal(trained(input_ids=x).logits, reloaded.eval()(input_ids=x).logits)
 
 
-def randomized_adapter(settings: L.LoraSettings):
+def randomized_adapter(settings: L.LoraTraining):
     """A tiny model with a LoRA adapter whose A and B are both random (B starts at zero in peft)."""
     peft_model = L.attach_lora(make_tiny_llama("plain"), settings)
     g = torch.Generator().manual_seed(3)
@@ -144,7 +144,7 @@ def randomized_adapter(settings: L.LoraSettings):
 
 
 def test_merge_equals_base_plus_scaled_BA():
-    settings = L.LoraSettings()
+    settings = L.LoraTraining()
     peft_model, base, ab = randomized_adapter(settings)
     x = torch.tensor([[1, 5, 9, 33, 200, 7]])
     with torch.no_grad():
@@ -152,20 +152,20 @@ def test_merge_equals_base_plus_scaled_BA():
     merged, rec = L.merge_lora(peft_model)
     assert rec["mask_policy"] == "none" and rec["lora_modules_merged"] == 16
     assert not any("lora" in n for n, _ in merged.named_modules())
-    scaling = settings.alpha / settings.rank
+    scaling = settings.stage.alpha / settings.stage.rank
     state = merged.state_dict()
     for key, w in base.items():
         module = key.removesuffix(".weight")
         expected = w + (ab[module][1] @ ab[module][0]) * scaling if module in ab else w
         assert torch.equal(state[key], expected), key
-    assert len(ab) == 16 and all(k.split(".")[-1] in settings.target_modules for k in ab)
+    assert len(ab) == 16 and all(k.split(".")[-1] in settings.stage.targets for k in ab)
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=x).logits, before, atol=1e-5)
 
 
 @pytest.mark.parametrize("keep_dense", [False, True])
 def test_merge_reapplies_or_keeps_the_width_masks(keep_dense):
-    settings = L.LoraSettings()
+    settings = L.LoraTraining()
     peft_model, base, ab = randomized_adapter(settings)
     g = torch.Generator().manual_seed(5)
     masks = {}
@@ -176,7 +176,7 @@ def test_merge_reapplies_or_keeps_the_width_masks(keep_dense):
         getattr(module, "base_layer", module).weight.data.mul_(masks[name])  # a pruned base, as stage 2 leaves it
         base[f"{name}.weight"] *= masks[name]
     merged, rec = L.merge_lora(peft_model, masks=masks, keep_dense=keep_dense)
-    scaling = settings.alpha / settings.rank
+    scaling = settings.stage.alpha / settings.stage.rank
     q = "model.layers.0.self_attn.q_proj"
     delta = (ab[q][1] @ ab[q][0]) * scaling
     dense = base[f"{q}.weight"] + delta
@@ -197,7 +197,7 @@ def test_merge_reapplies_or_keeps_the_width_masks(keep_dense):
 
 
 def test_merge_rejects_bad_masks():
-    peft_model, _, _ = randomized_adapter(L.LoraSettings())
+    peft_model, _, _ = randomized_adapter(L.LoraTraining())
     with pytest.raises(EdgepackError, match="is \\(3, 3\\)"):
         L.merge_lora(peft_model, masks={"model.layers.0.self_attn.q_proj.weight": torch.ones(3, 3, dtype=torch.bool)})
     with pytest.raises(EdgepackError, match="does not have"):  # the same model: a rejected mask merges nothing

@@ -553,7 +553,8 @@ def test_real_gptqmodel_checkpoint_matches_torch_dequant(tmp_path):
     torch model rebuilt with compressor.gptq's independent dequantization (~15 s: one GPTQ run)."""
     from safetensors.numpy import load_file
 
-    from compressor.gptq import GptqSettings, load_quantized, quantize_gptq, read_quantize_config
+    from compressor.gptq import load_quantized, quantize_gptq, read_quantize_config
+    from compressor.recipe import GptqStage
     from test_gptq_eora import calibration, save_tiny_tokenizer
 
     base = tmp_path / "base"
@@ -561,7 +562,7 @@ def test_real_gptqmodel_checkpoint_matches_torch_dequant(tmp_path):
     model.save_pretrained(base)
     save_tiny_tokenizer(base)
     quantize_gptq(base, calibration(16, 48, seed=2), tmp_path / "gptq",
-                  GptqSettings(group_size=32, desc_act=True, calibration_samples=16))
+                  GptqStage(group_size=32, desc_act=True, samples=16, damp=0.05))
     cfg = read_quantize_config(tmp_path / "gptq")
     tensors = {}
     for f in sorted((tmp_path / "gptq").glob("model*.safetensors")):

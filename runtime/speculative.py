@@ -32,8 +32,10 @@ only on acceptance counts, never on timings, so a seeded run is reproducible.
 from __future__ import annotations
 
 import copy
+import json
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
@@ -42,6 +44,8 @@ from runtime.errors import EdgepackError
 
 DraftChoice = Literal["auto", "none", "lookup", "model"]
 DRAFT_CHOICES: tuple[str, ...] = DraftChoice.__args__
+# Chat prompts for measuring acceptance (runtime/data/PROVENANCE.md)
+CHAT_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "chat" / "user_oriented_instructions_202.jsonl"
 # Cost of verifying one more token in the target's multi-token pass, relative to one decode step. Measured on
 # SmolLM2-135M int4 (benchmarks/spec_decode.py prints it): scoring 5 tokens costs ~1.25-1.4 decode steps.
 VERIFY_COST_PER_TOKEN = 0.08
@@ -343,3 +347,17 @@ def measure_acceptance(generator, prompts: Sequence[Sequence[int]], max_new_toke
         drafted, accepted, new = drafted + r.drafted_tokens, accepted + r.accepted_tokens, new + r.new_tokens
     return {"greedy": accepted / drafted if drafted else 0.0, "drafted": drafted, "accepted": accepted,
             "prompts": len(prompts), "new_tokens": new}
+
+
+def chat_instructions(n: int | None = None) -> list[str]:
+    """The first n user turns of the shipped chat instructions: `instruction`, plus the first instance's
+    `input` on its own paragraph when it has one."""
+    out = []
+    with open(CHAT_INSTRUCTIONS, encoding="utf-8") as f:
+        for line in f:
+            if n is not None and len(out) >= n:
+                break
+            rec = json.loads(line)
+            extra = (rec.get("instances") or [{}])[0].get("input", "").strip()
+            out.append(rec["instruction"].strip() + (f"\n\n{extra}" if extra else ""))
+    return out

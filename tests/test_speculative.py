@@ -431,3 +431,11 @@ def test_bench_times_speculative_decoding_next_to_plain(draft_bundle_dir):
     assert len(spec["runs"]) == len(result["runs"]) == 2 and 0 <= spec["acceptance_rate"] <= 1
     assert "decode, draft=model" in format_bench(result)
     assert "speculative" not in bench_bundle(b, prompt_tokens=16, new_tokens=8, repeats=1, threads=1)
+
+
+def test_chat_instructions_are_shipped():
+    from runtime.speculative import chat_instructions
+
+    turns = chat_instructions()
+    assert len(turns) == 202 and all(t.strip() for t in turns)
+    assert chat_instructions(3) == turns[:3]

@@ -126,11 +126,12 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
         except EdgepackError as e:
             raise ApiError(400, str(e)) from None
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        # Also when a stream is dropped before its first chunk (its generator's `finally` never runs).
+        watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(handle, events, ident, model_id, kind, include_usage),
+            return StreamingResponse(sse(handle, watcher, events, ident, model_id, kind, include_usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
         try:
             while await events.get() is not None:
                 pass
@@ -201,7 +202,8 @@ async def cancel_on_disconnect(request: Request, handle) -> None:
             return
 
 
-async def sse(handle, events: asyncio.Queue, ident: str, model_id: str, kind: str, include_usage: bool):
+async def sse(handle, watcher: asyncio.Task, events: asyncio.Queue, ident: str, model_id: str, kind: str,
+              include_usage: bool):
     """Server-sent events: one chunk per text delta, a last chunk with finish_reason, optionally a usage
     chunk, then `data: [DONE]`. Closing the stream (a disconnect) cancels the request."""
     created = int(time.time())
@@ -237,6 +239,7 @@ async def sse(handle, events: asyncio.Queue, ident: str, model_id: str, kind: st
                 yield chunk([], usage(result))
         yield "data: [DONE]\n\n"
     finally:
+        watcher.cancel()
         handle.cancel()  # no-op when finished; frees the slot when the client went away
 
 

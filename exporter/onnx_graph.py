@@ -32,22 +32,7 @@ Embedding and LM head: float32 (a tied head is a Gemm with transB on the embeddi
 copy), or block-quantized int8/int4: GatherBlockQuantized for the lookup, MatMulNBits for the head; a tied
 quantized pair shares one packed table (the lookup reads it through a Reshape).
 
-Measured on the shared 2-core dev box, a random SmolLM2-shaped model (30 layers, hidden 576, 9/3 heads,
-vocab 49152, tied), int4 projections + int4 embedding/head, one thread, 64-token prompt then 64 decode
-steps (noisy: other jobs were running; best of 3):
-    accuracy_level 4 vs 1: ~200 vs ~118 tok/s decode (int8 activations are the CPU fast path)
-    projections block 128 vs 32: ~225 vs ~200 tok/s (fewer scales to read); GPTQ's default group is 128
-    fused vs separate q/k/v and gate/up: ~+3 % decode (within noise, never slower) -> fused by default
-    int4 vs int8 vs fp32 embedding/head: ~95 / 83 / 66 tok/s (2 threads) -> quantize the head
-    EoRA rank 32 on all 7 projections: -30 % decode in float32, -22 % int8, -20 % int4
-Measured on the real SmolLM2 W1:8 + GPTQ + EoRA model (2 threads, idle box, benchmarks/bench_decode.py's
-"kernels only" run for the weight kernels alone):
-    eora_fuse_a: 361 -> 241 MatMulNBits, weight kernels alone 255 -> 289 tok/s, decode +2-6 % (interleaved
-                 A/B, benchmarks/ab_decode.py: 192.6 -> 197.3 and 195.5 -> 207.3 tok/s in two runs);
-                 40-window PPL 32.40 -> 32.32, KL 0.1637 -> 0.1659 (A in int4 costs nothing measurable)
-    int4 LM head (block 32 or 16): decode +10 %, but PPL 32.3 -> 36.9 / 36.1, KL 0.17 -> 0.26: not worth it
-    ORT graph_opt "all" vs "basic": no difference (the graph is already fused; ORT turns
-    Sigmoid*x into QuickGelu by itself)
+Why these layouts and defaults (decode speed and quality measurements): docs/graph_benchmarks.md.
 
 KV cache: GQA takes `past_key_values.{i}.key/value` [batch, kv_heads, past_len, head_dim] (BNSH) and
 produces `present.{i}.key/value`. When the caller binds the *same* buffer of length max_len as past and
@@ -55,15 +40,8 @@ present, GQA writes the new positions into it in place (ORT's CPU kernel checks 
 past_present_share_buffer), so decoding never reallocates or copies the cache; runtime.onnx_engine does
 this with IO binding. With an empty past (length 0) the present is a fresh [batch, kv, seq, head_dim].
 
-Graph I/O contract (also in the metadata this module returns and stores under metadata_props["edgepack"]):
-
-    input_ids             int64  [batch, seq]
-    seqlens_k             int32  [batch]        per row: tokens in the cache after this step, minus 1
-    total_sequence_length int32  []             max over rows of seqlens_k + 1
-    logits_positions      int64  [batch, n_out] positions within this step's `seq` whose logits are wanted
-    past_key_values.{i}.key / .value  float32 [batch, kv_heads_i, past_len, head_dim]  (for layers with attention)
-    logits                float32 [batch, n_out, vocab]
-    present.{i}.key / .value          float32 [batch, kv_heads_i, present_len, head_dim]
+Graph I/O contract: runtime.contract (names, metadata key and format), shared with runtime.onnx_engine.
+The metadata this module returns is also stored in the model's metadata_props under that key.
 
 seqlens_k / total_sequence_length are GQA's own inputs, passed directly instead of an attention mask: the
 runtime knows every row's length, and computing them in the graph (ReduceSum, Sub, Cast per step) would
@@ -88,12 +66,22 @@ import numpy as np
 
 from exporter.int4 import NBitsWeight, concat_nbits, gptq_to_matmulnbits, quantize_rtn
 from exporter.rope import RopeSpec, cos_sin_cache, rope_from_hf
+from runtime.contract import (
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT_DOCS,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_POSITIONS,
+    METADATA_KEY,
+    OUTPUT_DOCS,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+    kv_names,
+)
 from runtime.errors import EdgepackError
 from runtime.settings import Settings
 
-FORMAT = "edgepack.decoder"
-FORMAT_VERSION = 1
-METADATA_KEY = "edgepack"
 MS = "com.microsoft"
 OPSET = 21
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -351,9 +339,11 @@ class GraphWriter:
         return name
 
     def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
-             outputs: list[str] | None = None, **attrs) -> list[str]:
+             outputs: list[str] | None = None, unnamed: tuple[int, ...] = (), **attrs) -> list[str]:
+        """Add one node; returns its output names. `unnamed`: indices of optional outputs left out ("")."""
         base = self.unique(name or op)
         outs = outputs if outputs is not None else [self.unique(f"{base}/out{j}" if n_out > 1 else f"{base}/out") for j in range(n_out)]
+        outs = ["" if j in unnamed else o for j, o in enumerate(outs)]
         self.nodes.append(self.onnx.helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
         return outs
 
@@ -431,208 +421,229 @@ def _quantized_table(w: np.ndarray, kind: str, block: int) -> NBitsWeight:
 def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None = None,
                   eora: dict | None = None, progress: bool = True) -> dict[str, Any]:
     """Write the fused decoder graph to `path` (+ `path.name + ".data"` with the weights) and return its
-    metadata (also stored in the model's metadata_props under "edgepack").
+    metadata (also stored in the model's metadata_props under runtime.contract.METADATA_KEY).
 
     weights: name -> array in HF naming (numpy or CPU torch tensors); a projection is either
     `<module>.weight` (float) or GPTQ `<module>.qweight/.qzeros/.scales/.g_idx` (with options.gptq).
     eora: optional {"model.layers.{i}.self_attn.q_proj": (A [r, in], B [out, r]), ...}, scaling folded in."""
     import onnx
-    from onnx import TensorProto, helper
 
-    options = options or GraphOptions()
-    max_len = int(options.max_len or min(spec.max_position_embeddings, 2048))
-    hd, hidden, vocab = spec.head_dim, spec.hidden_size, spec.vocab_size
-    if any(l.num_attention_heads for l in spec.layers) and hd % 16:
-        raise EdgepackError(f"head_dim={hd}: GroupQueryAttention with rotary needs a multiple of 16")
-    g = GraphWriter()
-    acc, eb, fa = options.accuracy_level, options.eora_bits, options.eora_fuse_a
-
-    inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
-        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-        helper.make_tensor_value_info("logits_positions", TensorProto.INT64, ["batch_size", "num_logits"]),
-    ]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "num_logits", vocab])]
-
-    # Embedding
-    embed = as_numpy(weights["model.embed_tokens.weight"]).astype(np.float32)
-    if embed.shape != (vocab, hidden):
-        raise EdgepackError(f"model.embed_tokens.weight is {embed.shape}, spec says {(vocab, hidden)}")
-    embed_name = shared_table = None
-    if options.embedding == "fp32":
-        embed_name = g.const("model.embed_tokens.weight", embed)
-        x = g.node("Gather", [embed_name, "input_ids"], axis=0, name="embed_tokens/Gather")[0]
-    else:
-        table = _quantized_table(embed, options.embedding, options.head_block_size)
-        b_name = g.const("model.embed_tokens.qweight", table.B)
-        scales = g.const("model.embed_tokens.scales", table.scales)
-        if spec.tie_word_embeddings and options.lm_head == options.embedding:
-            # Tied and quantized alike: the LM head's MatMulNBits reads the very same initializers, and the
-            # lookup sees them as [vocab, hidden * bits / 8] through a Reshape (H is a whole number of blocks).
-            shared_table = (table, [b_name, scales, "", ""])
-        data = g.node("Reshape", [b_name, g.const("embed_rows", np.array([vocab, -1], np.int64))],
-                      name="embed_tokens/Rows")[0]
-        x = g.node("GatherBlockQuantized", [data, "input_ids", scales], domain=MS, name="embed_tokens/GatherBlockQuantized",
-                   bits=table.bits, block_size=table.block_size, gather_axis=0, quantize_axis=1)[0]
-
-    cos, sin = cos_sin_cache(spec.rope, hd, max_len)
-    cos_name = g.const("cos_cache", cos)
-    sin_name = g.const("sin_cache", sin)
-
-    residual, pending = x, None
-    eps = float(spec.rms_norm_eps)
-
-    def norm(weight_key: str, name: str) -> str:
-        nonlocal residual, pending
-        w = g.const(weight_key, as_numpy(weights[weight_key]).astype(np.float32))
-        if pending is None:
-            return g.node("SimplifiedLayerNormalization", [residual, w], name=f"{name}/SimplifiedLayerNorm",
-                          axis=-1, epsilon=eps, stash_type=1)[0]
-        y, _, _, summed = g.node("SkipSimplifiedLayerNormalization", [pending, residual, w], n_out=4, domain=MS,
-                                 name=f"{name}/SkipSimplifiedLayerNorm", epsilon=eps)
-        g.nodes[-1].output[1] = ""  # mean / inv_std_var are training outputs: leave them unnamed
-        g.nodes[-1].output[2] = ""
-        residual, pending = summed, None
-        return y
-
-    kv_layers = []
-    layer_iter = range(spec.n_layers)
+    b = DecoderBuilder(weights, spec, options or GraphOptions(), eora)
+    layers = range(spec.n_layers)
     if progress:
         from tqdm import tqdm
 
-        layer_iter = tqdm(layer_iter, desc="building ONNX decoder", unit="layer")
-    for i in layer_iter:
-        ls = spec.layers[i]
-        p = f"model.layers.{i}"
-        if ls.num_attention_heads:
-            h = norm(f"{p}.input_layernorm.weight", f"layers.{i}/input_layernorm")
-            q, k, v = (load_linear(weights, f"{p}.self_attn.{m}", options, _eora_for(eora, f"{p}.self_attn.{m}"))
-                       for m in ("q_proj", "k_proj", "v_proj"))
-            if (q.n, k.n, v.n) != (ls.num_attention_heads * hd, ls.num_key_value_heads * hd, ls.num_key_value_heads * hd):
-                raise EdgepackError(f"layer {i}: q/k/v shapes {q.n}/{k.n}/{v.n} disagree with the spec")
-            fused = fuse_linears([q, k, v]) if options.fuse_qkv else None
-            if fused is not None:
-                qkv = [g.linear(h, fused, f"layers.{i}.attn.qkv_proj", acc, eb, fa), "", ""]
-            else:
-                qkv = [g.linear(h, lin, f"layers.{i}.attn.{m}", acc, eb, fa) for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
-            names = {"layer": i, "kv_heads": ls.num_key_value_heads,
-                     "past_key": f"past_key_values.{i}.key", "past_value": f"past_key_values.{i}.value",
-                     "present_key": f"present.{i}.key", "present_value": f"present.{i}.value"}
-            kv_layers.append(names)
-            for role in ("past_key", "past_value"):
-                inputs.append(helper.make_tensor_value_info(names[role], TensorProto.FLOAT,
-                                                            ["batch_size", ls.num_key_value_heads, "past_sequence_length", hd]))
-            for role in ("present_key", "present_value"):
-                outputs.append(helper.make_tensor_value_info(names[role], TensorProto.FLOAT,
-                                                             ["batch_size", ls.num_key_value_heads, "present_sequence_length", hd]))
-            attn = g.node("GroupQueryAttention",
-                          qkv + [names["past_key"], names["past_value"], "seqlens_k", "total_sequence_length", cos_name, sin_name],
-                          domain=MS, name=f"layers.{i}/GroupQueryAttention",
-                          outputs=[g.unique(f"layers.{i}/attn/out"), names["present_key"], names["present_value"]],
-                          num_heads=ls.num_attention_heads, kv_num_heads=ls.num_key_value_heads,
-                          do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
-            o = load_linear(weights, f"{p}.self_attn.o_proj", options, _eora_for(eora, f"{p}.self_attn.o_proj"))
-            pending = g.linear(attn, o, f"layers.{i}.attn.o_proj", acc, eb, fa)
-        if ls.intermediate_size:
-            h = norm(f"{p}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
-            gate, up = (load_linear(weights, f"{p}.mlp.{m}", options, _eora_for(eora, f"{p}.mlp.{m}"))
-                        for m in ("gate_proj", "up_proj"))
-            fused = fuse_linears([gate, up]) if options.fuse_gate_up else None
-            if fused is not None:
-                gu = g.linear(h, fused, f"layers.{i}.mlp.gate_up_proj", acc, eb, fa)
-                split = g.const(f"layers.{i}.mlp.split", np.array([gate.n, up.n], np.int64))
-                gate_out, up_out = g.node("Split", [gu, split], n_out=2, axis=-1, name=f"layers.{i}/mlp/Split")
-            else:
-                gate_out = g.linear(h, gate, f"layers.{i}.mlp.gate_proj", acc, eb, fa)
-                up_out = g.linear(h, up, f"layers.{i}.mlp.up_proj", acc, eb, fa)
-            sig = g.node("Sigmoid", [gate_out], name=f"layers.{i}/mlp/Sigmoid")[0]
-            silu = g.node("Mul", [gate_out, sig], name=f"layers.{i}/mlp/SiLU")[0]
-            act = g.node("Mul", [silu, up_out], name=f"layers.{i}/mlp/GateMul")[0]
-            down = load_linear(weights, f"{p}.mlp.down_proj", options, _eora_for(eora, f"{p}.mlp.down_proj"))
-            pending = g.linear(act, down, f"layers.{i}.mlp.down_proj", acc, eb, fa)
+        layers = tqdm(layers, desc="building ONNX decoder", unit="layer")
+    b.embed()
+    for i in layers:
+        b.layer(i)
+    b.lm_head(b.norm("model.norm.weight", "final_norm"))
+    path = Path(path)
+    metadata = b.metadata(path.name + ".data")
+    _save_atomically(onnx, b.model(metadata), path, metadata["external_data"])
+    return metadata
 
-    h = norm("model.norm.weight", "final_norm")
 
-    # Only the requested positions go through the LM head: GatherElements along the sequence axis.
-    idx = g.node("Unsqueeze", ["logits_positions", g.const("axes_2", np.array([2], np.int64))], name="logits/Unsqueeze")[0]
-    pos_shape = g.node("Shape", ["logits_positions"], name="logits/Shape")[0]
-    full_shape = g.node("Concat", [pos_shape, g.const("hidden_size", np.array([hidden], np.int64))], axis=0, name="logits/Concat")[0]
-    idx = g.node("Expand", [idx, full_shape], name="logits/Expand")[0]
-    h = g.node("GatherElements", [h, idx], axis=1, name="logits/GatherElements")[0]
+class DecoderBuilder:
+    """The decoder graph, one block at a time: `embed`, then per layer `attention(i)` and `mlp(i)`, then
+    `lm_head`. The residual stream is two names: `residual` (the running sum) and `pending` (the last
+    block's output, not yet added); `norm` folds the pending add into the next RMSNorm
+    (SkipSimplifiedLayerNormalization), so the residual stream never needs an Add node of its own."""
 
-    head_w = embed if spec.tie_word_embeddings else as_numpy(weights["lm_head.weight"]).astype(np.float32)
-    if head_w.shape != (vocab, hidden):
-        raise EdgepackError(f"lm_head weight is {head_w.shape}, expected {(vocab, hidden)}")
-    if options.lm_head == "fp32":
-        if spec.tie_word_embeddings and embed_name is not None:
+    def __init__(self, weights, spec: DecoderSpec, options: GraphOptions, eora: dict | None):
+        from onnx import TensorProto, helper
+
+        self.w, self.spec, self.o, self.eora = weights, spec, options, eora
+        self.max_len = int(options.max_len or min(spec.max_position_embeddings, 2048))
+        if any(l.num_attention_heads for l in spec.layers) and spec.head_dim % 16:
+            raise EdgepackError(f"head_dim={spec.head_dim}: GroupQueryAttention with rotary needs a multiple of 16")
+        self.g = GraphWriter()
+        self.helper, self.tp = helper, TensorProto
+        self.inputs = [
+            helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch_size"]),
+            helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+            helper.make_tensor_value_info(LOGITS_POSITIONS, TensorProto.INT64, ["batch_size", "num_logits"]),
+        ]
+        self.outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "num_logits", spec.vocab_size])]
+        self.kv_layers: list[dict] = []
+        self.residual: str = ""  # the running residual sum
+        self.pending: str | None = None  # a block's output still to be added to `residual`
+        self.embed_table: np.ndarray | None = None
+        self.embed_name: str | None = None  # the fp32 embedding initializer, shared by a tied fp32 head
+        self.shared_table = None  # (NBitsWeight, consts) of a quantized embedding the tied head reads too
+
+    # -- helpers
+    def const_f32(self, key: str) -> str:
+        return self.g.const(key, as_numpy(self.w[key]).astype(np.float32))
+
+    def linear(self, x: str, lin: Linear, name: str) -> str:
+        return self.g.linear(x, lin, name, self.o.accuracy_level, self.o.eora_bits, self.o.eora_fuse_a)
+
+    def load(self, prefix: str) -> Linear:
+        return load_linear(self.w, prefix, self.o, _eora_for(self.eora, prefix))
+
+    def norm(self, weight_key: str, name: str) -> str:
+        """RMSNorm of the residual stream; adds the pending block output to it first (one fused kernel)."""
+        w, eps = self.const_f32(weight_key), float(self.spec.rms_norm_eps)
+        if self.pending is None:
+            return self.g.node("SimplifiedLayerNormalization", [self.residual, w], name=f"{name}/SimplifiedLayerNorm",
+                               axis=-1, epsilon=eps, stash_type=1)[0]
+        # outputs 1 and 2 (mean, inv_std_var) are training outputs: left unnamed
+        y, _, _, summed = self.g.node("SkipSimplifiedLayerNormalization", [self.pending, self.residual, w], n_out=4,
+                                      domain=MS, name=f"{name}/SkipSimplifiedLayerNorm", unnamed=(1, 2), epsilon=eps)
+        self.residual, self.pending = summed, None
+        return y
+
+    # -- blocks
+    def embed(self) -> None:
+        vocab, hidden = self.spec.vocab_size, self.spec.hidden_size
+        table = as_numpy(self.w["model.embed_tokens.weight"]).astype(np.float32)
+        if table.shape != (vocab, hidden):
+            raise EdgepackError(f"model.embed_tokens.weight is {table.shape}, spec says {(vocab, hidden)}")
+        self.embed_table, g = table, self.g
+        if self.o.embedding == "fp32":
+            self.embed_name = g.const("model.embed_tokens.weight", table)
+            self.residual = g.node("Gather", [self.embed_name, INPUT_IDS], axis=0, name="embed_tokens/Gather")[0]
+        else:
+            q = _quantized_table(table, self.o.embedding, self.o.head_block_size)
+            b_name = g.const("model.embed_tokens.qweight", q.B)
+            scales = g.const("model.embed_tokens.scales", q.scales)
+            if self.spec.tie_word_embeddings and self.o.lm_head == self.o.embedding:
+                # Tied and quantized alike: the LM head's MatMulNBits reads the very same initializers, and the
+                # lookup sees them as [vocab, hidden * bits / 8] through a Reshape (H is a whole number of blocks).
+                self.shared_table = (q, [b_name, scales, "", ""])
+            data = g.node("Reshape", [b_name, g.const("embed_rows", np.array([vocab, -1], np.int64))],
+                          name="embed_tokens/Rows")[0]
+            self.residual = g.node("GatherBlockQuantized", [data, INPUT_IDS, scales], domain=MS,
+                                   name="embed_tokens/GatherBlockQuantized", bits=q.bits, block_size=q.block_size,
+                                   gather_axis=0, quantize_axis=1)[0]
+        cos, sin = cos_sin_cache(self.spec.rope, self.spec.head_dim, self.max_len)
+        self.cos, self.sin = self.g.const("cos_cache", cos), self.g.const("sin_cache", sin)
+
+    def layer(self, i: int) -> None:
+        if self.spec.layers[i].num_attention_heads:
+            self.attention(i)
+        if self.spec.layers[i].intermediate_size:
+            self.mlp(i)
+
+    def attention(self, i: int) -> None:
+        ls, hd, p = self.spec.layers[i], self.spec.head_dim, f"model.layers.{i}.self_attn"
+        h = self.norm(f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
+        q, k, v = (self.load(f"{p}.{m}") for m in ("q_proj", "k_proj", "v_proj"))
+        if (q.n, k.n, v.n) != (ls.num_attention_heads * hd, ls.num_key_value_heads * hd, ls.num_key_value_heads * hd):
+            raise EdgepackError(f"layer {i}: q/k/v shapes {q.n}/{k.n}/{v.n} disagree with the spec")
+        fused = fuse_linears([q, k, v]) if self.o.fuse_qkv else None
+        if fused is not None:
+            qkv = [self.linear(h, fused, f"layers.{i}.attn.qkv_proj"), "", ""]
+        else:
+            qkv = [self.linear(h, lin, f"layers.{i}.attn.{m}") for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
+        names = {"layer": i, "kv_heads": ls.num_key_value_heads, **kv_names(i)}
+        self.kv_layers.append(names)
+        shape = ["batch_size", ls.num_key_value_heads, "past_sequence_length", hd]
+        self.inputs += [self.helper.make_tensor_value_info(names[r], self.tp.FLOAT, shape) for r in ("past_key", "past_value")]
+        shape = ["batch_size", ls.num_key_value_heads, "present_sequence_length", hd]
+        self.outputs += [self.helper.make_tensor_value_info(names[r], self.tp.FLOAT, shape)
+                         for r in ("present_key", "present_value")]
+        attn = self.g.node("GroupQueryAttention",
+                           qkv + [names["past_key"], names["past_value"], SEQLENS_K, TOTAL_SEQUENCE_LENGTH, self.cos, self.sin],
+                           domain=MS, name=f"layers.{i}/GroupQueryAttention",
+                           outputs=[self.g.unique(f"layers.{i}/attn/out"), names["present_key"], names["present_value"]],
+                           num_heads=ls.num_attention_heads, kv_num_heads=ls.num_key_value_heads,
+                           do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+        self.pending = self.linear(attn, self.load(f"{p}.o_proj"), f"layers.{i}.attn.o_proj")
+
+    def mlp(self, i: int) -> None:
+        g, p = self.g, f"model.layers.{i}.mlp"
+        h = self.norm(f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
+        gate, up = self.load(f"{p}.gate_proj"), self.load(f"{p}.up_proj")
+        fused = fuse_linears([gate, up]) if self.o.fuse_gate_up else None
+        if fused is not None:
+            gu = self.linear(h, fused, f"layers.{i}.mlp.gate_up_proj")
+            split = g.const(f"layers.{i}.mlp.split", np.array([gate.n, up.n], np.int64))
+            gate_out, up_out = g.node("Split", [gu, split], n_out=2, axis=-1, name=f"layers.{i}/mlp/Split")
+        else:
+            gate_out = self.linear(h, gate, f"layers.{i}.mlp.gate_proj")
+            up_out = self.linear(h, up, f"layers.{i}.mlp.up_proj")
+        sig = g.node("Sigmoid", [gate_out], name=f"layers.{i}/mlp/Sigmoid")[0]
+        silu = g.node("Mul", [gate_out, sig], name=f"layers.{i}/mlp/SiLU")[0]
+        act = g.node("Mul", [silu, up_out], name=f"layers.{i}/mlp/GateMul")[0]
+        self.pending = self.linear(act, self.load(f"{p}.down_proj"), f"layers.{i}.mlp.down_proj")
+
+    def lm_head(self, h: str) -> None:
+        """Only the requested positions (logits_positions) go through the head: GatherElements along seq."""
+        g, hidden, vocab = self.g, self.spec.hidden_size, self.spec.vocab_size
+        idx = g.node("Unsqueeze", [LOGITS_POSITIONS, g.const("axes_2", np.array([2], np.int64))], name="logits/Unsqueeze")[0]
+        pos_shape = g.node("Shape", [LOGITS_POSITIONS], name="logits/Shape")[0]
+        full_shape = g.node("Concat", [pos_shape, g.const("hidden_size", np.array([hidden], np.int64))], axis=0,
+                            name="logits/Concat")[0]
+        idx = g.node("Expand", [idx, full_shape], name="logits/Expand")[0]
+        h = g.node("GatherElements", [h, idx], axis=1, name="logits/GatherElements")[0]
+        tied = self.spec.tie_word_embeddings
+        head_w = self.embed_table if tied else as_numpy(self.w["lm_head.weight"]).astype(np.float32)
+        if head_w.shape != (vocab, hidden):
+            raise EdgepackError(f"lm_head weight is {head_w.shape}, expected {(vocab, hidden)}")
+        if self.o.lm_head == "fp32" and tied and self.embed_name is not None:
             # Share the embedding initializer: Gemm reads it transposed (transB), no second copy on disk.
             flat = g.node("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], np.int64))], name="lm_head/Flatten")[0]
-            y = g.node("Gemm", [flat, embed_name], transB=1, name="lm_head/Gemm")[0]
-            out_shape = g.node("Concat", [pos_shape, g.const("vocab_size", np.array([vocab], np.int64))], axis=0, name="lm_head/Concat")[0]
-            g.node("Reshape", [y, out_shape], name="lm_head/Unflatten", outputs=["logits"])
+            y = g.node("Gemm", [flat, self.embed_name], transB=1, name="lm_head/Gemm")[0]
+            out_shape = g.node("Concat", [pos_shape, g.const("vocab_size", np.array([vocab], np.int64))], axis=0,
+                               name="lm_head/Concat")[0]
+            g.node("Reshape", [y, out_shape], name="lm_head/Unflatten", outputs=[LOGITS])
+            return
+        if self.o.lm_head == "fp32":
+            y = g.linear(h, Linear(float_weight=head_w), "lm_head", self.o.accuracy_level)
+        elif self.shared_table is not None:
+            y = g.matmul_nbits(h, self.shared_table[0], self.shared_table[1], "lm_head", self.o.accuracy_level)
         else:
-            lin = Linear(float_weight=head_w)
-            y = g.linear(h, lin, "lm_head", acc)
-            g.node("Identity", [y], name="lm_head/Identity", outputs=["logits"])
-    elif shared_table is not None:
-        y = g.matmul_nbits(h, shared_table[0], shared_table[1], "lm_head", acc)
-        g.node("Identity", [y], name="lm_head/Identity", outputs=["logits"])
-    else:
-        bits = {"int8": 8, "int4": 4}[options.lm_head]
-        lin = Linear(nbits=quantize_rtn(head_w, bits=bits, block_size=options.head_block_size, symmetric=True))
-        y = g.linear(h, lin, "lm_head", acc)
-        g.node("Identity", [y], name="lm_head/Identity", outputs=["logits"])
+            bits = {"int8": 8, "int4": 4}[self.o.lm_head]
+            lin = Linear(nbits=quantize_rtn(head_w, bits=bits, block_size=self.o.head_block_size, symmetric=True))
+            y = g.linear(h, lin, "lm_head", self.o.accuracy_level)
+        g.node("Identity", [y], name="lm_head/Identity", outputs=[LOGITS])
 
-    path = Path(path)
-    data_name = path.name + ".data"
-    metadata = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "max_len": max_len,
-        "vocab_size": vocab,
-        "hidden_size": hidden,
-        "head_dim": hd,
-        "num_layers": spec.n_layers,
-        "layers": [asdict(l) for l in spec.layers],
-        "kv_cache": kv_layers,
-        "kv_layout": "BNSH",
-        "kv_dtype": "float32",
-        "inputs": {
-            "input_ids": "int64 [batch, seq]",
-            "seqlens_k": "int32 [batch]: tokens in the cache after this step - 1",
-            "total_sequence_length": "int32 []: max(seqlens_k) + 1",
-            "logits_positions": "int64 [batch, n_out]: positions of this step to compute logits for",
-            "past_key_values.{i}.key/.value": "float32 [batch, kv_heads_i, past_len, head_dim]",
-        },
-        "outputs": {
-            "logits": "float32 [batch, n_out, vocab]",
-            "present.{i}.key/.value": "float32 [batch, kv_heads_i, present_len, head_dim]",
-        },
-        "bos_token_id": spec.bos_token_id,
-        "eos_token_ids": list(spec.eos_token_ids),
-        "rope": asdict(spec.rope),
-        "weights": {
-            "projections": _projection_kind(weights, options),
-            "gptq": asdict(options.gptq) if options.gptq else None,
-            "embedding": options.embedding,
-            "lm_head": options.lm_head,
-            "tied_embeddings": spec.tie_word_embeddings,
-            "accuracy_level": acc,
-            "eora_modules": len(eora or {}),
-            "eora_bits": eb,
-            "eora_fuse_a": bool(fa and eora),
-            "fused_qkv": options.fuse_qkv,
-            "fused_gate_up": options.fuse_gate_up,
-        },
-        "external_data": data_name,
-    }
-    graph = helper.make_graph(g.nodes, "edgepack_decoder", inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="edgepack", ir_version=10)
-    helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
-    _save_atomically(onnx, model, path, data_name)
-    return metadata
+    # -- the file
+    def metadata(self, data_name: str) -> dict[str, Any]:
+        spec, o = self.spec, self.o
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "max_len": self.max_len,
+            "vocab_size": spec.vocab_size,
+            "hidden_size": spec.hidden_size,
+            "head_dim": spec.head_dim,
+            "num_layers": spec.n_layers,
+            "layers": [asdict(l) for l in spec.layers],
+            "kv_cache": self.kv_layers,
+            "kv_layout": "BNSH",
+            "kv_dtype": "float32",
+            "inputs": dict(INPUT_DOCS),
+            "outputs": dict(OUTPUT_DOCS),
+            "bos_token_id": spec.bos_token_id,
+            "eos_token_ids": list(spec.eos_token_ids),
+            "rope": asdict(spec.rope),
+            "weights": {
+                "projections": _projection_kind(self.w, o),
+                "gptq": asdict(o.gptq) if o.gptq else None,
+                "embedding": o.embedding,
+                "lm_head": o.lm_head,
+                "tied_embeddings": spec.tie_word_embeddings,
+                "accuracy_level": o.accuracy_level,
+                "eora_modules": len(self.eora or {}),
+                "eora_bits": o.eora_bits,
+                "eora_fuse_a": bool(o.eora_fuse_a and self.eora),
+                "fused_qkv": o.fuse_qkv,
+                "fused_gate_up": o.fuse_gate_up,
+            },
+            "external_data": data_name,
+        }
+
+    def model(self, metadata: dict):
+        helper = self.helper
+        graph = helper.make_graph(self.g.nodes, "edgepack_decoder", self.inputs, self.outputs, self.g.initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                                  producer_name="edgepack", ir_version=10)
+        helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
+        return model
 
 
 def _projection_kind(weights, options: GraphOptions) -> str:

@@ -22,6 +22,7 @@ import math
 import stat
 from pathlib import Path, PurePosixPath
 
+from runtime.contract import FORMAT, METADATA_KEY
 from runtime.errors import EdgepackError
 
 # The first onnxruntime release with external-data path validation on every loading path (files, bytes,
@@ -179,7 +180,7 @@ def check_onnx_model(model_path: Path, model_rel: str, files: dict) -> dict:
         if offset < 0 or length < 0 or offset + length > files[rel]["size"]:
             raise EdgepackError(f"{what}: external data [{offset}, {offset}+{length}) lies outside {rel} "
                                 f"({files[rel]['size']} bytes)")
-    return check_metadata(metadata.get("edgepack"), model_path)
+    return check_metadata(metadata.get(METADATA_KEY), model_path)
 
 
 def _int(meta: dict, key: str, lo: int, hi: int, where, optional: bool = False):
@@ -197,10 +198,10 @@ def check_metadata(raw: str | None, where) -> dict:
     from runtime.fileio import parse_json
 
     if raw is None:
-        raise EdgepackError(f"{where}: no 'edgepack' metadata; not an edgepack decoder graph")
+        raise EdgepackError(f"{where}: no '{METADATA_KEY}' metadata; not an edgepack decoder graph")
     meta = parse_json(raw.encode("utf-8"), f"{where} (edgepack metadata)")
-    if not isinstance(meta, dict) or meta.get("format") != "edgepack.decoder":
-        raise EdgepackError(f"{where}: metadata is not an edgepack.decoder description")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EdgepackError(f"{where}: metadata is not an {FORMAT} description")
     _int(meta, "max_len", 2, 1 << 20, where)
     _int(meta, "vocab_size", 1, 1 << 24, where)
     _int(meta, "head_dim", 1, 4096, where)

@@ -39,10 +39,16 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from runtime.contract import (
+    FORMAT,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_POSITIONS,
+    METADATA_KEY,
+    SEQLENS_K,
+    TOTAL_SEQUENCE_LENGTH,
+)
 from runtime.errors import EdgepackError
-
-METADATA_KEY = "edgepack"
-FORMAT = "edgepack.decoder"
 GRAPH_OPT = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -85,10 +91,10 @@ class DecodeStep:
         self.positions = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width)).copy()
         self.logits = np.zeros((b, width, vocab), np.float32)
         self.binding = session.io_binding()
-        for name, arr in (("input_ids", self.ids), ("seqlens_k", self.seqlens),
-                          ("total_sequence_length", self.total), ("logits_positions", self.positions)):
+        for name, arr in ((INPUT_IDS, self.ids), (SEQLENS_K, self.seqlens),
+                          (TOTAL_SEQUENCE_LENGTH, self.total), (LOGITS_POSITIONS, self.positions)):
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
-        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
         cache.bind(self.binding)
 
 
@@ -225,16 +231,16 @@ class OnnxDecoder:
         b, t = ids.shape
         self._check_room(t)
         feeds = {
-            "input_ids": ids,
-            "seqlens_k": np.full(b, t - 1, np.int32),
-            "total_sequence_length": np.array(t, np.int32),
-            "logits_positions": np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
+            INPUT_IDS: ids,
+            SEQLENS_K: np.full(b, t - 1, np.int32),
+            TOTAL_SEQUENCE_LENGTH: np.array(t, np.int32),
+            LOGITS_POSITIONS: np.broadcast_to(np.arange(t, dtype=np.int64), (b, t)).copy(),
         }
         for layer in self.kv_layers:
             empty = np.zeros((b, int(layer["kv_heads"]), 0, self.head_dim), np.float32)
             feeds[layer["past_key"]] = empty
             feeds[layer["past_value"]] = empty
-        logits = self.session.run(["logits"], feeds)[0]
+        logits = self.session.run([LOGITS], feeds)[0]
         return log_softmax_inplace(logits)
 
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
@@ -286,12 +292,12 @@ class OnnxDecoder:
                    positions: np.ndarray) -> np.ndarray:
         """One multi-token step through `cache` (shared past/present buffers); returns [B, P, V] logits."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        binding.bind_cpu_input("logits_positions", np.ascontiguousarray(positions, dtype=np.int64))
+        binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input(SEQLENS_K, np.ascontiguousarray(seqlens, dtype=np.int32))
+        binding.bind_cpu_input(TOTAL_SEQUENCE_LENGTH, np.array(total, np.int32))
+        binding.bind_cpu_input(LOGITS_POSITIONS, np.ascontiguousarray(positions, dtype=np.int64))
         logits = np.empty((ids.shape[0], positions.shape[1], self.vocab_size), np.float32)
-        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(logits))
         cache.bind(binding)
         self.session.run_with_iobinding(binding)
         return logits

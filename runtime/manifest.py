@@ -129,12 +129,17 @@ def check_name_clashes(names, where: str, field: str) -> None:
         if key in seen:
             _fail(where, f"{field}[{rel!r}]", f"collides with {seen[key]!r} on case-insensitive file systems")
         seen[key] = rel
+    directories: dict[str, str] = {}
     for rel in names:
-        parts = unicodedata.normalize("NFC", rel).casefold().split("/")
-        for i in range(1, len(parts)):
-            prefix = "/".join(parts[:i])
-            if prefix in seen:
-                _fail(where, f"{field}[{rel!r}]", f"needs {seen[prefix]!r} to be a directory, but it is a file")
+        spelled = unicodedata.normalize("NFC", rel).split("/")
+        for i in range(1, len(spelled)):
+            prefix = "/".join(spelled[:i])
+            key = prefix.casefold()
+            if key in seen:
+                _fail(where, f"{field}[{rel!r}]", f"needs {seen[key]!r} to be a directory, but it is a file")
+            if directories.setdefault(key, prefix) != prefix:
+                _fail(where, f"{field}[{rel!r}]", f"directory {prefix!r} collides with {directories[key]!r} on "
+                      "case-insensitive file systems")
 
 
 def _int_in(obj: dict, key: str, lo: int, hi: int, where: str, prefix: str, optional: bool = False):

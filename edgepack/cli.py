@@ -79,6 +79,7 @@ def cmd_compress(args) -> int:
         from exporter.export import export_run
 
         out = export_run(summary["workdir"], args.export, _export_options(args), log=lambda m: print(m, file=sys.stderr))
+        _export_draft(args, out, summary["workdir"])
         print(out)
     return 0
 
@@ -96,6 +97,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quality-limits", choices=["quick", "standard", "full"],
                    help="limits of the quality measured into the manifest (default standard)")
     p.add_argument("--no-archive", action="store_true", help="write only the bundle directory, no .edgepack file")
+    p.add_argument("--draft", metavar="RECIPE",
+                   help="also make a draft model for speculative decoding: compress the same source with this "
+                        "preset (e.g. D20), ship it under draft/ with its measured acceptance rate (exporter.draft)")
 
 
 def _export_options(args):
@@ -124,8 +128,17 @@ def cmd_export(args) -> int:
     from exporter.export import export_run
 
     out = export_run(args.workdir, args.output, _export_options(args), log=lambda m: print(m, file=sys.stderr))
+    _export_draft(args, out, args.workdir)
     print(out)
     return 0
+
+
+def _export_draft(args, bundle_dir, workdir) -> None:
+    if getattr(args, "draft", None):
+        from exporter.draft import export_draft
+
+        export_draft(bundle_dir, args.draft, workdir, _export_options(args), archive=not args.no_archive,
+                     log=lambda m: print(m, file=sys.stderr))
 
 
 def build_parser() -> argparse.ArgumentParser:

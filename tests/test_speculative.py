@@ -439,3 +439,35 @@ def test_chat_instructions_are_shipped():
     turns = chat_instructions()
     assert len(turns) == 202 and all(t.strip() for t in turns)
     assert chat_instructions(3) == turns[:3]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `edgepack export --draft RECIPE`
+
+
+def test_export_draft_builds_measures_and_ships_a_draft(tiny_checkpoint, tmp_path):
+    """A tiny run exported, then a D2 draft (2 of 4 layers) built from the same source with the compressor
+    pipeline: listed under draft/, acceptance and cost recorded, used by `auto`, output unchanged."""
+    from dataclasses import replace
+
+    from compressor import pipeline
+    from compressor.recipe import Calibration, Recipe
+    from exporter.draft import export_draft
+    from exporter.export import ExportOptions, export_run, shipping_graph
+    from test_export import LIMITS as limits, QUICK
+    recipe = Recipe(name="tiny-base", model=str(tiny_checkpoint), calibration=Calibration(samples=2, seqlen=32))
+    pipeline.run_pipeline(recipe, tmp_path / "run", eval_limits=limits, final_eval=False, stage_eval=False,
+                          log=lambda m: None)
+    graph = replace(shipping_graph(), embedding="fp32", lm_head="fp32")
+    options = ExportOptions(graph=graph, limits=limits, quick_limits=QUICK, archive=True)
+    out = export_run(tmp_path / "run", tmp_path / "bundle", options, log=lambda m: None)
+    record = export_draft(out, "D2", tmp_path / "run", options, prompts=3, new_tokens=16, log=lambda m: None)
+    assert record["layers"] == 2 and len(record["dropped_layers"]) == 2 and record["cost_per_token"] > 0
+    assert record["acceptance"]["prompts"] == 3 and 0 <= record["acceptance"]["greedy"] <= 1
+    for path in (out, tmp_path / "bundle.edgepack"):  # the directory and the re-written archive
+        b = Bundle.open(path)
+        assert b.has_draft and b.manifest["runtime"]["draft"]["acceptance"] == record["acceptance"]
+        gen = b.generator(threads=1)
+        assert gen.draft.name == "model"
+        ids = b.tokenizer.encode("The quick brown fox")
+        assert gen.generate(ids, GREEDY).token_ids == b.generator(threads=1, draft="none").generate(ids, GREEDY).token_ids

@@ -84,6 +84,8 @@ class Bundle:
         # that happens to lie in the directory.
         self.tokenizer = TextTokenizer(self.tokenizer_path, files=tok_files)
         self.onnx_metadata = check_onnx_model(self.onnx_path, rt["onnx"], manifest["files"])
+        if self.draft_path is not None:  # the draft graph's external data and metadata, checked the same way
+            check_onnx_model(self.draft_path, rt["draft"]["onnx"], manifest["files"])
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod

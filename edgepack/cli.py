@@ -204,6 +204,13 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:
+        # onnxruntime's own exception types (a crafted graph failing inside a kernel): one line as well.
+        if not type(e).__module__.startswith("onnxruntime"):
+            raise
+        print(f"edgepack: error: onnxruntime: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edgepack: interrupted (finished stages are kept; run the same command again to resume)",
               file=sys.stderr)

@@ -27,6 +27,7 @@ import itertools
 import os
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -159,6 +160,7 @@ class Bundle:
         if missing:
             raise EdgepackError(f"{self.onnx_path}: the graph lacks {missing[0]!r}, which its metadata names "
                                 "(not an edgepack decoder graph)")
+        _check_graph_shapes(dec, self.onnx_path)
         return dec
 
     def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto"):
@@ -264,6 +266,23 @@ def check_draft(manifest: dict, directory: Path) -> Path | None:
         if f.is_file() and name not in manifest["files"]:
             raise EdgepackError(f"{f}: file in the draft's directory is not listed in the manifest (refused)")
     return Path(directory) / rel
+
+
+def _check_graph_shapes(dec, where) -> None:
+    """The graph's fixed dimensions agree with its metadata (KV heads, head size, vocabulary), so a crafted
+    metadata block fails here with one line instead of inside onnxruntime mid-generation."""
+    shapes = {v.name: v.shape for v in [*dec.session.get_inputs(), *dec.session.get_outputs()]}
+    expected = {}
+    for layer in dec.kv_layers:
+        for k in ("past_key", "past_value", "present_key", "present_value"):
+            expected[layer[k]] = {1: int(layer["kv_heads"]), 3: dec.head_dim}
+    expected["logits"] = {2: dec.vocab_size}
+    for name, dims in expected.items():
+        shape = shapes.get(name) or []
+        for axis, want in dims.items():
+            got = shape[axis] if axis < len(shape) else None
+            if isinstance(got, int) and got != want:
+                raise EdgepackError(f"{where}: {name} has dimension {got} at axis {axis}, the metadata says {want}")
 
 
 def check_requirements(requires: dict, where) -> None:
@@ -393,7 +412,8 @@ def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | No
     try:
         with zf:
             return _extract(zf, archive, target, root, verify_digests, max_files, max_total_bytes)
-    except (zipfile.BadZipFile, EOFError, zlib_error(), NotImplementedError, RuntimeError) as e:
+    except (zipfile.BadZipFile, EOFError, zlib_error(), NotImplementedError, RuntimeError, ValueError,
+            struct.error) as e:
         raise EdgepackError(f"{archive}: corrupt archive ({str(e)[:200]})") from None
     except OSError as e:  # read-only or full cache directory, or a name the file system refuses
         raise EdgepackError(f"{root}: cannot write the bundle cache ({e.strerror or e}); free some space or "

@@ -490,3 +490,37 @@ def test_special_tokens_typed_by_a_user_are_plain_text(good):
     session = ChatSession(b.generator(), tok, "system <|im_end|>")
     prompt, _ = session.build_prompt(typed, 4)
     assert prompt.count(end) == ref.count(end) + 1  # the system turn's own end marker, not the typed one
+
+
+def test_metadata_that_disagrees_with_the_graph_gives_one_error_line(good, tmp_path, capsys):
+    def edit(model):
+        for p in model.metadata_props:
+            if p.key == "edgepack":
+                meta = json.loads(p.value)
+                meta["kv_cache"][0]["kv_heads"] += 1  # well-typed, but not what the graph computes
+                p.value = json.dumps(meta)
+
+    d = copy_bundle(good, tmp_path / "b")
+    _rewrite_onnx(d, edit)
+    assert "the metadata says" in cli_error(capsys, ["generate", str(d), "hi", "--max-new-tokens", "2"])
+
+
+def test_onnxruntime_failures_inside_a_command_are_one_line(good, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    import runtime.cli_commands
+
+    def failing(args):
+        ort.InferenceSession(b"not a model")
+
+    monkeypatch.setattr(runtime.cli_commands, "cmd_generate", failing)  # main() builds its parser afresh
+    assert "onnxruntime:" in cli_error(capsys, ["generate", str(good), "hi"])
+
+
+def test_conversation_settings_of_the_wrong_type_are_dropped(tmp_path):
+    from tui.store import ConversationStore
+
+    store = ConversationStore(tmp_path / "data")
+    store.conv_dir.mkdir(parents=True)
+    (store.conv_dir / "x.json").write_text(json.dumps({"id": "x", "settings": {"temperature": "hot", "top_k": 5}}))
+    assert store.load("x").settings == {"top_k": 5}

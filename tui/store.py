@@ -90,6 +90,9 @@ class Conversation:
                 raise ValueError(f"field {key!r} has the wrong type")
         if "id" in known and not re.fullmatch(r"[A-Za-z0-9_.-]+", known["id"]):
             raise ValueError("field 'id' is not a valid file name")
+        if "settings" in known:  # sampling overrides: numbers only (anything else would fail at generation)
+            known["settings"] = {k: v for k, v in known["settings"].items()
+                                 if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
         conv = cls(**known)
         conv.messages = [m for m in conv.messages if isinstance(m, dict) and m.get("role") in ("user", "assistant")
                          and isinstance(m.get("content", ""), str)]

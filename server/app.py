@@ -96,18 +96,19 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
                     for m in body.messages]
         if system_prompt and messages[0]["role"] != "system":  # as `edgepack generate` and `edgepack chat`
             messages.insert(0, {"role": "system", "content": system_prompt})
-        try:  # the bundle's chat template, as runtime.generation.ChatSession renders it
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        for m in messages:
+            unicode_text(m["content"], "messages")
+        try:  # the bundle's chat template, as ChatSession renders it; special tokens typed in a message stay text
+            prompt = tokenizer.encode_chat(messages, add_generation_prompt=True)
         except EdgepackError as e:
             raise ApiError(400, str(e), param="messages") from None
-        prompt = tokenizer.encode(unicode_text(text, "messages"), add_special_tokens=False)
         settings = sampling(body, defaults, len(prompt), scheduler.context, "messages")
         return await respond(request, body, prompt, settings, "chat")
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
         check_request(body, model_id)
-        prompt = tokenizer.encode(unicode_text(body.prompt_text(), "prompt"), add_special_tokens=True)  # as generate --raw
+        prompt = tokenizer.encode_text(unicode_text(body.prompt_text(), "prompt"), add_special_tokens=True)  # as generate --raw
         settings = sampling(body, defaults, len(prompt), scheduler.context, "prompt")
         return await respond(request, body, prompt, settings, "text")
 

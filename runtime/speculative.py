@@ -13,9 +13,15 @@ Proposers (the "draft"):
 
 Exactness:
 - Greedy (temperature 0): a guess is kept iff it is the token plain decoding would pick at that position (argmax
-  after the same repetition penalty), so the output is plain greedy output, token for token. The only
-  difference is float rounding: the multi-token pass sums in another order (measured |Δlogit| ~ 1e-6), which
-  can flip an exact near-tie; benchmarks/spec_decode.py counts such divergences on real text.
+  after the same repetition penalty), so the output is plain greedy output, token for token, as long as the
+  multi-token pass computes what the one-token step computes. On graphs with fp32 activations it does (|Δlogit|
+  ~1e-6 to 1e-4: only an exact near-tie could flip). On int8-activation graphs (MatMulNBits accuracy_level 4,
+  the shipped default) it does not: onnxruntime's kernel for several rows quantizes activations differently
+  from its one-row kernel, and SmolLM2's logits differ by up to ~0.8 between the two paths (each is ~1.0 from
+  the fp32-activation result, so neither is the more exact one). Greedy speculative output then follows the
+  plain output until a position whose top-2 gap is below that noise, and may differ after it, exactly as a
+  batched decode (also the several-row kernel) may differ from a batch-of-one decode.
+  benchmarks/spec_decode.py counts such divergences.
 - Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023): guess x drawn from the draft's q is kept
   with probability min(1, p(x)/q(x)); on rejection the token is drawn from max(p - q, 0), renormalised; after k
   kept guesses one more token is drawn from p. The output distribution is exactly p's. Prompt lookup's guess
@@ -26,7 +32,8 @@ Exactness:
 
 k adapts to the measured acceptance (`AdaptiveK`): an exponential moving average of the share of guesses kept
 picks the k that maximises expected tokens per unit of cost, (1 - a^(k+1)) / (1 - a) / (1 + c k), with c the
-relative cost of one more guessed token (the proposer's own cost plus the wider verification pass). It depends
+relative cost of one more guessed token (the proposer's own cost plus the wider verification pass); when even
+the best k is worth less than plain decoding, guessing pauses, with a probe every few rounds. It depends
 only on acceptance counts, never on timings, so a seeded run is reproducible.
 """
 from __future__ import annotations
@@ -47,8 +54,9 @@ DRAFT_CHOICES: tuple[str, ...] = DraftChoice.__args__
 # Chat prompts for measuring acceptance (runtime/data/PROVENANCE.md)
 CHAT_INSTRUCTIONS = Path(__file__).resolve().parent / "data" / "chat" / "user_oriented_instructions_202.jsonl"
 # Cost of verifying one more token in the target's multi-token pass, relative to one decode step. Measured on
-# SmolLM2-135M int4 (benchmarks/spec_decode.py prints it): scoring 5 tokens costs ~1.25-1.4 decode steps.
-VERIFY_COST_PER_TOKEN = 0.08
+# SmolLM2-135M int4 with int8 activations on a loaded 2-core EPYC (benchmarks/spec_decode.py prints it): scoring
+# 2 / 3 / 5 / 9 tokens costs ~1.2-1.4 / 1.2-1.4 / 1.5-1.7 / 2.0-2.6 decode steps.
+VERIFY_COST_PER_TOKEN = 0.18
 
 
 @dataclass
@@ -185,20 +193,31 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 class AdaptiveK:
-    """The number of tokens to guess next, from a moving average of the share of guesses kept."""
+    """The number of tokens to guess next, from a moving average of the share of guesses kept. When no k
+    beats plain decoding (1 token per unit of cost), speculation pauses (k = 0) and probes with k_min
+    guesses every `probe_every` rounds, so a stream that turns repetitive is noticed."""
 
-    def __init__(self, settings: SpeculationSettings, cost_per_token: float):
+    def __init__(self, settings: SpeculationSettings, cost_per_token: float, probe_every: int = 8):
         self.s = settings
         self.cost = float(cost_per_token) + VERIFY_COST_PER_TOKEN
         self.alpha = 0.5  # prior: half the guesses kept
         self.k = settings.k_start
+        self.probe_every, self.paused = probe_every, 0
+
+    def next_k(self) -> int:
+        if self.k > 0:
+            return self.k
+        self.paused += 1
+        return self.s.k_min if self.paused % self.probe_every == 0 else 0
 
     def update(self, proposed: int, accepted: int) -> None:
         if proposed == 0:
             return
         self.alpha += self.s.ema * (accepted / proposed - self.alpha)
         ks = range(self.s.k_min, self.s.k_max + 1)
-        self.k = max(ks, key=lambda k: expected_tokens(self.alpha, k) / (1.0 + self.cost * k))
+        gain = {k: expected_tokens(self.alpha, k) / (1.0 + self.cost * k) for k in ks}
+        best = max(gain, key=gain.get)
+        self.k = best if gain[best] > 1.0 else 0
 
 
 def target_probs(sampler, logits: np.ndarray) -> np.ndarray:
@@ -293,7 +312,7 @@ class SpeculativeTokens:
         base = len(self.cache_ids) - 1  # the cache holds everything before the pending token
         if dec.length != base:
             raise EdgepackError(f"speculation: the cache holds {dec.length} tokens, expected {base}")
-        k = min(self.k.k, dec.max_len - base - 1)
+        k = min(self.k.next_k(), dec.max_len - base - 1)
         if self.end is not None:  # the round yields up to k + 1 tokens after the pending one
             k = min(k, self.end - len(self.cache_ids) - 1)
         proposal = self.proposer.propose(self.cache_ids, k, self.sampler) if k > 0 else Proposal([])

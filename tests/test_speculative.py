@@ -215,8 +215,13 @@ def test_k_adapts_to_acceptance():
         k.update(k.k, k.k)
     assert k.k == 8 and k.alpha > 0.99
     for _ in range(20):
-        k.update(k.k, 0)
-    assert k.k == 1 and k.alpha < 0.01
+        k.update(max(k.k, 1), 0)
+    assert k.k == 0 and k.alpha < 0.01  # guessing no longer pays: paused, with a probe every 8th round
+    assert [k.next_k() for _ in range(16)] == [0] * 7 + [1] + [0] * 7 + [1]
+    k.update(1, 1)
+    for _ in range(10):
+        k.update(max(k.k, 1), max(k.k, 1))
+    assert k.k == 8  # resumed
     with pytest.raises(EdgepackError, match="k_min"):
         SpeculationSettings(k_start=9, k_max=8).check()
 

@@ -204,6 +204,10 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except MemoryError:
+        print("edgepack: error: out of memory (the bundle or its settings need more memory than this machine has)",
+              file=sys.stderr)
+        return 2
     except Exception as e:
         # onnxruntime's own exception types (a crafted graph failing inside a kernel): one line as well.
         if not type(e).__module__.startswith("onnxruntime"):

@@ -75,6 +75,10 @@ class Bundle:
         self.safetensors_path: Path | None = self.path / rt["safetensors"] if rt.get("safetensors") else None
         self.tokenizer_path = self.path / manifest["tokenizer"]["directory"]
         self.draft_path: Path | None = check_draft(manifest, self.path)  # optional speculative-decoding draft
+        from runtime.onnx_check import ORT_MIN_VERSION
+
+        # edgepack's own floor first (a manifest cannot lower it), then what the bundle asks for.
+        check_requirements({"onnxruntime": f">={ORT_MIN_VERSION}"}, "edgepack")
         check_requirements(rt.get("requires") or {}, self.path / MANIFEST_NAME)
         tok_prefix = manifest["tokenizer"]["directory"].rstrip("/") + "/"
         tok_files = {f[len(tok_prefix):] for f in manifest["files"] if f.startswith(tok_prefix)}

@@ -29,7 +29,8 @@ from runtime.errors import EdgepackError
 # sparse tensors: microsoft/onnxruntime#26776, #27430, #28709); bundles and pyproject require at least it.
 ORT_MIN_VERSION = "1.27"
 MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit for one message
-MAX_NESTING = 32  # graphs inside attributes inside graphs ...
+MAX_NESTING = 32
+MAX_KV_BYTES = 32 << 30  # one sequence's float32 KV cache at max_len; a 7B model at 8k context needs ~4 GiB  # graphs inside attributes inside graphs ...
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 # Field numbers from onnx.proto: message -> {field: message kind of that (length-delimited) field}.
@@ -217,6 +218,10 @@ def check_metadata(raw: str | None, where) -> dict:
                                                   ("past_key", "past_value", "present_key", "present_value")):
             raise EdgepackError(f"{where}: metadata 'kv_cache' entries need past/present key/value names")
         _int(layer, "kv_heads", 1, 4096, where)
+    kv_bytes = sum(2 * layer["kv_heads"] * meta["max_len"] * meta["head_dim"] * 4 for layer in kv)
+    if kv_bytes > MAX_KV_BYTES:
+        raise EdgepackError(f"{where}: its KV cache would take {kv_bytes / 2**30:.0f} GiB for one sequence "
+                            f"(max_len={meta['max_len']}), more than the {MAX_KV_BYTES >> 30} GiB edgepack allows")
     weights = meta.get("weights", {})
     if not isinstance(weights, dict):
         raise EdgepackError(f"{where}: metadata field 'weights' must be an object")

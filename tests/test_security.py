@@ -539,3 +539,31 @@ def test_server_encodes_typed_special_tokens_as_text(good):
         reply = client(url).chat.completions.create(model=b.name, messages=[{"role": "user", "content": text}],
                                                     temperature=0, max_tokens=8)
     assert reply.usage.prompt_tokens == solo.prompt_tokens and reply.choices[0].message.content == solo.text
+
+
+def test_metadata_asking_for_a_huge_kv_cache_is_refused_at_open(good, tmp_path):
+    def edit(model):
+        for p in model.metadata_props:
+            if p.key == "edgepack":
+                meta = json.loads(p.value)
+                meta["max_len"] = 1 << 20
+                meta["kv_cache"][0]["kv_heads"] = 4096
+                p.value = json.dumps(meta)
+
+    d = copy_bundle(good, tmp_path / "b")
+    _rewrite_onnx(d, edit)
+    with pytest.raises(EdgepackError, match="KV cache would take"):
+        Bundle.open(d)
+
+
+def test_edgepack_keeps_its_own_onnxruntime_floor(good, tmp_path, monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "1.20.0" if p == "onnxruntime" else real(p))
+    d = copy_bundle(good, tmp_path / "b")
+    m = manifest_of(d)
+    m["runtime"]["requires"] = {"onnxruntime": ">=1.0"}  # a bundle cannot lower the floor
+    write_manifest(d, m)
+    with pytest.raises(EdgepackError, match="needs onnxruntime>="):
+        Bundle.open(d)

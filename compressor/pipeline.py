@@ -1,11 +1,4 @@
-"""The pipeline: run a recipe's stages in order into a work directory, resumably.
-
-    workdir/
-      recipe.json                 the recipe as resolved
-      01-depth/model/             HF checkpoint after this stage      01-depth/record.json
-      02-width/model/ masks.safetensors                               02-width/record.json
-      ...
-      summary.json                every stage's record + the final evaluation
+"""The pipeline: run a recipe's stages in order into a work directory (layout: compressor.workdir), resumably.
 
 A stage counts as done when its record.json exists and its fingerprint (hash of the stage's settings, the
 calibration settings and the previous stage's fingerprint) matches: a re-run resumes at the first stage
@@ -17,18 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import json
 import re
 import shutil
 import time
 from pathlib import Path
 
-from compressor.importer import MODELS_DIR
-from compressor.recipe import Recipe, settings_hash
 import numpy as np
 
+from compressor.importer import MODELS_DIR
+from compressor.recipe import Recipe, settings_hash
 from compressor.stages import STAGE_FUNCTIONS, StageContext, load_stage_model
 from compressor.torch_backend import load_causal_lm
+from compressor.workdir import RECORD, STARTED, Workdir, read_record
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_write_json, sha256_file
 from runtime.harness import EvalLimits, evaluate, format_summary
@@ -67,70 +60,38 @@ def default_workdir(recipe: Recipe) -> Path:
     return MODELS_DIR / "runs" / slug(recipe.name)
 
 
-def _read_record(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalLimits | None = None,
                  final_eval: bool = True, stage_eval: bool = True, log=print) -> dict:
     """Run (or resume) `recipe`; returns the summary (also written to workdir/summary.json)."""
     source = Path(recipe.model)
     if not (source / "config.json").exists():
         raise EdgepackError(f"{source}: source model not found (run `edgepack import` first, or set model= in the recipe)")
-    workdir = Path(workdir) if workdir else default_workdir(recipe)
-    workdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(workdir / "recipe.json", recipe.to_dict())
+    wd = Workdir(Path(workdir) if workdir else default_workdir(recipe))
+    wd.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(wd.recipe_path, recipe.to_dict())
     tokenizer = TextTokenizer(source)
-    ctx = StageContext(recipe=recipe, tokenizer=tokenizer, source_dir=source, workdir=workdir)
+    ctx = StageContext(recipe=recipe, tokenizer=tokenizer, source_dir=source, workdir=wd.path)
 
     previous_fp, previous_dir = source_fingerprint(source), source
     records, last = [], None
     stages = recipe.stage_names()
     log(f"recipe {recipe.name!r}: {recipe.describe()}")
-    log(f"work directory {workdir}; stages: {' → '.join(stages) or 'none'}")
+    log(f"work directory {wd.path}; stages: {' → '.join(stages) or 'none'}")
     for index, stage in enumerate(stages, 1):
-        sdir = workdir / f"{index:02d}-{stage}"
-        fp = stage_fingerprint(recipe, stage, previous_fp)
+        sdir = wd.stage_dir(index, stage)
         ctx.inputs[stage] = previous_dir
         ctx.inputs[f"{stage}_fingerprint"] = previous_fp
-        record = _read_record(sdir / "record.json")
-        if record and record.get("fingerprint") == fp and (sdir / record.get("output", "model")).exists():
-            log(f"[{index}/{len(stages)}] {stage}: done earlier ({record['seconds']:.0f} s), reusing")
-        else:
-            started = _read_record(sdir / "started.json")
-            if sdir.exists() and not (started and started.get("fingerprint") == fp):
-                shutil.rmtree(sdir)  # stale: its settings or input changed
-            sdir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(sdir / "started.json", {"fingerprint": fp})  # same fingerprint: keep partial work
-            log(f"[{index}/{len(stages)}] {stage}: running")
-            t0 = time.perf_counter()
-            facts = STAGE_FUNCTIONS[stage](ctx, previous_dir, sdir)
-            record = {
-                "stage": stage,
-                "fingerprint": fp,
-                "input": previous_fp,
-                "input_dir": str(previous_dir),
-                "settings": dataclasses.asdict(getattr(recipe, stage)),
-                "calibration": dataclasses.asdict(recipe.calibration) if stage in USES_CALIBRATION else None,
-                "seconds": round(time.perf_counter() - t0, 1),
-                "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                **facts,
-            }
-            atomic_write_json(sdir / "record.json", record)
-            log(f"[{index}/{len(stages)}] {stage}: finished in {record['seconds']:.0f} s")
+        record = _run_or_reuse_stage(ctx, wd, index, stage, previous_fp, previous_dir, f"[{index}/{len(stages)}]", log)
         if stage == "width":
             ctx.masks_path = sdir / "masks.safetensors"
         if stage_eval and stage in EVAL_AFTER and not (final_eval and index == len(stages)):
             record["eval"] = evaluate_stage(ctx, stage, sdir, record, eval_limits or EvalLimits(), log)
         records.append(record)
-        previous_fp, previous_dir = fp, sdir / record.get("output", "model")
+        previous_fp, previous_dir = record["fingerprint"], sdir / record.get("output", "model")
         last = (stage, sdir, record)
 
     summary = {"recipe": recipe.to_dict(), "description": recipe.describe(), "stages": records,
-               "final_model": str(previous_dir), "fingerprint": previous_fp, "workdir": str(workdir)}
+               "final_model": str(previous_dir), "fingerprint": previous_fp, "workdir": str(wd.path)}
     if final_eval:
         limits = eval_limits or EvalLimits()
         if stages:
@@ -138,10 +99,43 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
             summary["eval"] = evaluate_stage(ctx, stage, sdir, record, limits, log)
             record["eval"] = summary["eval"]
         else:
-            summary["eval"] = evaluate_cached(lambda: load_causal_lm(source), workdir, previous_fp, limits, tokenizer,
+            summary["eval"] = evaluate_cached(lambda: load_causal_lm(source), wd.path, previous_fp, limits, tokenizer,
                                               log=log)
-    atomic_write_json(workdir / "summary.json", summary)
+    atomic_write_json(wd.summary_path, summary)
     return summary
+
+
+def _run_or_reuse_stage(ctx: StageContext, wd: Workdir, index: int, stage: str, previous_fp: str,
+                        previous_dir: Path, step: str, log) -> dict:
+    """The stage's record: read back when it finished earlier with the same fingerprint, else run it."""
+    recipe = ctx.recipe
+    sdir = wd.stage_dir(index, stage)
+    fp = stage_fingerprint(recipe, stage, previous_fp)
+    record = wd.finished(sdir.name, fp)
+    if record:
+        log(f"{step} {stage}: done earlier ({record['seconds']:.0f} s), reusing")
+        return record
+    if sdir.exists() and wd.started_fingerprint(sdir.name) != fp:
+        shutil.rmtree(sdir)  # stale: its settings or input changed
+    sdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(sdir / STARTED, {"fingerprint": fp})  # same fingerprint: keep partial work
+    log(f"{step} {stage}: running")
+    t0 = time.perf_counter()
+    facts = STAGE_FUNCTIONS[stage](ctx, previous_dir, sdir)
+    record = {
+        "stage": stage,
+        "fingerprint": fp,
+        "input": previous_fp,
+        "input_dir": str(previous_dir),
+        "settings": dataclasses.asdict(getattr(recipe, stage)),
+        "calibration": dataclasses.asdict(recipe.calibration) if stage in USES_CALIBRATION else None,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **facts,
+    }
+    atomic_write_json(sdir / RECORD, record)
+    log(f"{step} {stage}: finished in {record['seconds']:.0f} s")
+    return record
 
 
 def evaluate_stage(ctx: StageContext, stage: str, sdir: Path, record: dict, limits: EvalLimits, log=print) -> dict:
@@ -161,7 +155,7 @@ def reference_for(model_dir: Path, workdir: Path, limits: EvalLimits, tokenizer:
     from runtime.datasets import wikitext_eval_text
 
     key = settings_hash({"model": str(model_dir), "ctx": limits.ctx, "windows": limits.ppl_windows, "k": k})
-    path = workdir / "evals" / f"reference-{key}.safetensors"
+    path = Workdir(workdir).evals / f"reference-{key}.safetensors"
     if path.exists():
         return Reference.load(path)
     log(f"reference log-probabilities of {model_dir} (top-{k})")
@@ -183,8 +177,8 @@ def evaluate_cached(load_model, workdir: Path, fingerprint: str, limits: EvalLim
                     log=print, reference: Reference | None = None) -> dict:
     """Evaluate a stage's model once per (fingerprint, limits); later calls read the cached result."""
     key = settings_hash({"fp": fingerprint, "limits": dataclasses.asdict(limits), "kl": reference is not None})
-    cache = workdir / "evals" / f"{key}.json"
-    cached = _read_record(cache)
+    cache = Workdir(workdir).evals / f"{key}.json"
+    cached = read_record(cache)
     if cached:
         log(format_summary(cached))
         return cached

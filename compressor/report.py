@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.fileio import atomic_write_bytes, atomic_write_text
@@ -20,12 +21,55 @@ CSV_COLUMNS = ["name", "config", "lora", "quant", "order", "closed_pct", "open_p
                "params_dense", "params_nonzero", "size_mb", "seconds", "example", "workdir", "fingerprint"]
 
 
+@dataclass
+class SweepRow:
+    """One evaluated grid point: compressor.sweep fills it (and caches it as JSON), the report reads it."""
+
+    name: str
+    config: str  # the seed table's first columns (compressor.sweep.labels): pruning config, LoRA data, ...
+    lora: str
+    quant: str
+    order: str
+    description: str
+    closed: float  # TriviaQA closed-book accuracy (answer contained), 0-1
+    closed_exact: float
+    open: float  # open-book
+    open_exact: float
+    questions: int
+    ppl: float
+    ppl_windows: int
+    ppl_tokens: int
+    kld: float | None  # vs the unquantized model of the same run (GPTQ / EoRA points only)
+    top1: float | None
+    params_dense: int
+    params_nonzero: int
+    size_bytes: int
+    example: str  # the greedy answer to `prompt`
+    prompt: str
+    workdir: str
+    fingerprint: str
+    stages: list[str] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)  # stage directories linked from another run
+    recipe: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)
+    seconds: float | None = None
+
+
+@dataclass
+class FailedPoint:
+    """A grid point that raised: reported, and the others still are."""
+
+    name: str
+    workdir: str
+    error: str
+
+
 def pct(x) -> float | None:
     return None if x is None else round(100 * x, 2)
 
 
 def size_mb(row: dict) -> float:
-    return round(row["size_bytes"] / 1e6, 3)
+    return round(row.size_bytes / 1e6, 3)
 
 
 def fmt_params(n: int) -> str:
@@ -33,30 +77,30 @@ def fmt_params(n: int) -> str:
 
 
 def fmt_size(row: dict) -> str:
-    mb = row["size_bytes"] / 1e6
+    mb = row.size_bytes / 1e6
     return f"{mb:.1f} MB" if mb >= 10 else f"{mb:.2f} MB"
 
 
 def short_label(row: dict) -> str:
-    parts = [row["config"]]
-    if row["lora"] != "none":
-        parts.append(f"LoRA {row['lora']}")
-    if row["quant"] != "none":
-        parts.append(row["quant"])
-    if row.get("order"):
-        parts.append(row["order"])
+    parts = [row.config]
+    if row.lora != "none":
+        parts.append(f"LoRA {row.lora}")
+    if row.quant != "none":
+        parts.append(row.quant)
+    if row.order:
+        parts.append(row.order)
     return " · ".join(parts)
 
 
-def plot_labels(rows: list[dict]) -> list[str]:
+def plot_labels(rows: list[SweepRow]) -> list[str]:
     """Short labels when they tell the points apart, the run names otherwise."""
     short = [short_label(r) for r in rows]
-    return short if len(set(short)) == len(short) else [r["name"] for r in rows]
+    return short if len(set(short)) == len(short) else [r.name for r in rows]
 
 
-def caption(limits: EvalLimits, rows: list[dict]) -> str:
-    q = rows[0]["questions"] if rows else "?"
-    w = f"{rows[0]['ppl_windows']} windows × {limits.ctx} tokens" if rows else "?"
+def caption(limits: EvalLimits, rows: list[SweepRow]) -> str:
+    q = rows[0].questions if rows else "?"
+    w = f"{rows[0].ppl_windows} windows × {limits.ctx} tokens" if rows else "?"
     return (f"Evaluation limits: {limits.describe()} — WikiText-2 test PPL on {w}; TriviaQA closed and open book on "
             f"the same {q} questions, % = answer contains an alias (exact match in results.csv). Non-zero parameters "
             f"count the weights left after pruning (GPTQ keeps the count; EoRA adds its low-rank pairs); size = weight "
@@ -64,23 +108,23 @@ def caption(limits: EvalLimits, rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------ tables
-def csv_rows(rows: list[dict]) -> list[dict]:
+def csv_rows(rows: list[SweepRow]) -> list[dict]:
     out = []
     for r in rows:
         out.append({
-            "name": r["name"], "config": r["config"], "lora": r["lora"], "quant": r["quant"], "order": r["order"],
-            "closed_pct": pct(r["closed"]), "open_pct": pct(r["open"]), "closed_exact_pct": pct(r["closed_exact"]),
-            "open_exact_pct": pct(r["open_exact"]), "questions": r["questions"], "ppl": round(r["ppl"], 4),
-            "ppl_windows": r["ppl_windows"], "ppl_tokens": r["ppl_tokens"],
-            "kld": None if r.get("kld") is None else round(r["kld"], 5), "top1_pct": pct(r.get("top1")),
-            "params_dense": r["params_dense"], "params_nonzero": r["params_nonzero"], "size_mb": size_mb(r),
-            "seconds": r.get("seconds"), "example": r["example"], "workdir": r["workdir"],
-            "fingerprint": r["fingerprint"],
+            "name": r.name, "config": r.config, "lora": r.lora, "quant": r.quant, "order": r.order,
+            "closed_pct": pct(r.closed), "open_pct": pct(r.open), "closed_exact_pct": pct(r.closed_exact),
+            "open_exact_pct": pct(r.open_exact), "questions": r.questions, "ppl": round(r.ppl, 4),
+            "ppl_windows": r.ppl_windows, "ppl_tokens": r.ppl_tokens,
+            "kld": None if r.kld is None else round(r.kld, 5), "top1_pct": pct(r.top1),
+            "params_dense": r.params_dense, "params_nonzero": r.params_nonzero, "size_mb": size_mb(r),
+            "seconds": r.seconds, "example": r.example, "workdir": r.workdir,
+            "fingerprint": r.fingerprint,
         })
     return out
 
 
-def results_csv(rows: list[dict]) -> str:
+def results_csv(rows: list[SweepRow]) -> str:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
@@ -93,23 +137,23 @@ def md_cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ⏎ ")
 
 
-def results_markdown(rows: list[dict], limits: EvalLimits, grid_name: str) -> str:
-    with_order = any(r["order"] for r in rows)
+def results_markdown(rows: list[SweepRow], limits: EvalLimits, grid_name: str) -> str:
+    with_order = any(r.order for r in rows)
     ambiguous = len({short_label(r) for r in rows}) < len(rows)
     head = (["run"] if ambiguous else []) + ["config", "LoRA", "quant"] + (["order"] if with_order else []) + \
         ["closed %", "open %", "PPL", "non-zero params", "size"]
     lines = [f"# Sweep `{grid_name}`: results", "", f"*{caption(limits, rows)}*", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = ([r["name"]] if ambiguous else []) + [r["config"], r["lora"], r["quant"]] + \
-            ([r["order"] or "—"] if with_order else []) + \
-            [f"{100 * r['closed']:.1f}", f"{100 * r['open']:.1f}", f"{r['ppl']:.2f}", fmt_params(r["params_nonzero"]),
+        cells = ([r.name] if ambiguous else []) + [r.config, r.lora, r.quant] + \
+            ([r.order or "—"] if with_order else []) + \
+            [f"{100 * r.closed:.1f}", f"{100 * r.open:.1f}", f"{r.ppl:.2f}", fmt_params(r.params_nonzero),
              fmt_size(r)]
         lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def examples_markdown(rows: list[dict], limits: EvalLimits, prompt: str, grid_name: str,
+def examples_markdown(rows: list[SweepRow], limits: EvalLimits, prompt: str, grid_name: str,
                       max_new_tokens: int = 24) -> str:
     lines = [f"# Sweep `{grid_name}`: generation examples", "",
              f"*Prompt {prompt!r} as one chat turn (the model's chat template), greedy decoding, up to {max_new_tokens} new tokens, "
@@ -117,8 +161,8 @@ def examples_markdown(rows: list[dict], limits: EvalLimits, prompt: str, grid_na
              f"Evaluation limits of the other tables: {limits.describe()}.*", "",
              "| config | LoRA | quant | output |", "|---|---|---|---|"]
     for r in rows:
-        cfg = r["config"] + (f" ({r['order']})" if r["order"] else "")
-        lines.append("| " + " | ".join(md_cell(c) for c in (cfg, r["lora"], r["quant"], r["example"] or "(empty)")) + " |")
+        cfg = r.config + (f" ({r.order})" if r.order else "")
+        lines.append("| " + " | ".join(md_cell(c) for c in (cfg, r.lora, r.quant, r.example or "(empty)")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -134,19 +178,19 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def order_pairs(rows: list[dict]) -> list[tuple[str, dict, dict]]:
+def order_pairs(rows: list[SweepRow]) -> list[tuple[str, SweepRow, SweepRow]]:
     """(label, D→W→L row, D→L→W row) for recipes that differ only in the order of width pruning and LoRA."""
     groups: dict[str, dict] = {}
     for r in rows:
-        if not r["order"]:
+        if not r.order:
             continue
-        key = json.dumps({k: v for k, v in r["recipe"].items() if k not in ("name", "order")}, sort_keys=True)
-        groups.setdefault(key, {})[r["recipe"]["order"]] = r
+        key = json.dumps({k: v for k, v in r.recipe.items() if k not in ("name", "order")}, sort_keys=True)
+        groups.setdefault(key, {})[r.recipe["order"]] = r
     pairs = []
     for g in groups.values():
         if "DWL" in g and "DLW" in g:
             a = g["DWL"]
-            pairs.append((f"{a['config']} · LoRA {a['lora']}" + (f" · {a['quant']}" if a["quant"] != "none" else ""),
+            pairs.append((f"{a.config} · LoRA {a.lora}" + (f" · {a.quant}" if a.quant != "none" else ""),
                           g["DWL"], g["DLW"]))
     return pairs
 
@@ -174,56 +218,56 @@ def _acc_top(values) -> float:
 
 
 def _baseline(rows):
-    return next((r for r in rows if r["config"] == "baseline" and r["lora"] == "none" and r["quant"] == "none"), None)
+    return next((r for r in rows if r.config == "baseline" and r.lora == "none" and r.quant == "none"), None)
 
 
-def plot_accuracy(rows: list[dict], limits: EvalLimits, path: Path) -> Path:
+def plot_accuracy(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Path:
     import numpy as np
 
     plt = _pyplot()
     names = plot_labels(rows)
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 5), layout="constrained")
-    ax.bar(x - 0.2, [100 * r["closed"] for r in rows], 0.4, label="closed book")
-    ax.bar(x + 0.2, [100 * r["open"] for r in rows], 0.4, label="open book")
+    ax.bar(x - 0.2, [100 * r.closed for r in rows], 0.4, label="closed book")
+    ax.bar(x + 0.2, [100 * r.open for r in rows], 0.4, label="open book")
     base = _baseline(rows)
     if base:
-        ax.axhline(100 * base["closed"], ls="--", lw=0.8, color="C0")
-        ax.axhline(100 * base["open"], ls="--", lw=0.8, color="C1")
+        ax.axhline(100 * base.closed, ls="--", lw=0.8, color="C0")
+        ax.axhline(100 * base.open, ls="--", lw=0.8, color="C1")
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("TriviaQA accuracy (% contains an alias)")
-    ax.set_ylim(0, _acc_top([100 * r[k] for r in rows for k in ("closed", "open")]))
-    ax.set_title(f"TriviaQA accuracy per configuration (n={rows[0]['questions']}; dashed: baseline)\n"
+    ax.set_ylim(0, _acc_top([100 * getattr(r, k) for r in rows for k in ("closed", "open")]))
+    ax.set_title(f"TriviaQA accuracy per configuration (n={rows[0].questions}; dashed: baseline)\n"
                  f"{limits.describe()}", fontsize=9)
     ax.legend()
     return _save(fig, path)
 
 
-def plot_perplexity(rows: list[dict], limits: EvalLimits, path: Path) -> Path:
+def plot_perplexity(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Path:
     import numpy as np
 
     plt = _pyplot()
     names = plot_labels(rows)
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 5), layout="constrained")
-    ax.bar(x, [r["ppl"] for r in rows], 0.6, color="C2")
+    ax.bar(x, [r.ppl for r in rows], 0.6, color="C2")
     base = _baseline(rows)
     if base:
-        ax.axhline(base["ppl"], ls="--", lw=0.8, color="k")
+        ax.axhline(base.ppl, ls="--", lw=0.8, color="k")
     ax.set_yscale("log")  # pruning can raise perplexity by orders of magnitude
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("WikiText-2 perplexity (log scale, lower is better)")
-    ax.set_title(f"Perplexity per configuration ({rows[0]['ppl_tokens']} scored tokens; dashed: baseline)\n"
+    ax.set_title(f"Perplexity per configuration ({rows[0].ppl_tokens} scored tokens; dashed: baseline)\n"
                  f"{limits.describe()}", fontsize=9)
     return _save(fig, path)
 
 
-def plot_pareto(rows: list[dict], limits: EvalLimits, path: Path) -> Path:
+def plot_pareto(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Path:
     plt = _pyplot()
     names = plot_labels(rows)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True, layout="constrained")
     for ax, key, title in ((axes[0], "closed", "closed book"), (axes[1], "open", "open book")):
-        pts = [(r["params_nonzero"] / 1e6, 100 * r[key]) for r in rows]
+        pts = [(r.params_nonzero / 1e6, 100 * getattr(r, key)) for r in rows]
         front = pareto_front(pts)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="0.6", s=18, label="configuration")
         fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
@@ -250,19 +294,19 @@ def plot_order(pairs, limits: EvalLimits, path: Path) -> Path:
     for ax, key, ylabel in ((axes[0], "closed", "closed book %"), (axes[1], "open", "open book %"),
                             (axes[2], "ppl", "WikiText-2 PPL")):
         scale = 1 if key == "ppl" else 100
-        ax.bar(x - 0.2, [scale * a[key] for _, a, _ in pairs], 0.4, label="depth → width → LoRA")
-        ax.bar(x + 0.2, [scale * b[key] for _, _, b in pairs], 0.4, label="depth → LoRA → width")
+        ax.bar(x - 0.2, [scale * getattr(a, key) for _, a, _ in pairs], 0.4, label="depth → width → LoRA")
+        ax.bar(x + 0.2, [scale * getattr(b, key) for _, _, b in pairs], 0.4, label="depth → LoRA → width")
         ax.set_xticks(x, [p[0] for p in pairs], rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(ylabel)
         if key != "ppl":
-            ax.set_ylim(0, _acc_top([scale * r[key] for _, a, b in pairs for r in (a, b)]))
+            ax.set_ylim(0, _acc_top([scale * getattr(r, key) for _, a, b in pairs for r in (a, b)]))
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Stage order: width pruning before or after LoRA\n{limits.describe()}", fontsize=9)
     return _save(fig, path)
 
 
 # ------------------------------------------------------------------ the folder
-def write_report(rows: list[dict], out_dir: str | Path, limits: EvalLimits, grid_name: str, failed=(),
+def write_report(rows: list[SweepRow], out_dir: str | Path, limits: EvalLimits, grid_name: str, failed=(),
                  prompt: str = "", max_new_tokens: int = 24) -> dict[str, Path]:
     """Write every table, plot and index.md into `out_dir`; returns {file kind: path}."""
     out = Path(out_dir)
@@ -297,7 +341,7 @@ def index_markdown(rows, limits: EvalLimits, grid_name: str, files: dict, pairs,
     if not pairs:
         lines += ["*No ordering comparison: the grid has no pair of recipes that differ only in `order`.*", ""]
     if failed:
-        lines += ["## Failed points", ""] + [f"- `{r['name']}`: {md_cell(r['error'])} ({r['workdir']})" for r in failed]
+        lines += ["## Failed points", ""] + [f"- `{r.name}`: {md_cell(r.error)} ({r.workdir})" for r in failed]
         lines.append("")
-    lines += ["## Work directories", ""] + [f"- `{r['name']}`: `{r['workdir']}`" for r in rows]
+    lines += ["## Work directories", ""] + [f"- `{r.name}`: `{r.workdir}`" for r in rows]
     return "\n".join(lines) + "\n"

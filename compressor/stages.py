@@ -16,12 +16,11 @@ from compressor.calibration import calibration_ids
 from compressor.device import pick_device
 from compressor.recipe import Recipe
 from compressor.torch_backend import load_causal_lm
+from runtime.contract import TOKENIZER_FILES
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_directory
 from runtime.tokenizer import TextTokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
 
 
 @dataclass

@@ -50,6 +50,8 @@ from compressor.recipe import (
     recipe_from_dict,
     settings_hash,
 )
+from compressor.report import FailedPoint, SweepRow
+from compressor.workdir import RECORD, Workdir, read_record, stage_dirname
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_write_json
 from runtime.harness import EvalLimits, add_limit_args, limits_from_args
@@ -57,6 +59,7 @@ from runtime.harness import EvalLimits, add_limit_args, limits_from_args
 DEFAULT_PROMPT = "Who created the Chipmunks?"
 EXAMPLE_TOKENS = 24
 ROW_VERSION = 1  # bump when the row layout changes, so cached rows are recomputed
+ROW_FILE = "sweep-row.json"  # a finished point's table row, in its work directory
 
 # The seed study's grids, as preset strings (N:M = N weights pruned of every M).
 OPTIMIZED_GRID = [
@@ -174,7 +177,7 @@ def stage_chain(recipe: Recipe, source_fp: str | None = None) -> list[tuple[str,
     chain = []
     for index, stage in enumerate(recipe.stage_names(), 1):
         fp = stage_fingerprint(recipe, stage, fp)
-        chain.append((f"{index:02d}-{stage}", fp))
+        chain.append((stage_dirname(index, stage), fp))
     return chain
 
 
@@ -202,14 +205,6 @@ def families(jobs: list[Job]) -> list[list[Job]]:
     return [sorted(g, key=lambda j: len(j.chain)) for g in groups.values()]
 
 
-def _stage_done(sdir: Path, fp: str) -> bool:
-    """The pipeline's own test of a finished stage (record written last, output present)."""
-    from compressor.pipeline import _read_record
-
-    record = _read_record(sdir / "record.json")
-    return bool(record and record.get("fingerprint") == fp and (sdir / record.get("output", "model")).exists())
-
-
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)
@@ -227,27 +222,30 @@ def _rewrite_paths(obj, old: str, new: str):
     return obj
 
 
+def _finished_prefix(wd: Workdir, chain: list[tuple[str, str]]) -> int:
+    """How many leading stages of `chain` are finished in `wd` (the pipeline's own test)."""
+    n = 0
+    while n < len(chain) and wd.finished(*chain[n]):
+        n += 1
+    return n
+
+
 def share_prefix(recipe: Recipe, workdir: Path, other_workdirs, source_fp: str | None = None) -> list[str]:
     """Hard-link (copy where linking fails) the longest run of leading stages of `recipe` that another work
     directory has finished with the same fingerprints into `workdir`; returns the stage directory names
     linked. Records are rewritten to point at `workdir`, so the copy stands alone if the donor is deleted.
     Finished outputs are never modified in place (every write is a rename), so shared inodes stay correct.
     The donor's cached evaluations (keyed by fingerprint and limits) are linked too."""
-    import json
 
     workdir = Path(workdir)
     chain = stage_chain(recipe, source_fp)
-    have = 0
-    while have < len(chain) and _stage_done(workdir / chain[have][0], chain[have][1]):
-        have += 1
+    have = _finished_prefix(Workdir(workdir), chain)
     donor, best = None, have
     for other in other_workdirs:
         other = Path(other)
         if not other.is_dir() or other.resolve() == workdir.resolve():
             continue
-        n = 0
-        while n < len(chain) and _stage_done(other / chain[n][0], chain[n][1]):
-            n += 1
+        n = _finished_prefix(Workdir(other), chain)
         if n > best:
             donor, best = other, n
     if donor is None:
@@ -259,19 +257,19 @@ def share_prefix(recipe: Recipe, workdir: Path, other_workdirs, source_fp: str |
         tmp = Path(tempfile.mkdtemp(prefix=f".{dirname}.", dir=workdir))
         try:
             shutil.copytree(donor / dirname, tmp / dirname, copy_function=_link_or_copy, symlinks=True)
-            record = json.loads((tmp / dirname / "record.json").read_text())
+            record = read_record(tmp / dirname / RECORD)
             record = _rewrite_paths(record, str(donor), str(workdir))
             record["shared_from"] = str(donor / dirname)
-            (tmp / dirname / "record.json").unlink()  # break the link before rewriting: the donor keeps its own
-            atomic_write_json(tmp / dirname / "record.json", record)
+            (tmp / dirname / RECORD).unlink()  # break the link before rewriting: the donor keeps its own
+            atomic_write_json(tmp / dirname / RECORD, record)
             if target.exists():
                 shutil.rmtree(target)  # a partial or stale attempt at this stage
             os.replace(tmp / dirname, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         linked.append(dirname)
-    for cached in sorted((donor / "evals").glob("*.json")):
-        dst = workdir / "evals" / cached.name
+    for cached in sorted(Workdir(donor).evals.glob("*.json")):
+        dst = Workdir(workdir).evals / cached.name
         if not dst.exists():
             dst.parent.mkdir(parents=True, exist_ok=True)
             _link_or_copy(str(cached), str(dst))
@@ -286,12 +284,10 @@ def _row_key(job: Job, limits: EvalLimits, prompt: str, max_new_tokens: int) -> 
 
 
 def cached_row(job: Job, limits: EvalLimits, prompt: str = DEFAULT_PROMPT,
-               max_new_tokens: int = EXAMPLE_TOKENS) -> dict | None:
-    from compressor.pipeline import _read_record
-
-    cached = _read_record(job.workdir / "sweep-row.json")
+               max_new_tokens: int = EXAMPLE_TOKENS) -> SweepRow | None:
+    cached = read_record(job.workdir / ROW_FILE)
     if cached and cached.get("key") == _row_key(job, limits, prompt, max_new_tokens):
-        return cached["row"]
+        return SweepRow(**cached["row"])
     return None
 
 
@@ -341,12 +337,9 @@ def generate_example(model, tokenizer, prompt: str, max_new_tokens: int = EXAMPL
 
 
 def run_job(job: Job, limits: EvalLimits, peers: list[Path], prompt: str = DEFAULT_PROMPT,
-            max_new_tokens: int = EXAMPLE_TOKENS, log=print) -> dict:
+            max_new_tokens: int = EXAMPLE_TOKENS, log=print) -> SweepRow:
     """Run (or resume) one grid point and return its table row, cached in workdir/sweep-row.json."""
     from compressor.pipeline import run_pipeline
-    from compressor.torch_backend import load_causal_lm
-    from compressor.width import count_parameters
-    from runtime.tokenizer import TextTokenizer
 
     row = cached_row(job, limits, prompt, max_new_tokens)
     if row is not None:
@@ -356,38 +349,46 @@ def run_job(job: Job, limits: EvalLimits, peers: list[Path], prompt: str = DEFAU
     if linked:
         log(f"{job.name}: reusing {', '.join(linked)} from a run with the same stage fingerprints")
     summary = run_pipeline(job.recipe, job.workdir, eval_limits=limits, final_eval=True, stage_eval=False, log=log)
+    row = _row(job, summary, limits, prompt, max_new_tokens, linked)
+    row.seconds = round(time.perf_counter() - t0, 1)
+    atomic_write_json(job.workdir / ROW_FILE, {"key": _row_key(job, limits, prompt, max_new_tokens),
+                                               "row": dataclasses.asdict(row)})
+    return row
+
+
+def _row(job: Job, summary: dict, limits: EvalLimits, prompt: str, max_new_tokens: int, linked: list[str]) -> SweepRow:
+    """The table row of a finished run: its evaluation, parameter counts, size on disk and example answer."""
+    from compressor.torch_backend import load_causal_lm
+    from compressor.width import count_parameters
+    from runtime.tokenizer import TextTokenizer
+
     model, weight_dirs = _final_model(job, summary)
     float_params = next((s["params"] for s in reversed(summary["stages"]) if s.get("params")), None)
     if float_params is None:  # baseline, or quantization of the source: the source's count
         float_params = count_parameters(load_causal_lm(job.recipe.model))
     extra = _adapter_params(Path(summary["final_model"])) if summary["stages"] and summary["stages"][-1]["stage"] == "eora" else 0
-    tokenizer = TextTokenizer(job.recipe.model)
-    example = generate_example(model, tokenizer, prompt, max_new_tokens)
+    example = generate_example(model, TextTokenizer(job.recipe.model), prompt, max_new_tokens)
     ev = summary["eval"]
-    row = {
-        "name": job.name, **labels(job.recipe), "description": summary["description"],
-        "closed": ev["triviaqa_closed"]["contains"], "closed_exact": ev["triviaqa_closed"]["exact_match"],
-        "open": ev["triviaqa_open"]["contains"], "open_exact": ev["triviaqa_open"]["exact_match"],
-        "questions": ev["triviaqa_closed"]["n"],
-        "ppl": ev["wikitext"]["ppl"], "ppl_windows": ev["wikitext"]["windows"], "ppl_tokens": ev["wikitext"]["tokens"],
-        "kld": ev["wikitext"].get("kld"), "top1": ev["wikitext"].get("top1"),
-        "params_dense": float_params["dense"] + extra,
-        "params_nonzero": (float_params["nonzero"] if float_params["nonzero"] is not None else float_params["dense"]) + extra,
-        "size_bytes": _weight_bytes(*weight_dirs),
-        "example": example, "prompt": prompt,
-        "workdir": str(job.workdir), "fingerprint": summary["fingerprint"],
-        "stages": [s["stage"] for s in summary["stages"]], "shared": linked,
-        "recipe": job.recipe.to_dict(), "limits": dataclasses.asdict(limits),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_json(job.workdir / "sweep-row.json", {"key": _row_key(job, limits, prompt, max_new_tokens), "row": row})
-    return row
+    nonzero = float_params["nonzero"] if float_params["nonzero"] is not None else float_params["dense"]
+    return SweepRow(
+        name=job.name, **labels(job.recipe), description=summary["description"],
+        closed=ev["triviaqa_closed"]["contains"], closed_exact=ev["triviaqa_closed"]["exact_match"],
+        open=ev["triviaqa_open"]["contains"], open_exact=ev["triviaqa_open"]["exact_match"],
+        questions=ev["triviaqa_closed"]["n"],
+        ppl=ev["wikitext"]["ppl"], ppl_windows=ev["wikitext"]["windows"], ppl_tokens=ev["wikitext"]["tokens"],
+        kld=ev["wikitext"].get("kld"), top1=ev["wikitext"].get("top1"),
+        params_dense=float_params["dense"] + extra, params_nonzero=nonzero + extra,
+        size_bytes=_weight_bytes(*weight_dirs), example=example, prompt=prompt,
+        workdir=str(job.workdir), fingerprint=summary["fingerprint"],
+        stages=[s["stage"] for s in summary["stages"]], shared=linked,
+        recipe=job.recipe.to_dict(), limits=dataclasses.asdict(limits),
+    )
 
 
 def run_family(family: list[Job], limits: EvalLimits, peers: list[Path], prompt: str = DEFAULT_PROMPT,
-               max_new_tokens: int = EXAMPLE_TOKENS, threads: int | None = None, log=None) -> list[dict]:
+               max_new_tokens: int = EXAMPLE_TOKENS, threads: int | None = None, log=None) -> list[SweepRow | FailedPoint]:
     """Run one family in order (top-level and picklable: the unit of work of a process pool or a Ray task).
-    A failing job is reported as {"name", "error"} and does not stop the others."""
+    A failing job is reported as a FailedPoint and does not stop the others."""
     if threads:
         import torch
 
@@ -401,7 +402,7 @@ def run_family(family: list[Job], limits: EvalLimits, peers: list[Path], prompt:
             import traceback
 
             say(f"failed: {e}\n{traceback.format_exc()}")
-            results.append({"name": job.name, "workdir": str(job.workdir), "error": f"{type(e).__name__}: {e}"})
+            results.append(FailedPoint(job.name, str(job.workdir), f"{type(e).__name__}: {e}"))
     return results
 
 
@@ -428,7 +429,7 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
                 "jobs": [(j.name, str(j.workdir)) for j in all_jobs]}
     # Every work directory that exists can donate a prefix (other sweeps and `edgepack compress` runs too).
     peers = sorted({*(j.workdir for j in all_jobs), *(p for p in runs_dir.glob("*") if p.is_dir())})
-    results: dict[str, dict] = {}
+    results: dict[str, SweepRow | FailedPoint] = {}
     todo = []
     for fam in fams:
         rows = [cached_row(j, limits, prompt, max_new_tokens) for j in fam]
@@ -438,12 +439,12 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
             todo.append(fam)
     log(f"{len(results)} points cached, {sum(len(f) for f in todo)} to run")
 
-    def collect(rows: list[dict]) -> None:
+    def collect(rows: list[SweepRow | FailedPoint]) -> None:
         for row in rows:
-            results[row["name"]] = row
-            status = f"failed ({row['error']})" if "error" in row else (
-                f"closed {100 * row['closed']:.1f} %, open {100 * row['open']:.1f} %, PPL {row['ppl']:.2f}")
-            log(f"[{len(results)}/{len(all_jobs)}] {row['name']}: {status}")
+            results[row.name] = row
+            status = f"failed ({row.error})" if isinstance(row, FailedPoint) else (
+                f"closed {100 * row.closed:.1f} %, open {100 * row.open:.1f} %, PPL {row.ppl:.2f}")
+            log(f"[{len(results)}/{len(all_jobs)}] {row.name}: {status}")
 
     if todo and use_ray:
         collect_all = _run_with_ray(todo, limits, peers, prompt, max_new_tokens)
@@ -465,13 +466,13 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
             collect(run_family(fam, limits, peers, prompt, max_new_tokens, log=log))
 
     ordered = [results[j.name] for j in all_jobs]
-    rows = [r for r in ordered if "error" not in r]
-    failed = [r for r in ordered if "error" in r]
+    rows = [r for r in ordered if isinstance(r, SweepRow)]
+    failed = [r for r in ordered if isinstance(r, FailedPoint)]
     files = report.write_report(rows, out_dir, limits, grid_name, failed=failed, prompt=prompt,
                                   max_new_tokens=max_new_tokens)
     log(f"report: {out_dir / 'index.md'}")
     if failed:
-        raise EdgepackError(f"{len(failed)} of {len(ordered)} grid points failed ({', '.join(r['name'] for r in failed)});"
+        raise EdgepackError(f"{len(failed)} of {len(ordered)} grid points failed ({', '.join(r.name for r in failed)});"
                             f" the others are reported in {out_dir}")
     return {"grid": grid_name, "out_dir": str(out_dir), "rows": rows, "failed": failed, "files": files}
 

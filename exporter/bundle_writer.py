@@ -21,14 +21,13 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from runtime.contract import TOKENIZER_FILES
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_open, atomic_write_json, sha256_file
 from runtime.manifest import MANIFEST_NAME, build_manifest
 from runtime.onnx_check import ORT_MIN_VERSION
 from runtime.signing import SIGNATURE_NAME
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
 # What a safetensors checkpoint directory may contribute: no pickles (.bin, .pt, .pth, .pkl) ever.
 SAFE_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".jinja", ".model")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)

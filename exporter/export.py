@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
+from compressor.workdir import Workdir
 from exporter.onnx_graph import GptqFormat, GraphOptions
+from runtime.contract import TOKENIZER_FILES
 from runtime.errors import EdgepackError
 from runtime.fileio import read_json
 from runtime.harness import PRESETS, EvalLimits
 from runtime.tokenizer import TextTokenizer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
 CHECKPOINT_FILES = ("config.json", "quantize_config.json", "generation_config.json")
 
 
@@ -51,13 +51,6 @@ class ExportOptions:
     quick_limits: str | EvalLimits = "quick"  # the second, smaller claim that `edgepack verify --quick` checks
     reference_k: int = 32
     archive: bool = True
-
-
-def _stage_dirs(workdir: Path, summary: dict) -> dict[str, Path]:
-    dirs = {}
-    for i, rec in enumerate(summary["stages"], 1):
-        dirs[rec["stage"]] = workdir / f"{i:02d}-{rec['stage']}"
-    return dirs
 
 
 def _load_weights(model_dir: Path) -> dict:
@@ -82,7 +75,7 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
     """Write onnx/model.onnx for the run's final model; returns the graph metadata."""
     from exporter.onnx_graph import build_decoder, spec_from_hf_config
 
-    dirs = _stage_dirs(workdir, summary)
+    dirs = Workdir(workdir).stage_dirs(summary)
     eora = None
     if "gptq" in dirs:
         model_dir = dirs["gptq"] / "model"
@@ -109,7 +102,7 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
 
 def copy_checkpoints(workdir: Path, summary: dict, out_dir: Path) -> None:
     """safetensors/: the GPTQ checkpoint (or the float one) and the EoRA adapter, minus logs."""
-    dirs = _stage_dirs(workdir, summary)
+    dirs = Workdir(workdir).stage_dirs(summary)
     model_dir = dirs["gptq"] / "model" if "gptq" in dirs else Path(summary["final_model"])
     dst = out_dir / "safetensors"
     dst.mkdir(parents=True)
@@ -154,10 +147,7 @@ def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions 
 
     options = options or ExportOptions()
     workdir, out_dir = Path(workdir), Path(out_dir)
-    summary_file = workdir / "summary.json"
-    if not summary_file.exists():
-        raise EdgepackError(f"{workdir}: no summary.json (run `edgepack compress` to the end first)")
-    summary = read_json(summary_file)
+    summary = Workdir(workdir).summary()
     source = Path(summary["recipe"]["model"])
     limits = PRESETS[options.limits] if isinstance(options.limits, str) else options.limits
     quick = PRESETS[options.quick_limits] if isinstance(options.quick_limits, str) else options.quick_limits
@@ -192,8 +182,11 @@ def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions 
 
 def manifest_fields(summary: dict, graph: dict, quality: dict, tokenizer: TextTokenizer, source: Path,
                     options: ExportOptions) -> dict:
-    import edgepack
+    from importlib.metadata import version
+
     import onnxruntime
+
+    from runtime.generation import SamplingSettings
 
     import_record = source / "edgepack_import.json"
     source_info = read_json(import_record) if import_record.exists() else {"path": str(source)}
@@ -201,6 +194,7 @@ def manifest_fields(summary: dict, graph: dict, quality: dict, tokenizer: TextTo
     dense = int(params["dense"]) if params else int(source_info.get("parameters", 0))
     nonzero = params.get("nonzero") if params else dense
     layers = graph.get("num_layers")
+    sampling = SamplingSettings()  # the bundle's suggested sampling: the runtime's defaults
     return {
         "model": {
             "name": summary["recipe"].get("name"),
@@ -218,13 +212,13 @@ def manifest_fields(summary: dict, graph: dict, quality: dict, tokenizer: TextTo
                    "recipe": summary["recipe"], "stages": summary["stages"]},
         "generation": {"eos_token_ids": list(graph.get("eos_token_ids") or []),
                        "bos_token_id": graph.get("bos_token_id"), "context_length": int(graph["max_len"]),
-                       "temperature": 0.7, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.1,
-                       "max_new_tokens": 256},
+                       "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                       "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens},
         "quality": quality,
         "runtime": {"requires": {"onnxruntime": ">=1.20"}, "accuracy_level": options.graph.accuracy_level,
                     "built_with": {"onnxruntime": onnxruntime.__version__}},
         "tokenizer": {"chat_template": bool(tokenizer.chat_template), "bos_token": tokenizer.bos_token,
                       "eos_token": tokenizer.eos_token, "vocab_size": tokenizer.vocab_size},
-        "created_by": f"edgepack {edgepack.__version__}",
+        "created_by": f"edgepack {version('edgepack')}",
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

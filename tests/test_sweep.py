@@ -132,9 +132,9 @@ def test_sweep_end_to_end_tables_plots_and_resume(tiny_checkpoint, tmp_path, mon
     result = sweep.run_sweep(str(grid), out, TINY_LIMITS, runs_dir=tmp_path / "runs", log=QUIET)
     assert calls == {"depth": 1, "width": 2}  # D1+W1:4 reused D1's depth stage
     names = ["baseline", "D1", "W1:4", "D1+W1:4"]
-    assert [r["name"] for r in result["rows"]] == names and not result["failed"]
-    combo = next(r for r in result["rows"] if r["name"] == "D1+W1:4")
-    assert combo["shared"] == ["01-depth"]
+    assert [r.name for r in result["rows"]] == names and not result["failed"]
+    combo = next(r for r in result["rows"] if r.name == "D1+W1:4")
+    assert combo.shared == ["01-depth"]
 
     # the CSV matches each job's own records
     with open(out / "results.csv", newline="") as f:
@@ -185,7 +185,7 @@ def test_sweep_end_to_end_tables_plots_and_resume(tiny_checkpoint, tmp_path, mon
     monkeypatch.setattr(sweep, "generate_example", boom)
     csv_before = (out / "results.csv").read_text()
     again = sweep.run_sweep(str(grid), out, TINY_LIMITS, runs_dir=tmp_path / "runs", log=QUIET)
-    assert [r["name"] for r in again["rows"]] == names
+    assert [r.name for r in again["rows"]] == names
     assert (out / "results.csv").read_text() == csv_before
 
 
@@ -219,11 +219,11 @@ def test_sweep_in_worker_processes(tiny_checkpoint, tmp_path):
     """--jobs 2: families run in spawned processes and still share their prefixes (checked on disk)."""
     grid = tiny_grid(tmp_path, tiny_checkpoint, ["D1", "D1+W1:4"])
     result = sweep.run_sweep(str(grid), tmp_path / "out", TINY_LIMITS, jobs=2, runs_dir=tmp_path / "runs", log=QUIET)
-    rows = {r["name"]: r for r in result["rows"]}
+    rows = {r.name: r for r in result["rows"]}
     assert list(rows) == ["baseline", "D1", "D1+W1:4"]
-    d1, combo = Path(rows["D1"]["workdir"]), Path(rows["D1+W1:4"]["workdir"])
+    d1, combo = Path(rows["D1"].workdir), Path(rows["D1+W1:4"].workdir)
     assert os.stat(d1 / "01-depth/model/model.safetensors").st_ino == os.stat(combo / "01-depth/model/model.safetensors").st_ino
-    assert rows["D1+W1:4"]["shared"] == ["01-depth"]
+    assert rows["D1+W1:4"].shared == ["01-depth"]
     assert (tmp_path / "out/pareto.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -236,8 +236,8 @@ def test_sweep_as_ray_tasks(tiny_checkpoint, tmp_path):
                                  log=QUIET)
     finally:
         ray.shutdown()
-    rows = {r["name"]: r for r in result["rows"]}
+    rows = {r.name: r for r in result["rows"]}
     assert list(rows) == ["baseline", "D1"]
-    summary = json.loads((Path(rows["D1"]["workdir"]) / "summary.json").read_text())
-    assert rows["D1"]["ppl"] == summary["eval"]["wikitext"]["ppl"]
+    summary = json.loads((Path(rows["D1"].workdir) / "summary.json").read_text())
+    assert rows["D1"].ppl == summary["eval"]["wikitext"]["ppl"]
     assert (tmp_path / "out/results.csv").read_text().count("\n") == 3

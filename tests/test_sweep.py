@@ -230,7 +230,7 @@ def test_sweep_in_worker_processes(tiny_checkpoint, tmp_path):
 def test_sweep_as_ray_tasks(tiny_checkpoint, tmp_path):
     ray = pytest.importorskip("ray")
     grid = tiny_grid(tmp_path, tiny_checkpoint, ["D1"])
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the 2 families in parallel
     try:
         result = sweep.run_sweep(str(grid), tmp_path / "out", TINY_LIMITS, use_ray=True, runs_dir=tmp_path / "runs",
                                  log=QUIET)

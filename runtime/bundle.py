@@ -147,19 +147,21 @@ class Bundle:
             max_new_tokens=int(gen.get("max_new_tokens", base.max_new_tokens)),
         )
 
-    def decoder(self, threads: int | None = None, max_len: int | None = None):
-        """A fresh runtime.onnx_engine.OnnxDecoder on the bundle's ONNX model (errors name the file)."""
+    def decoder(self, threads: int | None = None, max_len: int | None = None, spin: bool = True):
+        """A fresh runtime.onnx_engine.OnnxDecoder on the bundle's ONNX model (errors name the file).
+        spin=False: idle onnxruntime threads sleep between kernels (for a UI sharing the cores)."""
+        from runtime.contract import INPUT_IDS, LOGITS, LOGITS_POSITIONS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH
         from runtime.onnx_engine import OnnxDecoder
 
-        dec = OnnxDecoder(self.onnx_path, threads=threads, max_len=max_len, pad_id=self.tokenizer.pad_id)
+        dec = OnnxDecoder(self.onnx_path, threads=threads, max_len=max_len, pad_id=self.tokenizer.pad_id, spin=spin)
         if dec.vocab_size < self.tokenizer.vocab_size:
             raise EdgepackError(f"{self.onnx_path}: the model's vocabulary ({dec.vocab_size}) is smaller than the "
                                 f"tokenizer's ({self.tokenizer.vocab_size})")
         inputs = {i.name for i in dec.session.get_inputs()}
         outputs = {o.name for o in dec.session.get_outputs()}
-        needed_in = {"input_ids", "seqlens_k", "total_sequence_length", "logits_positions"}
+        needed_in = {INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS_POSITIONS}
         needed_in |= {layer[k] for layer in dec.kv_layers for k in ("past_key", "past_value")}
-        needed_out = {"logits"} | {layer[k] for layer in dec.kv_layers for k in ("present_key", "present_value")}
+        needed_out = {LOGITS} | {layer[k] for layer in dec.kv_layers for k in ("present_key", "present_value")}
         missing = sorted((needed_in - inputs) | (needed_out - outputs))
         if missing:
             raise EdgepackError(f"{self.onnx_path}: the graph lacks {missing[0]!r}, which its metadata names "
@@ -167,7 +169,8 @@ class Bundle:
         _check_graph_shapes(dec, self.onnx_path)
         return dec
 
-    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto"):
+    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto",
+                  spin: bool = True):
         """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS).
         draft: speculative decoding's proposer (runtime.speculative.make_proposer): "auto" (the bundle's draft
         model if it has one, else prompt lookup), "model", "lookup" or "none"."""
@@ -175,7 +178,7 @@ class Bundle:
         from runtime.speculative import make_proposer
 
         proposer = make_proposer(draft, self, threads)
-        return Generator(self.decoder(threads, max_len), self.tokenizer, stop_ids=self.stop_ids, draft=proposer)
+        return Generator(self.decoder(threads, max_len, spin), self.tokenizer, stop_ids=self.stop_ids, draft=proposer)
 
     @property
     def has_draft(self) -> bool:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -76,6 +76,7 @@ class TokenEvent:
 
     text: str
     token_id: int
+    result: GenerationResult | None = None  # set on a stream's last event only: the whole result
 
 
 @dataclass
@@ -93,6 +94,12 @@ class GenerationResult:
     draft: str = "none"  # the speculative proposer used ("none", "lookup", "model")
     drafted_tokens: int = 0  # guesses the proposer made (speculative decoding)
     accepted_tokens: int = 0  # guesses the model kept
+    dropped_messages: int = 0  # chat (ChatSession): oldest messages left out so that the prompt fits
+
+    @property
+    def context_used(self) -> int:
+        """Tokens in the context after this reply: prompt + generated."""
+        return self.prompt_tokens + self.new_tokens
 
     @property
     def acceptance_rate(self) -> float:
@@ -306,9 +313,10 @@ class Generator:
 
     def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings,
                cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
-        """An iterator of TokenEvents as tokens are generated; once it ends (or is closed),
-        `self.last_result` holds the result. Bad settings and a prompt that leaves no room for one new
-        token raise EdgepackError here, when stream() is called, before any work."""
+        """An iterator of TokenEvents as tokens are generated. A stream that runs to its end ends with an
+        event (text "", token_id -1) whose `result` is the GenerationResult; `self.last_result` also holds it
+        (kept for callers not yet moved, and for a stream closed early). Bad settings and a prompt that
+        leaves no room for one new token raise EdgepackError here, when stream() is called, before any work."""
         settings.check()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -402,6 +410,7 @@ class Generator:
                 drafted_tokens=getattr(source, "proposed", 0),
                 accepted_tokens=getattr(source, "accepted", 0),
             )
+        yield TokenEvent("", -1, self.last_result)  # a stream that ran to its end says how it ended
 
     def _token_source(self, logits: np.ndarray, sampler: Sampler):
         if self.draft is None:
@@ -412,9 +421,10 @@ class Generator:
 
     def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings,
                  cancel: threading.Event | None = None) -> GenerationResult:
-        for _ in self.stream(prompt_ids, settings, cancel):
-            pass
-        return self.last_result
+        result = None
+        for event in self.stream(prompt_ids, settings, cancel):
+            result = event.result or result
+        return result
 
     def generate_text(self, prompt: str, settings: SamplingSettings, add_special_tokens: bool = True,
                       cancel: threading.Event | None = None) -> GenerationResult:
@@ -498,6 +508,8 @@ class ChatSession:
             for event in self.generator.stream(ids, settings, cancel):
                 parts.append(event.text)
                 self.context_used += event.token_id >= 0
+                if event.result is not None:
+                    event = replace(event, result=replace(event.result, dropped_messages=dropped))
                 yield event
         finally:  # also when the consumer stops early: keep what was written
             self.messages.append({"role": "assistant", "content": "".join(parts)})

@@ -80,7 +80,8 @@ class FakeBundle:
         self.system_prompt = "You are a helpful assistant."
         self.manifest = {"quality": {}}
 
-    def generator(self, threads=None) -> Generator:
+    def generator(self, threads=None, spin=True) -> Generator:
+        self.spin = spin  # the chat asks for sleeping onnxruntime threads (spin=False)
         return Generator(ScriptedDecoder(self.reply, self.max_len, self.delay), self.tokenizer)
 
     def sampling_defaults(self) -> SamplingSettings:
@@ -184,11 +185,11 @@ def test_reply_streams_into_the_log_and_is_saved(tmp_path, monkeypatch):
         app = make_app(tmp_path, FakeBundle(delay=0.01))
         async with app.run_test(size=(80, 24)) as pilot:
             await send(pilot, "How do I count words in a file?", wait=False)
-            job = app.job
+            view = app.view  # the widgets of the reply being written
             # the user's turn is on disk before the reply is written
             assert saved(tmp_path)[0]["messages"][0] == {"role": "user", "content": "How do I count words in a file?"}
-            await wait_for(pilot, lambda: 10 < len(job.widget.source) < len(REPLY) - 10)
-            partial = job.widget.source
+            await wait_for(pilot, lambda: 10 < len(view.widget.source) < len(REPLY) - 10)
+            partial = view.widget.source
             assert REPLY.startswith(partial)  # drawn while streaming, a prefix of the reply
             await wait_for(pilot, lambda: len(saved(tmp_path)[0]["messages"]) == 2
                            and saved(tmp_path)[0]["messages"][1]["content"])
@@ -216,8 +217,8 @@ def test_escape_stops_the_reply_and_keeps_what_was_written(tmp_path):
         app = make_app(tmp_path, FakeBundle(delay=0.02))
         async with app.run_test(size=(80, 24)) as pilot:
             await send(pilot, "Tell me everything.", wait=False)
-            job = app.job
-            await wait_for(pilot, lambda: len(job.widget.source) > 5)
+            view = app.view
+            await wait_for(pilot, lambda: len(view.widget.source) > 5)
             t0 = time.monotonic()
             await pilot.press("escape")
             await wait_for(pilot, lambda: app.job is None)
@@ -546,6 +547,8 @@ def test_tui_imports_no_heavy_stack_and_chat_command_parses():
         "p = argparse.ArgumentParser(); sub = p.add_subparsers(dest='command')\n"
         "tui.cli.add_chat_command(sub)\n"
         "a = p.parse_args(['chat', 'B', '--data-dir', 'D', '--threads', '2'])\n"
+        "import tui.reply\n"
+        "light = light and 'textual' not in sys.modules  # the reply controller needs no Textual\n"
         "import tui.app, tui.screens, tui.widgets, tui.store\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'gptqmodel', 'optimum') if m in sys.modules]\n"
         "print(light, a.bundle, a.data_dir, a.threads, heavy)\n"

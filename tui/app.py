@@ -1,9 +1,12 @@
 """edgepack chat: a private, offline chat with a bundle in the terminal (Textual).
 
-Threading: generation runs in a worker thread and never touches a widget. It appends text to the job's
-buffer under a lock; a 50 ms timer on the UI thread drains the buffer into a MarkdownStream, so the
-keyboard stays responsive however fast tokens come, and the view is redrawn at most ~20 times a second.
-Esc sets the job's `cancel` event; the generator checks it before every token.
+This module is the shell: layout, keys, drawing. What a reply is and how it starts, streams, finishes or
+is taken back lives in tui.reply (no Textual there), which the tests drive directly.
+
+Threading: generation runs in a worker thread (tui.reply.ReplyController.run) and never touches a widget.
+It appends text to the reply's buffer under a lock; a 50 ms timer on the UI thread drains the buffer into a
+MarkdownStream, so the keyboard stays responsive however fast tokens come, and the view is redrawn at most
+~20 times a second. Esc sets the reply's `cancel` event; the generator checks it before every token.
 
 Durability: the user's message is saved before generation starts, the partial reply every second while it
 streams, and the final reply (or what was written when stopped) at the end. Files are written atomically
@@ -13,9 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from rich.text import Text
 from textual import on, work
@@ -27,8 +29,8 @@ from textual.widgets import Footer, Header, Label, Markdown, Static
 from textual.worker import WorkerFailed
 
 from runtime.errors import EdgepackError
-from runtime.generation import ChatSession, GenerationResult, SamplingSettings
-from tui.cli import add_chat_command  # noqa: F401  (re-exported: `from tui.app import add_chat_command`)
+from runtime.generation import ChatSession, SamplingSettings
+from tui.reply import ChatMessage, Reply, ReplyController, dropped_text, reply_note
 from tui.screens import ConfirmScreen, HelpScreen, ModelScreen, RenameScreen, SettingsScreen
 from tui.store import Conversation, ConversationStore, title_from
 from tui.widgets import AssistantMessage, ConversationList, Note, PromptInput, StatusBar, UserMessage
@@ -39,37 +41,14 @@ SIDEBAR_MIN_WIDTH = 100  # terminal columns from which the conversation list is 
 
 
 @dataclass
-class ReplyJob:
-    """One reply being generated. The worker writes `parts`/`pending`/counters under `lock`; everything
-    else belongs to the UI thread."""
+class ReplyView:
+    """The widgets of the reply being written (UI thread only)."""
 
-    conv: Conversation
-    message: dict  # the assistant message in conv.messages that this job fills
-    settings: SamplingSettings
-    user_text: str | None  # None: regenerate the reply to the last user message
     widget: AssistantMessage
-    cancel: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    parts: list[str] = field(default_factory=list)
-    pending: list[str] = field(default_factory=list)
-    tokens: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    first_token: float | None = None
-    dropped: int | None = None
-    result: GenerationResult | None = None
-    context_used: int = 0
-    error: str | None = None
-    done: bool = False  # worker finished
-    finished: bool = False  # UI finished handling
-    stream: object = None  # MarkdownStream
+    stream: object  # Textual's MarkdownStream into `widget`
     worker: object = None
-    last_save: float = field(default_factory=time.perf_counter)
+    last_save: float = 0.0
     dropped_note: bool = False
-
-    @property
-    def text(self) -> str:
-        with self.lock:
-            return "".join(self.parts)
 
 
 @dataclass
@@ -116,17 +95,13 @@ class VerifyState:
 
 
 class ReplyDone(Message):
-    def __init__(self, job: ReplyJob):
+    def __init__(self, job: Reply):
         super().__init__()
         self.job = job
 
 
 class VerifyDone(Message):
     pass
-
-
-def _call_verify(verify_fn, bundle, on_progress):
-    return verify_fn(bundle, quick=True, progress=False, on_progress=on_progress)
 
 
 class ChatApp(App[int]):
@@ -155,13 +130,15 @@ class ChatApp(App[int]):
         super().__init__()
         self.bundle, self.store, self.verify_fn = bundle, store, verify_fn
         self.info = bundle.describe()
-        self.generator = generator if generator is not None else bundle.generator(threads=threads)
+        self.generator = generator if generator is not None else chat_generator(bundle, threads)
         self.defaults: SamplingSettings = bundle.sampling_defaults()
         self.default_system_prompt: str | None = bundle.system_prompt
         self.session = ChatSession(self.generator, bundle.tokenizer, self.default_system_prompt)
+        self.replies = ReplyController(self.session)
         self.conversations: list[Conversation] = []
         self.conv = self._new_conversation()
-        self.job: ReplyJob | None = None
+        self.job: Reply | None = None
+        self.view: ReplyView | None = None
         self.verify_state = VerifyState()
         self._flush_timer = None
         self.sub_title = str(self.info.get("name", ""))
@@ -230,32 +207,19 @@ class ChatApp(App[int]):
             if m["role"] == "user":
                 widgets.append(UserMessage(m.get("content", "")))
                 continue
-            if m.get("dropped"):
-                widgets.append(Note(_dropped_text(m["dropped"], self.generator.context_length), "warning"))
-            widgets.append(AssistantMessage(m.get("content", "")))
-            note = _reply_note(m)
+            message = ChatMessage.from_dict(m)
+            if message.dropped:
+                widgets.append(Note(dropped_text(message.dropped, self.generator.context_length), "warning"))
+            widgets.append(AssistantMessage(message.content))
+            note = reply_note(message)
             if note:
                 widgets.append(Note(*note))
         if not widgets:
             widgets.append(Note(_welcome(self.info), "welcome"))
         await log.mount_all(widgets)
         log.anchor()  # stick to the newest message (Textual then also aligns a short chat to the bottom)
-        self.session.last_dropped = 0
-        self.session.context_used = self._context_estimate(conv)
+        self.replies.estimate_context(conv, self._system_prompt(conv))
         self._update_status()
-
-    def _context_estimate(self, conv: Conversation) -> int:
-        last = next((m for m in reversed(conv.messages) if m["role"] == "assistant" and m.get("stats")), None)
-        if last is not None and last is conv.messages[-1]:
-            return int(last["stats"].get("context_used", 0))
-        if not conv.messages:
-            return 0
-        try:
-            self.session.system_prompt = self._system_prompt(conv)
-            ids, _ = self.session.build_prompt(conv.chat_messages(), 1)
-            return len(ids)
-        except EdgepackError:
-            return 0
 
     # ------------------------------------------------------------------------------------------------
     # Status line
@@ -263,22 +227,18 @@ class ChatApp(App[int]):
     def _update_status(self) -> None:
         ctx_len = self.generator.context_length
         parts: list[Text] = []
-        job = self.job
-        if job is not None:
-            with job.lock:
-                tokens, first = job.tokens, job.first_token
-            if job.cancel.is_set():
+        if self.job is not None:
+            progress = self.replies.progress(self.job)
+            if progress.state == "stopping":
                 parts.append(Text("■ stopping", style="bold yellow"))
-            elif first is None:
+            elif progress.state == "reading":
                 parts.append(Text("● reading the prompt (Esc stops)", style="bold yellow"))
             else:
-                elapsed = time.perf_counter() - first
-                rate = (tokens - 1) / elapsed if elapsed > 0 and tokens > 1 else 0.0
-                parts.append(Text(f"● writing {tokens} tok (Esc stops)", style="bold yellow"))
-                parts.append(Text(f"TTFT {first - job.started:.2f} s"))
-                if rate:
-                    parts.append(Text(f"{rate:.1f} tok/s"))
-            used = self.session.context_used + tokens
+                parts.append(Text(f"● writing {progress.tokens} tok (Esc stops)", style="bold yellow"))
+                parts.append(Text(f"TTFT {progress.ttft_s:.2f} s"))
+                if progress.tokens_per_s:
+                    parts.append(Text(f"{progress.tokens_per_s:.1f} tok/s"))
+            used = self.replies.context_used + progress.tokens
         else:
             stats = next((m.get("stats") for m in reversed(self.conv.messages)
                           if m["role"] == "assistant" and m.get("stats")), None)
@@ -287,7 +247,7 @@ class ChatApp(App[int]):
                 parts.append(Text(f"{stats.get('tokens_per_s', 0):.1f} tok/s"))
             else:
                 parts.append(Text("ready", style="green"))
-            used = self.session.context_used
+            used = self.replies.context_used
         frac = used / ctx_len if ctx_len else 0
         parts.append(Text(f"ctx {used:,}/{ctx_len:,}", style="bold red" if frac > 0.9 else ""))
         parts.append(self.verify_state.badge())
@@ -322,74 +282,36 @@ class ChatApp(App[int]):
 
     async def _start_reply(self, user_text: str | None) -> None:
         conv = self.conv
-        message = {"role": "assistant", "content": "", "partial": True}
-        history = conv.chat_messages()
-        if user_text is not None:
-            history = history[:-1]  # stream_reply appends the user message itself
-        conv.messages.append(message)
+        job = self.replies.start(conv, self._settings(conv), self._system_prompt(conv), user_text)
         widget = AssistantMessage(classes="streaming")
         await self.log_view.mount(widget)
         self.log_view.anchor()
-        job = ReplyJob(conv=conv, message=message, settings=self._settings(conv), user_text=user_text, widget=widget)
-        job.stream = Markdown.get_stream(widget)
-        self.session.system_prompt = self._system_prompt(conv)
-        self.session.messages = history
-        self.job = job
+        self.job, self.view = job, ReplyView(widget, Markdown.get_stream(widget), last_save=time.perf_counter())
         self._flush_timer = self.set_interval(FLUSH_S, self._flush_reply)
-        job.worker = self._generate(job)
+        self.view.worker = self._generate(job)
         self.refresh_bindings()
         self._update_status()
 
     @work(thread=True, group="reply", exit_on_error=False)
-    def _generate(self, job: ReplyJob) -> None:
-        """Worker thread: runs the generator, touches no widget."""
-        session = self.session
+    def _generate(self, job: Reply) -> None:
+        """Worker thread: runs the reply (tui.reply), touches no widget."""
         try:
-            if job.user_text is not None:
-                stream = session.stream_reply(job.user_text, job.settings, job.cancel)
-            else:
-                stream = session.regenerate(job.settings, job.cancel)
-            for event in stream:
-                now = time.perf_counter()
-                with job.lock:
-                    if event.token_id >= 0:
-                        job.tokens += 1
-                        if job.first_token is None:
-                            job.first_token = now
-                    if job.dropped is None:
-                        job.dropped = session.last_dropped
-                    if event.text:
-                        job.parts.append(event.text)
-                        job.pending.append(event.text)
-        except EdgepackError as e:
-            job.error = str(e)
-        except Exception as e:  # an engine failure must not take the conversation with it
-            job.error = f"{type(e).__name__}: {e}"
+            self.replies.run(job)
         finally:
-            job.result = session.generator.last_result if job.error is None or job.parts else None
-            job.dropped = session.last_dropped if job.result is not None else 0
-            job.context_used = session.context_used
-            job.done = True
             self.post_message(ReplyDone(job))
 
     async def _flush_reply(self) -> None:
         """Timer on the UI thread: draw what the worker produced since the last flush; save now and then."""
-        job = self.job
+        job, view = self.job, self.view
         if job is None or job.finished:
             return
-        with job.lock:
-            chunk = "".join(job.pending)
-            job.pending.clear()
-            dropped = job.dropped
-        if dropped and not job.dropped_note:
-            job.dropped_note = True
-            await self.log_view.mount(Note(_dropped_text(dropped, self.generator.context_length), "warning"),
-                                      before=job.widget)
+        chunk = job.take_pending()
         if chunk:
-            await job.stream.write(chunk)
-            job.message["content"] = job.text
-            if time.perf_counter() - job.last_save >= SAVE_S:
-                job.last_save = time.perf_counter()
+            await view.stream.write(chunk)
+            job.message.content = job.text
+            job.sync()
+            if time.perf_counter() - view.last_save >= SAVE_S:
+                view.last_save = time.perf_counter()
                 self.store.save(job.conv)
         self._update_status()
 
@@ -397,75 +319,61 @@ class ChatApp(App[int]):
     async def _reply_done(self, event: ReplyDone) -> None:
         await self._finish_reply(event.job)
 
-    async def _finish_reply(self, job: ReplyJob) -> None:
-        """Draw the rest, record the reply with its numbers, save. Idempotent (called on ReplyDone and when
-        a conversation switch waits for a stopped reply)."""
+    async def _finish_reply(self, job: Reply) -> None:
+        """Draw the rest, then let tui.reply record the reply (or take the turn back); save and show the
+        outcome. Idempotent (called on ReplyDone and when a conversation switch waits for a stopped reply)."""
         if job.finished:
             return
-        job.finished = True
+        view = self.view
         if self._flush_timer is not None:
             self._flush_timer.stop()
             self._flush_timer = None
-        with job.lock:
-            chunk = "".join(job.pending)
-            job.pending.clear()
+        chunk = job.take_pending()
         if chunk:
-            await job.stream.write(chunk)
-        await job.stream.stop()
-        job.widget.remove_class("streaming")
-        conv, message, result = job.conv, job.message, job.result
-        shown = job.widget.is_attached and conv is self.conv
-        if result is None:  # failed before generating anything: take the turn back, keep the text
-            conv.messages.remove(message)
+            await view.stream.write(chunk)
+        await view.stream.stop()
+        view.widget.remove_class("streaming")
+        shown = view.widget.is_attached and job.conv is self.conv
+        outcome = self.replies.finish(job)
+        if outcome.recorded:
+            self.store.save(job.conv)
             if shown:
-                await job.widget.remove()
-            if job.user_text is not None and conv.messages and conv.messages[-1]["role"] == "user":
-                conv.messages.pop()
-                if shown:
-                    users = self.log_view.query(UserMessage)
-                    if users:
-                        await users.last().remove()
-                    if not self.prompt_input.text.strip():
-                        self.prompt_input.load_text(job.user_text)
-            if conv.messages:
-                self.store.save(conv)
-            else:
-                self.store.delete(conv)
-                if conv in self.conversations:
-                    self.conversations.remove(conv)
-                self._refresh_sidebar()
-            self._say(job.error or "generation failed", title="Not sent", severity="error", timeout=8)
+                await self._draw_reply_notes(job, view)
         else:
-            message["content"] = result.text
-            message["stop_reason"] = result.stop_reason
-            message["partial"] = result.stop_reason == "cancelled"
-            message["stats"] = {
-                "ttft_s": round(result.ttft_s, 4),
-                "tokens_per_s": round(result.decode_tokens_per_s, 2),
-                "new_tokens": result.new_tokens,
-                "prompt_tokens": result.prompt_tokens,
-                "cached_tokens": result.cached_tokens,
-                "context_used": job.context_used,
-                "context_length": self.generator.context_length,
-            }
-            if job.dropped:
-                message["dropped"] = job.dropped
-            if job.error:
-                message["error"] = job.error
-            if not message["partial"]:
-                message.pop("partial")
-            self.store.save(conv)
-            if shown:
-                if job.dropped and not job.dropped_note:
-                    await self.log_view.mount(
-                        Note(_dropped_text(job.dropped, self.generator.context_length), "warning"), before=job.widget)
-                note = _reply_note(message)
-                if note:
-                    await self.log_view.mount(Note(*note), after=job.widget)
+            await self._take_back(job, view, shown, outcome.user_removed)
+            self._say(outcome.error, title="Not sent", severity="error", timeout=8)
         if self.job is job:
-            self.job = None
+            self.job, self.view = None, None
         self.refresh_bindings()
         self._update_status()
+
+    async def _draw_reply_notes(self, job: Reply, view: ReplyView) -> None:
+        if job.message.dropped and not view.dropped_note:
+            view.dropped_note = True
+            await self.log_view.mount(Note(dropped_text(job.message.dropped, self.generator.context_length), "warning"),
+                                      before=view.widget)
+        note = reply_note(job.message)
+        if note:
+            await self.log_view.mount(Note(*note), after=view.widget)
+
+    async def _take_back(self, job: Reply, view: ReplyView, shown: bool, user_removed: bool) -> None:
+        """Nothing was generated: remove the reply (and the user's turn, whose text goes back to the input)."""
+        conv = job.conv
+        if shown:
+            await view.widget.remove()
+            if user_removed:
+                users = self.log_view.query(UserMessage)
+                if users:
+                    await users.last().remove()
+                if not self.prompt_input.text.strip():
+                    self.prompt_input.load_text(job.user_text)
+        if conv.messages:
+            self.store.save(conv)
+        else:
+            self.store.delete(conv)
+            if conv in self.conversations:
+                self.conversations.remove(conv)
+            self._refresh_sidebar()
 
     async def _stop_reply(self) -> None:
         """Stop the running reply and wait until it is recorded (before switching conversations)."""
@@ -474,7 +382,7 @@ class ChatApp(App[int]):
             return
         job.cancel.set()
         try:
-            await job.worker.wait()
+            await self.view.worker.wait()
         except WorkerFailed:
             pass
         await self._finish_reply(job)
@@ -643,25 +551,11 @@ class ChatApp(App[int]):
         state = self.verify_state
         t0 = time.perf_counter()
 
-        def on_progress(*args, **kwargs) -> None:
-            # Accepts (done, total), (step, done, total) or (step,) as keyword or positional values.
-            nums = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            words = [a for a in args if isinstance(a, str)]
-            done, total = kwargs.get("done"), kwargs.get("total")
-            if done is None and nums:
-                done = nums[0]
-            if total is None and len(nums) > 1:
-                total = nums[1]
-            step = kwargs.get("step") or kwargs.get("name") or (words[0] if words else None)
-            if done is not None:
-                state.done = int(done)
-            if total is not None:
-                state.total = int(total)
-            if step:
-                state.step = str(step)
+        def on_progress(done: int, total: int, step: str) -> None:  # runtime.verify.verify_bundle's callback
+            state.done, state.total, state.step = int(done), int(total), str(step)
 
         try:
-            state.checks = list(_call_verify(verify_fn, self.bundle, on_progress))
+            state.checks = list(verify_fn(self.bundle, quick=True, progress=False, on_progress=on_progress))
         except EdgepackError as e:
             state.error = str(e)
         except Exception as e:
@@ -710,27 +604,6 @@ class ChatApp(App[int]):
             self.job.cancel.set()
 
 
-def _dropped_text(n: int, ctx: int) -> str:
-    what = "message" if n == 1 else "messages"
-    return f"⚠ context full: the {n} oldest {what} no longer fit in the {ctx:,}-token context and were left out"
-
-
-def _reply_note(message: dict) -> tuple[str, str] | None:
-    reason = message.get("stop_reason")
-    if message.get("error"):
-        return f"✗ generation failed: {message['error']}", "error"
-    if reason == "cancelled":
-        return "■ stopped", "info"
-    if reason == "context_full":
-        return "⚠ the reply filled the context and was cut", "warning"
-    if reason == "max_tokens":
-        n = message.get("stats", {}).get("new_tokens")
-        return f"… cut at {n} tokens, the max new tokens (Ctrl+S to change)", "info"
-    if message.get("partial") and reason is None:
-        return "■ interrupted (the app stopped while writing)", "warning"
-    return None
-
-
 def _welcome(info: dict) -> str:
     return (f"Chatting with {info.get('name', 'the model')}, offline. Type below and press Enter. "
             "Ctrl+O shows what this model is and verifies it; F1 lists the keys.")
@@ -738,13 +611,9 @@ def _welcome(info: dict) -> str:
 
 def chat_generator(bundle, threads: int | None = None):
     """The bundle's generator, with onnxruntime's worker threads sleeping instead of spinning between
-    kernels when the runtime offers that (runtime.onnx_engine: spinning threads steal time slices from
-    other threads on the same cores, here the UI's)."""
-    import inspect
-
-    if "spin" in inspect.signature(bundle.generator).parameters:
-        return bundle.generator(threads=threads, spin=False)
-    return bundle.generator(threads=threads)
+    kernels (runtime.onnx_engine: spinning threads steal time slices from other threads on the same cores,
+    here the UI's)."""
+    return bundle.generator(threads=threads, spin=False)
 
 
 def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None) -> int:

@@ -6,7 +6,8 @@ Digests are recomputed after a mutation of a listed file (as a forger would), so
 parsers instead of stopping at the digest check. The ONNX graph is not mutated here (tests/test_security.py
 crafts its external data and metadata), so one decoder session is shared by every case that opens.
 
-Cases per run: EDGEPACK_FUZZ_EXAMPLES (default 400); the examples are derandomized so CI is reproducible.
+Cases per run: EDGEPACK_FUZZ_EXAMPLES (default 400); the examples are derandomized so CI is reproducible
+(EDGEPACK_FUZZ_RANDOM=1 draws new ones, for longer hunts by hand).
 """
 from __future__ import annotations
 
@@ -242,7 +243,8 @@ def exercise(source: Path, world) -> str:
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # the archive mutation writes duplicates on purpose
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("EDGEPACK_FUZZ_RANDOM") != "1",
+          database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(data=st.data())

@@ -141,3 +141,15 @@ def test_sign_refuses_a_damaged_bundle_and_a_wrong_key_file(good, tmp_path, alic
     assert "truncated or modified" in capsys.readouterr().err and not (d / SIGNATURE_NAME).exists()
     assert main(["sign", str(good), "--key", str(alice[1])]) == 2  # a public key is not a private key
     assert "not an unencrypted PEM private key" in capsys.readouterr().err
+
+
+def test_chat_takes_the_same_trust_flags(good, signed, alice, capsys, monkeypatch):
+    assert main(["chat", str(good), "--require-signature"]) == 2  # refused before the app starts
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("edgepack: error: ") and "unsigned" in err
+    import tui.app
+
+    started = []
+    monkeypatch.setattr(tui.app.ChatApp, "run", lambda self: started.append(self.bundle.signature))
+    assert main(["chat", str(signed), "--trust", str(alice[1]), "--require-signature"]) == 0
+    assert started[0].status == "trusted" and "signed by alice" in capsys.readouterr().err

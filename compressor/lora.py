@@ -337,22 +337,7 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.stage.lr, weight_decay=settings.weight_decay)
 
-    history = {"train_loss": [], "heldout_loss": []}
-    start_step, seconds_before = 0, 0.0
-    resumed = load_checkpoint(out_dir)
-    if resumed is not None:
-        ckpt, state = resumed
-        check_same_run(state, settings, fingerprint, ckpt)
-        from safetensors.torch import load_file
-
-        if state["step"] > settings.steps:
-            raise EdgepackError(f"{ckpt}: already at step {state['step']} > steps={settings.steps}; use a new out_dir")
-        load_adapter_state(peft_model, load_file(ckpt / ADAPTER_FILE), ckpt)
-        optimizer_from_files(optimizer, load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
-        restore_rng(load_file(ckpt / "rng.safetensors"))
-        start_step, seconds_before, history = state["step"], state["seconds"], state["history"]
-    else:
-        torch.manual_seed(settings.seed + 1)  # dropout stream, independent of LoRA A's initialisation
+    start_step, seconds_before, history = _resume(out_dir, peft_model, optimizer, settings, fingerprint)
 
     def checkpoint_state(elapsed: float) -> dict:
         return {"settings": settings_json(settings), "data_sha256": fingerprint, "history": history,
@@ -366,14 +351,7 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     for step in range(start_step, settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.stage.lr * lr_factor(step, settings.warmup_steps, settings.steps)
-        step_loss = 0.0
-        for micro in range(settings.stage.grad_accum):
-            idx = micro_batch(len(train), settings.stage.batch_size, settings.seed, step * settings.stage.grad_accum + micro)
-            batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], settings.pad_id).items()}
-            nll, count = nll_sum(peft_model, batch)
-            loss = nll / max(count, 1)
-            (loss / settings.stage.grad_accum).backward()
-            step_loss += float(loss.detach()) / settings.stage.grad_accum
+        step_loss = _accumulate_gradients(peft_model, train, settings, step, device)
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
@@ -392,24 +370,46 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     peft_model.eval()
 
     save_adapter(peft_model, out_dir / "adapter")
-    record = {
-        "stage": "lora",
-        "settings": settings_json(settings),
-        "device": device,
-        "train_examples": len(train),
-        "train_examples_dropped": dropped,
-        "heldout_examples": len(heldout),
-        "data_sha256": fingerprint,
-        "start_step": start_step,
-        "final_step": settings.steps,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "train_loss": history["train_loss"],
-        "heldout_loss": history["heldout_loss"],
-        "seconds": round(seconds_before + time.perf_counter() - t0, 2),
-        "adapter_dir": "adapter",
-    }
+    record = {"stage": "lora", "settings": settings_json(settings), "device": device, "train_examples": len(train),
+              "train_examples_dropped": dropped, "heldout_examples": len(heldout), "data_sha256": fingerprint,
+              "start_step": start_step, "final_step": settings.steps,
+              "trainable_parameters": sum(p.numel() for p in params), "train_loss": history["train_loss"],
+              "heldout_loss": history["heldout_loss"], "seconds": round(seconds_before + time.perf_counter() - t0, 2),
+              "adapter_dir": "adapter"}
     atomic_write_json(out_dir / "lora_record.json", record)
     return peft_model, record
+
+
+def _resume(out_dir: Path, peft_model, optimizer, settings: LoraTraining, fingerprint: str) -> tuple[int, float, dict]:
+    """(start step, seconds already trained, loss history): from out_dir's checkpoint of the same run (adapter,
+    optimizer and RNG restored), else a fresh start."""
+    resumed = load_checkpoint(out_dir)
+    if resumed is None:
+        torch.manual_seed(settings.seed + 1)  # dropout stream, independent of LoRA A's initialisation
+        return 0, 0.0, {"train_loss": [], "heldout_loss": []}
+    ckpt, state = resumed
+    check_same_run(state, settings, fingerprint, ckpt)
+    from safetensors.torch import load_file
+
+    if state["step"] > settings.steps:
+        raise EdgepackError(f"{ckpt}: already at step {state['step']} > steps={settings.steps}; use a new out_dir")
+    load_adapter_state(peft_model, load_file(ckpt / ADAPTER_FILE), ckpt)
+    optimizer_from_files(optimizer, load_file(ckpt / "optimizer.safetensors"), state["optimizer"])
+    restore_rng(load_file(ckpt / "rng.safetensors"))
+    return state["step"], state["seconds"], state["history"]
+
+
+def _accumulate_gradients(peft_model, train: list[Example], settings: LoraTraining, step: int, device) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's mean loss."""
+    step_loss, accum = 0.0, settings.stage.grad_accum
+    for micro in range(accum):
+        idx = micro_batch(len(train), settings.stage.batch_size, settings.seed, step * accum + micro)
+        batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], settings.pad_id).items()}
+        nll, count = nll_sum(peft_model, batch)
+        loss = nll / max(count, 1)
+        (loss / accum).backward()
+        step_loss += float(loss.detach()) / accum
+    return step_loss
 
 
 def check_same_run(state: dict, settings: LoraTraining, fingerprint: str, ckpt: Path) -> None:

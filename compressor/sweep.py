@@ -446,24 +446,8 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
                 f"closed {100 * row.closed:.1f} %, open {100 * row.open:.1f} %, PPL {row.ppl:.2f}")
             log(f"[{len(results)}/{len(all_jobs)}] {row.name}: {status}")
 
-    if todo and use_ray:
-        collect_all = _run_with_ray(todo, limits, peers, prompt, max_new_tokens)
-        for rows in collect_all:
-            collect(rows)
-    elif todo and jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        workers = min(jobs, len(todo))
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        # spawn, not fork: forking a process that already holds torch's thread pools can deadlock
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_family, fam, limits, peers, prompt, max_new_tokens, threads) for fam in todo]
-            for fut in as_completed(futures):
-                collect(fut.result())
-    else:
-        for fam in todo:
-            collect(run_family(fam, limits, peers, prompt, max_new_tokens, log=log))
+    for rows in _run_families(todo, limits, peers, prompt, max_new_tokens, jobs, use_ray, log):
+        collect(rows)
 
     ordered = [results[j.name] for j in all_jobs]
     rows = [r for r in ordered if isinstance(r, SweepRow)]
@@ -475,6 +459,27 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
         raise EdgepackError(f"{len(failed)} of {len(ordered)} grid points failed ({', '.join(r.name for r in failed)});"
                             f" the others are reported in {out_dir}")
     return {"grid": grid_name, "out_dir": str(out_dir), "rows": rows, "failed": failed, "files": files}
+
+
+def _run_families(todo: list[list[Job]], limits: EvalLimits, peers, prompt: str, max_new_tokens: int, jobs: int,
+                  use_ray: bool, log):
+    """Each family's rows as it finishes: as Ray tasks, in `jobs` worker processes, or here in order."""
+    if todo and use_ray:
+        yield from _run_with_ray(todo, limits, peers, prompt, max_new_tokens)
+    elif todo and jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        workers = min(jobs, len(todo))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn, not fork: forking a process that already holds torch's thread pools can deadlock
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(run_family, fam, limits, peers, prompt, max_new_tokens, threads) for fam in todo]
+            for fut in as_completed(futures):
+                yield fut.result()
+    else:
+        for fam in todo:
+            yield run_family(fam, limits, peers, prompt, max_new_tokens, log=log)
 
 
 def _import_ray():

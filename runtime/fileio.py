@@ -63,9 +63,11 @@ MAX_JSON_BYTES = 64 << 20  # tokenizer.json of a large vocabulary is ~10-20 MB
 MAX_JSON_DEPTH = 64  # bundles' JSON files nest a handful of levels; deeper is a nesting bomb
 
 
-def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
+def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, finite: bool = False) -> Any:
     """Read a JSON file as untrusted input; every problem (missing, not a regular file, too large, not
-    UTF-8, malformed, NaN/Infinity, nested deeper than MAX_JSON_DEPTH) raises one EdgepackError naming it."""
+    UTF-8, malformed, nested deeper than MAX_JSON_DEPTH, and with finite=True NaN/Infinity) raises one
+    EdgepackError naming it. NaN/Infinity are accepted by default: edgepack's own records may hold them
+    (a diverged evaluation), and json.dumps writes them."""
     from runtime.errors import EdgepackError
 
     path = Path(path)
@@ -81,13 +83,14 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> Any:
         raise EdgepackError(f"{path}: file not found") from None
     except OSError as e:
         raise EdgepackError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_json(data, str(path))
+    return parse_json(data, str(path), finite=finite)
 
 
-def parse_json(data: bytes | str, where: str) -> Any:
-    """json.loads for untrusted bytes: strict UTF-8, no NaN/Infinity, at most MAX_JSON_DEPTH levels of
-    nesting (checked on the text first, so a nesting bomb never reaches the recursive parser), and huge
-    numbers refused; errors are one EdgepackError line naming `where`."""
+def parse_json(data: bytes | str, where: str, finite: bool = True) -> Any:
+    """json.loads for untrusted bytes: strict UTF-8, at most MAX_JSON_DEPTH levels of nesting (checked on
+    the text first, so a nesting bomb never reaches the recursive parser), integers of more than 4300
+    digits refused, and with finite=True (the default: manifests, signatures, ONNX metadata) no NaN,
+    Infinity or numbers that overflow a float; errors are one EdgepackError line naming `where`."""
     from runtime.errors import EdgepackError
 
     try:
@@ -108,6 +111,8 @@ def parse_json(data: bytes | str, where: str) -> Any:
         return value
 
     try:
+        if not finite:
+            return json.loads(text)
         return json.loads(text, parse_constant=no_constant, parse_float=finite_float)
     except json.JSONDecodeError as e:
         raise EdgepackError(f"{where}: malformed JSON ({e.msg} at line {e.lineno})") from None

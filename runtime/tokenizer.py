@@ -154,8 +154,9 @@ def check_text(text, what: str) -> str:
 
 def _read_text(path: Path, max_chars: int) -> str:
     try:
-        data = path.read_bytes()[: 4 * max_chars + 4]
-        return data.decode("utf-8")
+        if path.stat().st_size > 4 * max_chars:
+            raise EdgepackError(f"{path}: longer than {max_chars} characters")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise EdgepackError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except OSError as e:

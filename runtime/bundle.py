@@ -30,6 +30,7 @@ import stat
 import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 from runtime.errors import EdgepackError
@@ -419,18 +420,12 @@ def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | No
     try:
         with zf:
             return _extract(zf, archive, target, root, verify_digests, max_files, max_total_bytes)
-    except (zipfile.BadZipFile, EOFError, zlib_error(), NotImplementedError, RuntimeError, ValueError,
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError,
             struct.error) as e:
         raise EdgepackError(f"{archive}: corrupt archive ({str(e)[:200]})") from None
     except OSError as e:  # read-only or full cache directory, or a name the file system refuses
         raise EdgepackError(f"{root}: cannot write the bundle cache ({e.strerror or e}); free some space or "
                             "set EDGEPACK_CACHE to a writable directory") from None
-
-
-def zlib_error():
-    import zlib
-
-    return zlib.error
 
 
 def _remove_cache_entry(target: Path, root: Path) -> None:

@@ -10,6 +10,10 @@ thread counts), never by protocol. Each claim stores its limits, its sample size
     top1, triviaqa_*    absolute binomial-noise margin for the sample size n:
                         max(2 * sqrt(p * (1 - p) / n), 2 / n), i.e. two standard errors, never below two items
 
+The data is always the project's own: runtime.manifest only accepts claims whose limits name the built-in
+evaluation sets (never a path), and runtime.datasets checks each shipped set against its digest before
+reading it; a user's own data reaches the harness only from the command line (`edgepack eval`).
+
 On the machine that exported the bundle the re-measurement is exact; the margins are there for other CPUs
 (int8 activation kernels differ between AVX2, AVX-512 VNNI and ARM dot-product paths) and are small enough
 that a perturbed weight file fails them (tests/test_verify.py).

@@ -12,7 +12,8 @@ thread counts), never by protocol. Each claim stores its limits, its sample size
 
 The data is always the project's own: runtime.manifest only accepts claims whose limits name the built-in
 evaluation sets (never a path), and runtime.datasets checks each shipped set against its digest before
-reading it; a user's own data reaches the harness only from the command line (`edgepack eval`).
+reading it; a user's own files are used only where the user names them (a recipe's calibration dataset, the
+Python API), never because a bundle says so.
 
 On the machine that exported the bundle the re-measurement is exact; the margins are there for other CPUs
 (int8 activation kernels differ between AVX2, AVX-512 VNNI and ARM dot-product paths) and are small enough

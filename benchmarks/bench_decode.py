@@ -57,6 +57,21 @@ def engine_edgepack(args) -> dict:
             "loop_us_per_token": res["loop_us_per_token"], "token_ids": res["token_ids"]}
 
 
+def engine_edgepack_spec(args) -> dict:
+    """edgepack with speculative decoding (runtime.speculative, `--draft`), timed interleaved with plain decoding
+    inside runtime.bench; the row reports the speculative runs."""
+    sys.path.insert(0, str(ROOT))
+    from runtime.bench import bench_bundle
+    from runtime.bundle import Bundle
+
+    res = bench_bundle(Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads,
+                       prompt=_prompt_ids(args), draft=args.draft)
+    spec = res["speculative"]
+    return {"decode_tokens_per_s": spec["decode_tokens_per_s"], "acceptance_rate": spec["acceptance_rate"],
+            "speedup_vs_plain": spec["speedup"], "same_tokens_as_plain": spec["same_tokens"],
+            "token_ids": res["token_ids"]}
+
+
 def engine_llamacpp(args) -> dict:
     from llama_cpp import Llama
 
@@ -282,8 +297,10 @@ def run_engine(engine: str, python: str, args, threads: int, target: str | None)
     """One engine in its own process; `target` is the bundle / model directory / GGUF it runs."""
     cmd = [python, str(Path(__file__).resolve()), "--engine", engine, "--threads", str(threads),
            "--repeats", str(args.repeats), "--prompt-ids", str(args.prompt_ids)]
-    if engine in ("edgepack", "kernels"):
+    if engine in ("edgepack", "kernels", "edgepack_spec"):
         cmd.append(str(target))
+    if engine == "edgepack_spec":
+        cmd += ["--draft", args.draft]
     elif engine == "ortgenai":
         cmd += ["--ortgenai-dir", str(target)]
     elif engine == "llamacpp":
@@ -337,6 +354,8 @@ def main() -> int:
                     help="where the onnxruntime-genai views of the bundles are written")
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--draft", choices=("none", "auto", "lookup", "model"), default="none",
+                    help="also time edgepack with speculative decoding (runtime.speculative) and this draft")
     args = ap.parse_args()
     if args.engine:
         args.threads = args.threads or None
@@ -360,6 +379,8 @@ def main() -> int:
         b = Path(b)
         wb = file_bytes(b / "onnx", "*.data")  # what a decode step reads (as runtime.bench.weight_bytes)
         plan.append((f"edgepack {b.name}", "edgepack", sys.executable, b, wb))
+        if args.draft != "none":
+            plan.append((f"edgepack + draft={args.draft} {b.name}", "edgepack_spec", sys.executable, b, wb))
         plan.append((f"MatMulNBits kernels only {b.name}", "kernels", sys.executable, b, wb))
         if genai_ok:
             view = genai_view(b, Path(args.work_dir) / f"genai-{b.name}")
@@ -427,6 +448,13 @@ def print_table(results: dict) -> None:
         pre = f"{p['median']:.0f}" if p else "-"
         print(f"| {label} | {t} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | "
               f"{v['weight_bytes'] / 1e6:.1f} | {lim:.0f} | {100 * d['median'] / lim:.0f} % |")
+    for k, v in engines.items():  # speculative decoding against every other engine at the same thread count
+        if " + draft=" not in k:
+            continue
+        label, t = k.rsplit(" @", 1)
+        others = ", ".join(f"{o.rsplit(' @', 1)[0]}: {v['decode_tokens_per_s']['median'] / w['decode_tokens_per_s']['median']:.2f}x"
+                           for o, w in engines.items() if o.endswith(f" @{t}") and o != k)
+        print(f"{label} @{t} ({100 * v['acceptance_rate']:.0f} % of guesses kept) against {others}")
 
 
 if __name__ == "__main__":

@@ -195,7 +195,8 @@ def expected_tokens(alpha: float, k: int) -> float:
 class AdaptiveK:
     """The number of tokens to guess next, from a moving average of the share of guesses kept. When no k
     beats plain decoding (1 token per unit of cost), speculation pauses (k = 0) and probes with k_min
-    guesses every `probe_every` rounds, so a stream that turns repetitive is noticed."""
+    guesses every `probe_every` rounds, so a stream that turns repetitive is noticed; each probe that does
+    not resume speculation doubles the interval (up to 64 rounds), so a useless draft costs little."""
 
     def __init__(self, settings: SpeculationSettings, cost_per_token: float, probe_every: int = 8):
         self.s = settings
@@ -214,10 +215,21 @@ class AdaptiveK:
         if proposed == 0:
             return
         self.alpha += self.s.ema * (accepted / proposed - self.alpha)
-        ks = range(self.s.k_min, self.s.k_max + 1)
-        gain = {k: expected_tokens(self.alpha, k) / (1.0 + self.cost * k) for k in ks}
-        best = max(gain, key=gain.get)
-        self.k = best if gain[best] > 1.0 else 0
+        best, gain = best_k(self.alpha, self.cost, self.s.k_min, self.s.k_max)
+        if gain > 1.0:
+            self.k, self.probe_every = best, 8
+        else:
+            if self.k == 0:  # a probe that failed
+                self.probe_every = min(2 * self.probe_every, 64)
+            self.k, self.paused = 0, 0
+
+
+def best_k(alpha: float, cost: float, k_min: int = 1, k_max: int = 8) -> tuple[int, float]:
+    """The k with the most expected tokens per unit of cost against plain decoding (1 token per unit), and
+    that ratio: > 1 means guessing pays."""
+    gain = {k: expected_tokens(alpha, k) / (1.0 + cost * k) for k in range(k_min, k_max + 1)}
+    k = max(gain, key=gain.get)
+    return k, gain[k]
 
 
 def target_probs(sampler, logits: np.ndarray) -> np.ndarray:
@@ -348,6 +360,9 @@ def make_proposer(choice: str, bundle=None, threads: int | None = None, settings
     has_model = bundle is not None and bundle.has_draft
     if choice == "model" and not has_model:
         raise EdgepackError("draft=model: this bundle has no draft model (export it with `edgepack export --draft`)")
+    if choice == "auto" and has_model:  # the draft model only where its measured acceptance says it pays
+        measured = (bundle.manifest["runtime"]["draft"].get("acceptance") or {}).get("greedy")
+        has_model = measured is None or best_k(float(measured), bundle.draft_cost + VERIFY_COST_PER_TOKEN)[1] > 1.0
     if choice == "model" or (choice == "auto" and has_model):
         return DraftModel(bundle.draft_decoder(threads), cost_per_token=bundle.draft_cost)
     return PromptLookup(s.ngram_max, s.ngram_min)

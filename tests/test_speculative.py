@@ -214,10 +214,14 @@ def test_k_adapts_to_acceptance():
     for _ in range(20):
         k.update(k.k, k.k)
     assert k.k == 8 and k.alpha > 0.99
-    for _ in range(20):
-        k.update(max(k.k, 1), 0)
-    assert k.k == 0 and k.alpha < 0.01  # guessing no longer pays: paused, with a probe every 8th round
-    assert [k.next_k() for _ in range(16)] == [0] * 7 + [1] + [0] * 7 + [1]
+    rounds = 0
+    while k.k:
+        k.update(k.k, 0)
+        rounds += 1
+    assert rounds <= 5 and k.alpha < 0.3  # guessing no longer pays: paused, with a probe every 8th round
+    assert [k.next_k() for _ in range(8)] == [0] * 7 + [1]
+    k.update(1, 0)  # the probe failed: the next one comes twice as late
+    assert [k.next_k() for _ in range(16)] == [0] * 15 + [1]
     k.update(1, 1)
     for _ in range(10):
         k.update(max(k.k, 1), max(k.k, 1))
@@ -231,7 +235,12 @@ def test_measure_acceptance_and_draft_choices(draft_bundle_dir, bundle):
     assert b.has_draft and b.draft_cost == 0.5
     rec = measure_acceptance(b.generator(threads=1, draft="model"), prompts(b), max_new_tokens=24)
     assert rec["drafted"] > 0 and 0 < rec["greedy"] <= 1 and rec["prompts"] == 3
-    assert b.generator(draft="auto").draft.name == "model"
+    assert b.generator(draft="auto").draft.name == "model"  # no acceptance recorded: trusted
+    m = json.loads((draft_bundle_dir / "manifest.json").read_text())
+    for rate, chosen in ((0.05, "lookup"), (0.9, "model")):  # auto takes the draft model only where it pays
+        m["runtime"]["draft"]["acceptance"] = {"greedy": rate}
+        b.manifest = m
+        assert make_proposer("auto", b).name == chosen
     assert bundle.generator(draft="auto").draft.name == "lookup"
     assert bundle.generator(draft="none").draft is None
     with pytest.raises(EdgepackError, match="no draft model"):

@@ -101,6 +101,7 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
     names = list(proposers)
     acc = {n: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "new_tokens": 0} for n in names}
     diverged = {n: 0 for n in names}
+    first_diff: dict[str, list[int]] = {n: [] for n in names}  # index of the first differing token
     for i, ids in enumerate(prompts):
         order = names[i % len(names):] + names[: i % len(names)]
         outs = {}
@@ -119,7 +120,10 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
             outs[name] = r.token_ids
         if compare:
             for name in names:
-                diverged[name] += outs[name] != outs["plain"]
+                if outs[name] != outs["plain"]:
+                    diverged[name] += 1
+                    first_diff[name].append(next((j for j, (x, y) in enumerate(zip(outs[name], outs["plain"]))
+                                                  if x != y), min(len(outs[name]), len(outs["plain"]))))
         print(f"  {label} prompt {i + 1}/{len(prompts)}: " + ", ".join(
             f"{n} {acc[n]['tokens'] / max(acc[n]['seconds'], 1e-9):.0f} tok/s" for n in names), file=sys.stderr)
     plain = acc["plain"]["tokens"] / acc["plain"]["seconds"]
@@ -132,6 +136,7 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
                      "drafted": a["drafted"], "accepted": a["accepted"]}
         if compare:
             out[name]["outputs_differing_from_plain"] = diverged[name]
+            out[name]["first_differing_token"] = first_diff[name]
     return out
 
 
@@ -179,11 +184,14 @@ def main(argv=None) -> int:
                                            "repetition_penalty": base.repetition_penalty}
 
     print(f"\n{bundle.name} — {cpu}, threads={args.threads or 'default'}, {args.new_tokens} new tokens")
-    print(f"{'set':16s} {'draft':8s} {'decode tok/s':>12s} {'vs plain':>9s} {'accepted':>9s} {'differ':>7s}")
+    print(f"{'set':16s} {'draft':8s} {'decode tok/s':>12s} {'vs plain':>9s} {'accepted':>9s} {'differ':>7s}  "
+          f"(differ: greedy outputs not identical to plain, of {len(wiki)} / {len(chats)})")
     for key in ("wikitext_greedy", "chat_greedy", "chat_sampled"):
         for name, r in result.get(key, {}).items():
             rate = f"{100 * r['acceptance_rate']:.0f} %" if r["acceptance_rate"] is not None else "-"
             differ = r.get("outputs_differing_from_plain", "-")
+            if r.get("first_differing_token"):
+                differ = f"{differ} (from token {min(r['first_differing_token'])})"
             print(f"{key:16s} {name:8s} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f}x {rate:>9s} {differ!s:>7s}")
     if args.json:
         from runtime.fileio import atomic_write_json

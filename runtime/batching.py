@@ -4,10 +4,11 @@ A pool of KV-cache slots: one preallocated cache [slots, kv_heads, context, head
 buffers shared with OrtValues, so nothing is copied), each row a slot. A scheduler thread loops:
 
 1. admit waiting requests into free slots (the lowest free row first);
-2. prefill one chunk (`prefill_chunk` tokens) of one newcomer, as a batch-1 run bound to *its own row*
-   (row s of a C-contiguous [B, ...] buffer is itself a contiguous [1, ...] buffer), so the newcomer's
+2. prefill newcomers, at most `prefill_chunk` prompt tokens in all, each as a batch-1 run bound to *its own
+   row* (row s of a C-contiguous [B, ...] buffer is itself a contiguous [1, ...] buffer), so a newcomer's
    cache is written exactly as a solo `OnnxDecoder.prefill` writes it and the others' rows are untouched;
-   a long prompt is prefilled over several iterations, so it stalls the others for one chunk at a time;
+   several short prompts join in one iteration, a long one is prefilled over several, so the decoding
+   requests wait for at most one chunk's worth of prefill per token;
 3. one decode step for every decoding slot at once, on the rows [0, b) where b is one past the highest
    busy slot (a lone request decodes at batch 1, as fast as solo). Per-row `seqlens_k` are
    GroupQueryAttention's batching: each row attends to its own positions only. A row that is free or
@@ -297,7 +298,7 @@ class BatchScheduler:
                 self._admit()
             try:
                 self._drop_cancelled()
-                self._prefill_one()
+                self._prefill_some()
                 self._decode_step()
             except Exception:  # a bug in the scheduler itself: fail what is running, keep serving
                 log.exception("batching scheduler step failed")
@@ -328,28 +329,31 @@ class BatchScheduler:
                 events = slot.policy.finish("cancelled")
                 self._end(slot, "cancelled", events=events)
 
-    def _prefill_one(self) -> None:
-        """One prefill chunk of the earliest admitted slot that is still prefilling."""
-        pending = [s for s in self._slots if s is not None and not s.decoding]
-        if not pending:
-            return
-        slot = min(pending, key=lambda s: s.request.submitted)
-        prompt = slot.request.prompt
-        chunk = prompt[slot.fed : slot.fed + self.config.prefill_chunk]
-        t = time.perf_counter()
-        try:
-            logits = self._run_prefill(slot.index, chunk, slot.length)
-        except Exception as e:
-            log.exception("prefill failed")
-            self._end(slot, None, EdgepackError(f"prefill failed: {str(e).splitlines()[0][:200]}"))
-            return
-        slot.t_prefill += time.perf_counter() - t
-        slot.fed += len(chunk)
-        slot.length += len(chunk)
-        if slot.fed == len(prompt):
-            slot.decoding = True
-            slot.t_first = time.perf_counter()
-            self._sample(slot, logits)
+    def _prefill_some(self) -> None:
+        """Prefill newcomers in arrival order, `prefill_chunk` prompt tokens in all per iteration: several
+        short prompts join in one iteration, a long one takes several (the decoders wait one chunk at most)."""
+        pending = sorted((s for s in self._slots if s is not None and not s.decoding), key=lambda s: s.request.submitted)
+        budget = self.config.prefill_chunk
+        for slot in pending:
+            if budget <= 0:
+                return
+            prompt = slot.request.prompt
+            chunk = prompt[slot.fed : slot.fed + budget]
+            budget -= len(chunk)
+            t = time.perf_counter()
+            try:
+                logits = self._run_prefill(slot.index, chunk, slot.length)
+            except Exception as e:
+                log.exception("prefill failed")
+                self._end(slot, None, EdgepackError(f"prefill failed: {str(e).splitlines()[0][:200]}"))
+                continue
+            slot.t_prefill += time.perf_counter() - t
+            slot.fed += len(chunk)
+            slot.length += len(chunk)
+            if slot.fed == len(prompt):
+                slot.decoding = True
+                slot.t_first = time.perf_counter()
+                self._sample(slot, logits)
 
     def _run_prefill(self, row: int, ids: list[int], past: int) -> np.ndarray:
         """`ids` appended to row `row` after `past` cached tokens, batch 1 (as OnnxDecoder.prefill)."""

@@ -170,11 +170,14 @@ class Bundle:
         _check_graph_shapes(dec, self.onnx_path)
         return dec
 
-    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto",
+    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "none",
                   spin: bool = True):
         """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS).
-        draft: speculative decoding's proposer (runtime.speculative.make_proposer): "auto" (the bundle's draft
-        model if it has one, else prompt lookup), "model", "lookup" or "none"."""
+        draft: speculative decoding's proposer (runtime.speculative.make_proposer): "none" (the default),
+        "auto" (the bundle's draft model if it has one, else prompt lookup), "model" or "lookup". Off by
+        default: on graphs with int8 activations (MatMulNBits accuracy_level 4) onnxruntime's multi-row
+        kernel rounds differently from its one-row kernel, so a greedy reply can take the other branch at a
+        near-tie; plain decoding is the bundle's reference output."""
         from runtime.generation import Generator
         from runtime.speculative import make_proposer
 

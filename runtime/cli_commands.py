@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 
+DRAFT_CHOICES = ("none", "auto", "lookup", "model")
+DRAFT_HELP = ("speculative decoding (default none): 'lookup' guesses from the prompt and conversation, 'model' "
+              "uses the bundle's draft model, 'auto' the draft model if the bundle has one, else lookup. Same "
+              "output distribution; under greedy decoding on int8-activation graphs a reply can differ from "
+              "plain decoding at a near-tie (README: Speculative decoding)")
+
+
 def add_runtime_commands(subparsers) -> None:
     p = subparsers.add_parser("generate", help="stream a reply from a bundle (ONNX runtime, no torch)")
     p.add_argument("bundle", help="bundle directory or .edgepack archive")
@@ -23,9 +30,7 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
-    p.add_argument("--draft", choices=("auto", "none", "lookup", "model"), default="auto",
-                   help="speculative decoding: the bundle's draft model, prompt lookup, or none (default auto: the "
-                        "draft model if the bundle has one, else lookup; the output is the same either way)")
+    p.add_argument("--draft", choices=DRAFT_CHOICES, default="none", help=DRAFT_HELP)
     add_trust_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -46,7 +51,7 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--no-bandwidth", action="store_true",
                    help="skip measuring memory bandwidth (the decode limit; a few seconds and 1 GiB of RAM)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--draft", choices=("auto", "none", "lookup", "model"), default="none",
+    p.add_argument("--draft", choices=DRAFT_CHOICES, default="none",
                    help="also time speculative decoding with this draft, interleaved with plain decoding "
                         "(auto: the bundle's draft model if it has one, else prompt lookup)")
     add_trust_args(p)

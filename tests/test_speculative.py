@@ -481,7 +481,19 @@ def test_export_draft_builds_measures_and_ships_a_draft(tiny_checkpoint, tmp_pat
     for path in (out, tmp_path / "bundle.edgepack"):  # the directory and the re-written archive
         b = Bundle.open(path)
         assert b.has_draft and b.manifest["runtime"]["draft"]["acceptance"] == record["acceptance"]
-        gen = b.generator(threads=1)
+        gen = b.generator(threads=1, draft="auto")
         assert gen.draft.name == "model"
         ids = b.tokenizer.encode("The quick brown fox")
         assert gen.generate(ids, GREEDY).token_ids == b.generator(threads=1, draft="none").generate(ids, GREEDY).token_ids
+
+
+def test_speculation_is_opt_in(draft_bundle_dir):
+    """Plain decoding is the default everywhere (generate, chat, the Python API): on int8-activation graphs
+    a speculative greedy reply can differ from plain decoding at a near-tie, so users ask for it."""
+    from runtime.cli_commands import build_parser
+    from tui.app import chat_generator
+
+    b = Bundle.open(draft_bundle_dir)  # even with a draft model in the bundle
+    assert b.has_draft and b.generator(threads=1).draft is None
+    assert chat_generator(b, threads=1).draft is None
+    assert build_parser().parse_args(["generate", str(draft_bundle_dir), "hi"]).draft == "none"

@@ -80,7 +80,7 @@ class FakeBundle:
         self.system_prompt = "You are a helpful assistant."
         self.manifest = {"quality": {}}
 
-    def generator(self, threads=None, spin=True) -> Generator:
+    def generator(self, threads=None, spin=True, draft="none") -> Generator:
         self.spin = spin  # the chat asks for sleeping onnxruntime threads (spin=False)
         return Generator(ScriptedDecoder(self.reply, self.max_len, self.delay), self.tokenizer)
 

@@ -609,14 +609,15 @@ def _welcome(info: dict) -> str:
             "Ctrl+O shows what this model is and verifies it; F1 lists the keys.")
 
 
-def chat_generator(bundle, threads: int | None = None):
+def chat_generator(bundle, threads: int | None = None, draft: str = "none"):
     """The bundle's generator, with onnxruntime's worker threads sleeping instead of spinning between
     kernels (runtime.onnx_engine: spinning threads steal time slices from other threads on the same cores,
     here the UI's)."""
-    return bundle.generator(threads=threads, spin=False)
+    return bundle.generator(threads=threads, spin=False, draft=draft)
 
 
-def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None) -> int:
+def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None,
+             draft: str = "none") -> int:
     """Open the bundle (digests checked), load the model, run the chat. Returns the exit code."""
     from runtime.bundle import Bundle
 
@@ -624,7 +625,7 @@ def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None 
         print(f"opening {bundle_path} …", file=sys.stderr, flush=True)
         bundle = Bundle.open(bundle_path, trust=trust)  # trust: runtime.signing.TrustPolicy (None: trust file)
         print(f"edgepack: {bundle.signature.message(bundle.name)}", file=sys.stderr, flush=True)
-        generator = chat_generator(bundle, threads)
+        generator = chat_generator(bundle, threads, draft)
         store = ConversationStore(data_dir)
     except EdgepackError as e:
         print(f"edgepack: error: {e}", file=sys.stderr)

@@ -11,8 +11,9 @@ def add_chat_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where conversations are kept (default: $EDGEPACK_DATA_DIR, "
                                       "else the user data directory for edgepack)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per physical core)")
-    from runtime.cli_commands import add_trust_args
+    from runtime.cli_commands import DRAFT_CHOICES, DRAFT_HELP, add_trust_args
 
+    p.add_argument("--draft", choices=DRAFT_CHOICES, default="none", help=DRAFT_HELP)
     add_trust_args(p)
     p.set_defaults(func=_cmd_chat)
     return p
@@ -22,4 +23,4 @@ def _cmd_chat(args) -> int:
     from runtime.cli_commands import trust_policy
     from tui.app import run_chat
 
-    return run_chat(args.bundle, args.data_dir, threads=args.threads, trust=trust_policy(args))
+    return run_chat(args.bundle, args.data_dir, threads=args.threads, trust=trust_policy(args), draft=args.draft)

@@ -7,6 +7,7 @@ export variants of the same model; bench_decode.py is the cross-engine benchmark
 Each round: fresh cache, prefill the same 128 prompt tokens, 128 greedy decode steps. Prints the median,
 min and max tokens/s per bundle and each bundle's median relative to the first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,12 +44,16 @@ def main() -> int:
                 token = int(dec.decode(token).argmax())
             rates[i].append(args.new_tokens / (time.perf_counter() - t0))
     first = statistics.median(rates[0][1:])
-    print(f"{args.rounds} interleaved rounds, {args.prompt_tokens} prompt + {args.new_tokens} greedy tokens, "
-          f"threads={args.threads or 'default'}")
+    print(
+        f"{args.rounds} interleaved rounds, {args.prompt_tokens} prompt + {args.new_tokens} greedy tokens, "
+        f"threads={args.threads or 'default'}"
+    )
     for path, r in zip(args.bundles, rates):
         med = statistics.median(r[1:])
-        print(f"  {Path(path).name:45s} decode {med:6.1f} tok/s (min {min(r[1:]):.0f}, max {max(r[1:]):.0f})"
-              f"  {med / first:.3f}x")
+        print(
+            f"  {Path(path).name:45s} decode {med:6.1f} tok/s (min {min(r[1:]):.0f}, max {max(r[1:]):.0f})"
+            f"  {med / first:.3f}x"
+        )
     return 0
 
 

@@ -23,6 +23,7 @@ dev VM, ~50 or ~75 GB/s depending on the minute). "MatMulNBits kernels only" run
 just the bundle's weight kernels, in graph order, with nothing else: the fastest decode any graph built on
 those onnxruntime kernels can reach here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,11 +51,17 @@ def engine_edgepack(args) -> dict:
     from runtime.bench import bench_bundle
     from runtime.bundle import Bundle
 
-    res = bench_bundle(Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads,
-                       prompt=_prompt_ids(args))
-    return {"decode_tokens_per_s": res["decode_tokens_per_s"], "prefill_tokens_per_s": res["prefill_tokens_per_s"],
-            "ttft_s": res["ttft_s"], "peak_rss_bytes": res.get("peak_rss_bytes"),
-            "loop_us_per_token": res["loop_us_per_token"], "token_ids": res["token_ids"]}
+    res = bench_bundle(
+        Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads, prompt=_prompt_ids(args)
+    )
+    return {
+        "decode_tokens_per_s": res["decode_tokens_per_s"],
+        "prefill_tokens_per_s": res["prefill_tokens_per_s"],
+        "ttft_s": res["ttft_s"],
+        "peak_rss_bytes": res.get("peak_rss_bytes"),
+        "loop_us_per_token": res["loop_us_per_token"],
+        "token_ids": res["token_ids"],
+    }
 
 
 def engine_edgepack_spec(args) -> dict:
@@ -64,19 +71,31 @@ def engine_edgepack_spec(args) -> dict:
     from runtime.bench import bench_bundle
     from runtime.bundle import Bundle
 
-    res = bench_bundle(Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads,
-                       prompt=_prompt_ids(args), draft=args.draft)
+    res = bench_bundle(
+        Bundle.open(args.bundle),
+        PROMPT_TOKENS,
+        NEW_TOKENS,
+        args.repeats,
+        args.threads,
+        prompt=_prompt_ids(args),
+        draft=args.draft,
+    )
     spec = res["speculative"]
-    return {"decode_tokens_per_s": spec["decode_tokens_per_s"], "acceptance_rate": spec["acceptance_rate"],
-            "speedup_vs_plain": spec["speedup"], "same_tokens_as_plain": spec["same_tokens"],
-            "token_ids": res["token_ids"]}
+    return {
+        "decode_tokens_per_s": spec["decode_tokens_per_s"],
+        "acceptance_rate": spec["acceptance_rate"],
+        "speedup_vs_plain": spec["speedup"],
+        "same_tokens_as_plain": spec["same_tokens"],
+        "token_ids": res["token_ids"],
+    }
 
 
 def engine_llamacpp(args) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=args.gguf[0], n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads,
-                verbose=False, seed=0)
+    llm = Llama(
+        model_path=args.gguf[0], n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, seed=0
+    )
     prompt = _prompt_ids(args)
     decode, prefill = [], []
     for rep in range(args.repeats + 1):
@@ -110,13 +129,13 @@ def engine_ortgenai(args) -> dict:
         cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = args.threads
     (run_dir / "genai_config.json").write_text(json.dumps(cfg))
     model = og.Model(str(run_dir))
-    tok = og.Tokenizer(model)
     prompt = _prompt_ids(args)
     decode, prefill, tokens = [], [], []
     for rep in range(args.repeats + 1):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + NEW_TOKENS,
-                                  min_length=len(prompt) + NEW_TOKENS)
+        params.set_search_options(
+            do_sample=False, max_length=len(prompt) + NEW_TOKENS, min_length=len(prompt) + NEW_TOKENS
+        )
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(prompt)
@@ -129,7 +148,7 @@ def engine_ortgenai(args) -> dict:
         if rep:
             prefill.append(len(prompt) / (t1 - t0))
             decode.append(n / (t2 - t1))
-        tokens = [int(t) for t in gen.get_sequence(0)][len(prompt):]
+        tokens = [int(t) for t in gen.get_sequence(0)][len(prompt) :]
     return {"decode_tokens_per_s": _stats(decode), "prefill_tokens_per_s": _stats(prefill), "token_ids": tokens}
 
 
@@ -151,12 +170,18 @@ def engine_kernels(args) -> dict:
     nodes, outputs = [], []
     for n in kernels:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        node = helper.make_node("MatMulNBits", [f"x{attrs['K']}", *n.input[1:]], [n.output[0]], domain=n.domain, **attrs)
+        node = helper.make_node(
+            "MatMulNBits", [f"x{attrs['K']}", *n.input[1:]], [n.output[0]], domain=n.domain, **attrs
+        )
         nodes.append(node)
         outputs.append(helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, [1, attrs["N"]]))
-    graph = helper.make_graph(nodes, "weight_kernels",
-                              [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
-                              outputs, [t for t in model.graph.initializer if t.name in needed])
+    graph = helper.make_graph(
+        nodes,
+        "weight_kernels",
+        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
+        outputs,
+        [t for t in model.graph.initializer if t.name in needed],
+    )
     kmodel = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads or 0
@@ -237,10 +262,17 @@ def genai_view(bundle: Path, out_dir: Path) -> Path:
     replaced = {"seqlens_k", "total_sequence_length", "logits_positions"}
     kept = [i for i in g.input if i.name not in replaced]
     del g.input[:]
-    g.input.extend(kept[:1] + [helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                                              ["batch_size", "total_sequence_length"])] + kept[1:])
-    consts = {"genai/one": np.array([1], np.int64), "genai/zero": np.array(0, np.int64),
-              "genai/one_s": np.array(1, np.int64), "genai/axis1": np.array(1, np.int64)}
+    g.input.extend(
+        kept[:1]
+        + [helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+        + kept[1:]
+    )
+    consts = {
+        "genai/one": np.array([1], np.int64),
+        "genai/zero": np.array(0, np.int64),
+        "genai/one_s": np.array(1, np.int64),
+        "genai/axis1": np.array(1, np.int64),
+    }
     g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     front = [
         helper.make_node("ReduceSum", ["attention_mask", "genai/one"], ["genai/rowsum"], keepdims=0),
@@ -271,22 +303,45 @@ def genai_view(bundle: Path, out_dir: Path) -> Path:
     eos = meta.get("eos_token_ids") or [0]
     config = {
         "model": {
-            "bos_token_id": meta.get("bos_token_id") or 0, "context_length": meta["max_len"],
+            "bos_token_id": meta.get("bos_token_id") or 0,
+            "context_length": meta["max_len"],
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": "model.onnx", "head_size": meta["head_dim"], "hidden_size": meta["hidden_size"],
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": layers[0]["num_attention_heads"], "num_hidden_layers": meta["num_layers"],
+                "filename": "model.onnx",
+                "head_size": meta["head_dim"],
+                "hidden_size": meta["hidden_size"],
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": layers[0]["num_attention_heads"],
+                "num_hidden_layers": meta["num_layers"],
                 "num_key_value_heads": layers[0]["num_key_value_heads"],
             },
-            "eos_token_id": eos[0], "pad_token_id": eos[0], "type": "llama", "vocab_size": meta["vocab_size"],
+            "eos_token_id": eos[0],
+            "pad_token_id": eos[0],
+            "type": "llama",
+            "vocab_size": meta["vocab_size"],
         },
-        "search": {"do_sample": False, "max_length": meta["max_len"], "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": True, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+        "search": {
+            "do_sample": False,
+            "max_length": meta["max_len"],
+            "min_length": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": True,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
     }
     (out_dir / "genai_config.json").write_text(json.dumps(config, indent=2))
     return out_dir
@@ -295,8 +350,18 @@ def genai_view(bundle: Path, out_dir: Path) -> Path:
 # ------------------------------------------------------------------ orchestration
 def run_engine(engine: str, python: str, args, threads: int, target: str | None) -> dict | None:
     """One engine in its own process; `target` is the bundle / model directory / GGUF it runs."""
-    cmd = [python, str(Path(__file__).resolve()), "--engine", engine, "--threads", str(threads),
-           "--repeats", str(args.repeats), "--prompt-ids", str(args.prompt_ids)]
+    cmd = [
+        python,
+        str(Path(__file__).resolve()),
+        "--engine",
+        engine,
+        "--threads",
+        str(threads),
+        "--repeats",
+        str(args.repeats),
+        "--prompt-ids",
+        str(args.prompt_ids),
+    ]
     if engine in ("edgepack", "kernels", "edgepack_spec"):
         cmd.append(str(target))
     if engine == "edgepack_spec":
@@ -307,8 +372,11 @@ def run_engine(engine: str, python: str, args, threads: int, target: str | None)
         cmd += ["--gguf", str(target)]
     elif engine == "transformers":
         cmd += ["--hf", str(target)]
-    print(f"  {engine} {Path(str(target or '')).name} ({threads} thread{'s' if threads > 1 else ''}) ...",
-          file=sys.stderr, flush=True)
+    print(
+        f"  {engine} {Path(str(target or '')).name} ({threads} thread{'s' if threads > 1 else ''}) ...",
+        file=sys.stderr,
+        flush=True,
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:
         print(f"  {engine} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
@@ -321,10 +389,12 @@ def requantize_q4_0(python: str, gguf: Path, work_dir: Path) -> Path:
     out = work_dir / (gguf.name.split(".Q")[0] + ".Q4_0.gguf")
     if not out.exists():
         work_dir.mkdir(parents=True, exist_ok=True)
-        code = ("import ctypes, sys, llama_cpp\n"
-                "p = llama_cpp.llama_model_quantize_default_params()\n"
-                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True\n"
-                "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))")
+        code = (
+            "import ctypes, sys, llama_cpp\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True\n"
+            "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
+        )
         subprocess.run([python, "-c", code, str(gguf), str(out)], check=True, capture_output=True)
     return out
 
@@ -337,12 +407,19 @@ def file_bytes(path: Path, pattern: str) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", nargs="?")
-    ap.add_argument("--extra-bundle", action="append", default=[],
-                    help="more edgepack bundles to time (e.g. the same recipe without EoRA)")
+    ap.add_argument(
+        "--extra-bundle",
+        action="append",
+        default=[],
+        help="more edgepack bundles to time (e.g. the same recipe without EoRA)",
+    )
     ap.add_argument("--gguf", action="append", default=[], help="GGUF file(s) for llama.cpp (repeatable)")
-    ap.add_argument("--also-q4-0", action="store_true",
-                    help="also time llama.cpp on a Q4_0 copy of the first GGUF (requantized with llama.cpp's own "
-                         "llama_model_quantize into --work-dir)")
+    ap.add_argument(
+        "--also-q4-0",
+        action="store_true",
+        help="also time llama.cpp on a Q4_0 copy of the first GGUF (requantized with llama.cpp's own "
+        "llama_model_quantize into --work-dir)",
+    )
     ap.add_argument("--hf")
     ap.add_argument("--ortgenai-dir", help="a model made by onnxruntime-genai's builder from the same HF checkpoint")
     ap.add_argument("--bench-python", help="python of the environment with llama-cpp-python / onnxruntime-genai")
@@ -350,12 +427,19 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--thread-counts", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--work-dir", default=str(ROOT / "models" / "bench"),
-                    help="where the onnxruntime-genai views of the bundles are written")
+    ap.add_argument(
+        "--work-dir",
+        default=str(ROOT / "models" / "bench"),
+        help="where the onnxruntime-genai views of the bundles are written",
+    )
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write all results here")
-    ap.add_argument("--draft", choices=("none", "auto", "lookup", "model"), default="none",
-                    help="also time edgepack with speculative decoding (runtime.speculative) and this draft")
+    ap.add_argument(
+        "--draft",
+        choices=("none", "auto", "lookup", "model"),
+        default="none",
+        help="also time edgepack with speculative decoding (runtime.speculative) and this draft",
+    )
     args = ap.parse_args()
     if args.engine:
         args.threads = args.threads or None
@@ -368,13 +452,20 @@ def main() -> int:
     # in its own process, like every engine: a child forked from a process that held the 1 GiB buffer would
     # inherit its peak RSS (Linux keeps the high-water mark across fork + exec)
     bw = run_engine("bandwidth", sys.executable, args, os.cpu_count() or 1, None)["bytes_per_s"]
-    results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-               "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "read_bandwidth_GBps": bw / 1e9,
-               "bundle": Path(args.bundle).name, "engines": {}}
+    results = {
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "prompt_tokens": PROMPT_TOKENS,
+        "new_tokens": NEW_TOKENS,
+        "read_bandwidth_GBps": bw / 1e9,
+        "bundle": Path(args.bundle).name,
+        "engines": {},
+    }
     # (label, engine, python, target, bytes of weights read per token)
     plan = []
-    genai_ok = bool(args.bench_python) and subprocess.run(
-        [args.bench_python, "-c", "import onnxruntime_genai"], capture_output=True).returncode == 0
+    genai_ok = (
+        bool(args.bench_python)
+        and subprocess.run([args.bench_python, "-c", "import onnxruntime_genai"], capture_output=True).returncode == 0
+    )
     for b in [args.bundle, *args.extra_bundle]:
         b = Path(b)
         wb = file_bytes(b / "onnx", "*.data")  # what a decode step reads (as runtime.bench.weight_bytes)
@@ -387,8 +478,15 @@ def main() -> int:
             plan.append((f"onnxruntime-genai, same graph {b.name}", "ortgenai", args.bench_python, view, wb))
     if genai_ok and args.ortgenai_dir:
         d = Path(args.ortgenai_dir)
-        plan.append((f"onnxruntime-genai, own builder int4 {d.name}", "ortgenai", args.bench_python, d,
-                     file_bytes(d, "*.onnx.data")))
+        plan.append(
+            (
+                f"onnxruntime-genai, own builder int4 {d.name}",
+                "ortgenai",
+                args.bench_python,
+                d,
+                file_bytes(d, "*.onnx.data"),
+            )
+        )
     ggufs = list(args.gguf)
     if args.bench_python and ggufs and args.also_q4_0:
         ggufs.append(requantize_q4_0(args.bench_python, Path(ggufs[0]), Path(args.work_dir)))
@@ -402,7 +500,7 @@ def main() -> int:
                 results["engines"][f"{label} @{t}"] = r
     for k, v in results["engines"].items():  # genai on edgepack's own graph must produce edgepack's tokens
         if k.startswith("onnxruntime-genai, same graph "):
-            ours = results["engines"].get("edgepack " + k[len("onnxruntime-genai, same graph "):], {})
+            ours = results["engines"].get("edgepack " + k[len("onnxruntime-genai, same graph ") :], {})
             same = ours.get("token_ids") == v.get("token_ids") if ours.get("token_ids") else None
             v["same_tokens_as_edgepack"] = same
             print(f"  {k}: greedy tokens identical to edgepack's: {same}", file=sys.stderr)
@@ -433,27 +531,38 @@ def print_table(results: dict) -> None:
     engines = results["engines"]
     main = f"edgepack {results['bundle']}"
     m = results["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores; read bandwidth {results['read_bandwidth_GBps']:.1f} GB/s; "
-          f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)")
-    print("| engine | threads | decode tok/s | prefill tok/s | edgepack / engine | weights MB | "
-          "bandwidth limit tok/s | % of limit |")
+    print(
+        f"{m['cpu']}, {m['cores']} cores; read bandwidth {results['read_bandwidth_GBps']:.1f} GB/s; "
+        f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)"
+    )
+    print(
+        "| engine | threads | decode tok/s | prefill tok/s | edgepack / engine | weights MB | "
+        "bandwidth limit tok/s | % of limit |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k, v in engines.items():
         label, t = k.rsplit(" @", 1)
         d = v["decode_tokens_per_s"]
         p = v.get("prefill_tokens_per_s")
         ours = engines.get(f"{main} @{t}")
-        ratio = f"{ours['decode_tokens_per_s']['median'] / d['median']:.2f}x" if ours and not k.startswith(main) else "-"
+        ratio = (
+            f"{ours['decode_tokens_per_s']['median'] / d['median']:.2f}x" if ours and not k.startswith(main) else "-"
+        )
         lim = v["bandwidth_limit_tokens_per_s"]
         pre = f"{p['median']:.0f}" if p else "-"
-        print(f"| {label} | {t} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | "
-              f"{v['weight_bytes'] / 1e6:.1f} | {lim:.0f} | {100 * d['median'] / lim:.0f} % |")
+        print(
+            f"| {label} | {t} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | "
+            f"{v['weight_bytes'] / 1e6:.1f} | {lim:.0f} | {100 * d['median'] / lim:.0f} % |"
+        )
     for k, v in engines.items():  # speculative decoding against every other engine at the same thread count
         if " + draft=" not in k:
             continue
         label, t = k.rsplit(" @", 1)
-        others = ", ".join(f"{o.rsplit(' @', 1)[0]}: {v['decode_tokens_per_s']['median'] / w['decode_tokens_per_s']['median']:.2f}x"
-                           for o, w in engines.items() if o.endswith(f" @{t}") and o != k)
+        others = ", ".join(
+            f"{o.rsplit(' @', 1)[0]}: {v['decode_tokens_per_s']['median'] / w['decode_tokens_per_s']['median']:.2f}x"
+            for o, w in engines.items()
+            if o.endswith(f" @{t}") and o != k
+        )
         print(f"{label} @{t} ({100 * v['acceptance_rate']:.0f} % of guesses kept) against {others}")
 
 

@@ -14,6 +14,7 @@ one's speed costs. Backends, each in its own process:
   logits at every position), which is what genai's generator feeds it.
 - llama.cpp GGUF: llama-cpp-python with logits for every position (benchmark environment only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ class GenaiGraphBackend:
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
         decoder = json.loads((model_dir / "genai_config.json").read_text())["model"]["decoder"]
-        self.past = [(i.name, decoder["num_key_value_heads"], decoder["head_size"]) for i in self.session.get_inputs()
-                     if i.name.startswith("past_key_values.")]
+        self.past = [
+            (i.name, decoder["num_key_value_heads"], decoder["head_size"])
+            for i in self.session.get_inputs()
+            if i.name.startswith("past_key_values.")
+        ]
 
     def log_probs(self, ids: np.ndarray) -> np.ndarray:
         b, t = ids.shape
@@ -60,8 +64,15 @@ class LlamaCppBackend:
     def __init__(self, gguf: Path, threads: int | None, ctx: int):
         from llama_cpp import Llama
 
-        self.llm = Llama(model_path=str(gguf), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False,
-                         n_threads=threads or os.cpu_count(), n_threads_batch=threads or os.cpu_count())
+        self.llm = Llama(
+            model_path=str(gguf),
+            n_ctx=ctx,
+            n_batch=ctx,
+            logits_all=True,
+            verbose=False,
+            n_threads=threads or os.cpu_count(),
+            n_threads_batch=threads or os.cpu_count(),
+        )
 
     def log_probs(self, ids: np.ndarray) -> np.ndarray:
         from runtime.metrics import log_softmax
@@ -119,16 +130,30 @@ def main() -> int:
     results = {}
     for kind, target, python in plan:
         print(f"  {kind} {Path(target).name} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([python, str(Path(__file__).resolve()), args.bundle, "--measure", kind, str(target),
-                               "--threads", str(args.threads)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                python,
+                str(Path(__file__).resolve()),
+                args.bundle,
+                "--measure",
+                kind,
+                str(target),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             print(f"  {kind} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}", file=sys.stderr)
             continue
         results[f"{kind} {Path(target).name}"] = json.loads(proc.stdout.strip().splitlines()[-1])
     first = next(iter(results.values()), None)
     if first:
-        print(f"WikiText-2, {first['windows']} windows × {first['ctx']} = {first['tokens']} scored tokens; KL and top-1 "
-              f"vs the source model (top-{first['reference_k']} reference of {Path(args.bundle).name})")
+        print(
+            f"WikiText-2, {first['windows']} windows × {first['ctx']} = {first['tokens']} scored tokens; KL and top-1 "
+            f"vs the source model (top-{first['reference_k']} reference of {Path(args.bundle).name})"
+        )
     print("| engine | model | PPL | KLD vs source | top-1 vs source |")
     print("| --- | --- | ---: | ---: | ---: |")
     for name, r in results.items():

@@ -5,6 +5,7 @@
 Compares the source model with the final (EoRA) model of a run on the first WikiText-2 test windows (ctx 512)
 and prints the full KL(P_source || Q) next to the top-k estimate for several k.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@ TTFT p50/p99 = request sent -> first content delta; per-stream decode tok/s = (t
 first delta), median. The client runs on the same machine as the server: on a small box it competes for
 the cores, so the figures are a floor.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,35 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TOPICS = ["the moon", "bread", "rivers", "chess", "volcanoes", "bees", "trains", "glaciers", "music", "maps",
-          "clocks", "tea", "whales", "deserts", "bridges", "libraries", "snow", "coffee", "forests", "kites"]
-ASKS = ["Explain {} to a child.", "Write three facts about {}.", "Why do people like {}?",
-        "Describe {} in one paragraph.", "What is the history of {}?"]
+TOPICS = [
+    "the moon",
+    "bread",
+    "rivers",
+    "chess",
+    "volcanoes",
+    "bees",
+    "trains",
+    "glaciers",
+    "music",
+    "maps",
+    "clocks",
+    "tea",
+    "whales",
+    "deserts",
+    "bridges",
+    "libraries",
+    "snow",
+    "coffee",
+    "forests",
+    "kites",
+]
+ASKS = [
+    "Explain {} to a child.",
+    "Write three facts about {}.",
+    "Why do people like {}?",
+    "Describe {} in one paragraph.",
+    "What is the history of {}?",
+]
 
 
 def prompts(n: int) -> list[str]:
@@ -55,8 +81,14 @@ def cpu_name() -> str:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     parts, usage = [], None
@@ -77,13 +109,18 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     last = now
                     parts.append(text)
     tokens = usage["completion_tokens"] if usage else 0
-    return {"text": "".join(parts), "tokens": tokens, "ttft": (first or time.perf_counter()) - t0,
-            "decode_rate": (tokens - 1) / (last - first) if first and last and last > first and tokens > 1 else None}
+    return {
+        "text": "".join(parts),
+        "tokens": tokens,
+        "ttft": (first or time.perf_counter()) - t0,
+        "decode_rate": (tokens - 1) / (last - first) if first and last and last > first and tokens > 1 else None,
+    }
 
 
 async def run_level(url: str, model: str, texts: list[str], clients: int, per_client: int, max_tokens: int):
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
         async def worker(c: int) -> list[tuple[int, dict]]:
             out = []
             for k in range(per_client):
@@ -152,8 +189,11 @@ def main() -> int:
     try:
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         cpu = cpu_name()
-        print(f"CPU: {cpu} ({os.cpu_count()} logical cores); model {model}; {args.max_tokens} tokens per request, "
-              f"{args.requests} requests per client; server threads {args.threads}", flush=True)
+        print(
+            f"CPU: {cpu} ({os.cpu_count()} logical cores); model {model}; {args.max_tokens} tokens per request, "
+            f"{args.requests} requests per client; server threads {args.threads}",
+            flush=True,
+        )
         asyncio.run(run_level(url, model, texts[:1], 1, 1, 4))  # warm-up
         reference = None
         if not args.no_check:
@@ -169,29 +209,52 @@ def main() -> int:
             agg = tokens / wall
             base = base or agg
             mismatches = None if reference is None else sum(results[i]["text"] != reference[i] for i in results)
-            row = {"clients": c, "requests": len(results), "tokens": tokens, "wall_s": wall, "aggregate_tok_s": agg,
-                   "speedup_vs_1": agg / base, "ttft_p50_ms": 1000 * percentile(ttfts, 0.5),
-                   "ttft_p99_ms": 1000 * percentile(ttfts, 0.99),
-                   "stream_decode_tok_s_median": statistics.median(rates) if rates else None,
-                   "mismatches_vs_solo": mismatches}
+            row = {
+                "clients": c,
+                "requests": len(results),
+                "tokens": tokens,
+                "wall_s": wall,
+                "aggregate_tok_s": agg,
+                "speedup_vs_1": agg / base,
+                "ttft_p50_ms": 1000 * percentile(ttfts, 0.5),
+                "ttft_p99_ms": 1000 * percentile(ttfts, 0.99),
+                "stream_decode_tok_s_median": statistics.median(rates) if rates else None,
+                "mismatches_vs_solo": mismatches,
+            }
             rows.append(row)
-            print(f"{c:3d} clients: {agg:7.1f} tok/s aggregate ({row['speedup_vs_1']:.2f}x), TTFT p50 "
-                  f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms, per stream "
-                  f"{row['stream_decode_tok_s_median'] or 0:.1f} tok/s, {tokens} tokens in {wall:.1f} s, "
-                  f"replies differing from solo: {mismatches if mismatches is not None else 'not checked'}",
-                  flush=True)
+            print(
+                f"{c:3d} clients: {agg:7.1f} tok/s aggregate ({row['speedup_vs_1']:.2f}x), TTFT p50 "
+                f"{row['ttft_p50_ms']:.0f} ms p99 {row['ttft_p99_ms']:.0f} ms, per stream "
+                f"{row['stream_decode_tok_s_median'] or 0:.1f} tok/s, {tokens} tokens in {wall:.1f} s, "
+                f"replies differing from solo: {mismatches if mismatches is not None else 'not checked'}",
+                flush=True,
+            )
         print("\n| clients | aggregate tok/s | vs 1 client | TTFT p50 | TTFT p99 | per-stream tok/s | equal to solo |")
         print("|---:|---:|---:|---:|---:|---:|---|")
         for r in rows:
-            eq = "n/a" if r["mismatches_vs_solo"] is None else f"{r['requests'] - r['mismatches_vs_solo']}/{r['requests']}"
-            print(f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {r['speedup_vs_1']:.2f}x | {r['ttft_p50_ms']:.0f} ms "
-                  f"| {r['ttft_p99_ms']:.0f} ms | {r['stream_decode_tok_s_median'] or 0:.1f} | {eq} |")
+            eq = (
+                "n/a"
+                if r["mismatches_vs_solo"] is None
+                else f"{r['requests'] - r['mismatches_vs_solo']}/{r['requests']}"
+            )
+            print(
+                f"| {r['clients']} | {r['aggregate_tok_s']:.1f} | {r['speedup_vs_1']:.2f}x | {r['ttft_p50_ms']:.0f} ms "
+                f"| {r['ttft_p99_ms']:.0f} ms | {r['stream_decode_tok_s_median'] or 0:.1f} | {eq} |"
+            )
         if args.json:
             from runtime.fileio import atomic_write_json
 
-            atomic_write_json(args.json, {"cpu": cpu, "model": model, "max_tokens": args.max_tokens,
-                                          "requests_per_client": args.requests, "threads": args.threads,
-                                          "levels": rows})
+            atomic_write_json(
+                args.json,
+                {
+                    "cpu": cpu,
+                    "model": model,
+                    "max_tokens": args.max_tokens,
+                    "requests_per_client": args.requests,
+                    "threads": args.threads,
+                    "levels": rows,
+                },
+            )
     finally:
         if proc is not None:
             proc.terminate()

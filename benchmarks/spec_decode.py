@@ -15,10 +15,10 @@ first token. Greedy outputs are compared with plain token for token (a differenc
 near-tie between the one-token and the multi-token pass). The first part times `OnnxDecoder.score` of 1..9
 tokens against one `decode`, the verification cost runtime.speculative.VERIFY_COST_PER_TOKEN stands for.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -103,7 +103,7 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
     diverged = {n: 0 for n in names}
     first_diff: dict[str, list[int]] = {n: [] for n in names}  # index of the first differing token
     for i, ids in enumerate(prompts):
-        order = names[i % len(names):] + names[: i % len(names)]
+        order = names[i % len(names) :] + names[: i % len(names)]
         outs = {}
         for name in order:
             gen.draft = proposers[name]
@@ -122,18 +122,30 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
             for name in names:
                 if outs[name] != outs["plain"]:
                     diverged[name] += 1
-                    first_diff[name].append(next((j for j, (x, y) in enumerate(zip(outs[name], outs["plain"]))
-                                                  if x != y), min(len(outs[name]), len(outs["plain"]))))
-        print(f"  {label} prompt {i + 1}/{len(prompts)}: " + ", ".join(
-            f"{n} {acc[n]['tokens'] / max(acc[n]['seconds'], 1e-9):.0f} tok/s" for n in names), file=sys.stderr)
+                    first_diff[name].append(
+                        next(
+                            (j for j, (x, y) in enumerate(zip(outs[name], outs["plain"])) if x != y),
+                            min(len(outs[name]), len(outs["plain"])),
+                        )
+                    )
+        print(
+            f"  {label} prompt {i + 1}/{len(prompts)}: "
+            + ", ".join(f"{n} {acc[n]['tokens'] / max(acc[n]['seconds'], 1e-9):.0f} tok/s" for n in names),
+            file=sys.stderr,
+        )
     plain = acc["plain"]["tokens"] / acc["plain"]["seconds"]
     out = {}
     for name in names:
         a = acc[name]
         speed = a["tokens"] / a["seconds"]
-        out[name] = {"decode_tokens_per_s": speed, "speedup": speed / plain, "new_tokens": a["new_tokens"],
-                     "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
-                     "drafted": a["drafted"], "accepted": a["accepted"]}
+        out[name] = {
+            "decode_tokens_per_s": speed,
+            "speedup": speed / plain,
+            "new_tokens": a["new_tokens"],
+            "acceptance_rate": a["accepted"] / a["drafted"] if a["drafted"] else None,
+            "drafted": a["drafted"],
+            "accepted": a["accepted"],
+        }
         if compare:
             out[name]["outputs_differing_from_plain"] = diverged[name]
             out[name]["first_differing_token"] = first_diff[name]
@@ -143,7 +155,9 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
-    ap.add_argument("--drafts", default="lookup,model", help="comma list of lookup, model (model: if the bundle has one)")
+    ap.add_argument(
+        "--drafts", default="lookup,model", help="comma list of lookup, model (model: if the bundle has one)"
+    )
     ap.add_argument("--wikitext", type=int, default=8, help="WikiText continuation prompts")
     ap.add_argument("--chat", type=int, default=8, help="chat instruction prompts")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -165,10 +179,18 @@ def main(argv=None) -> int:
 
     wiki = wikitext_prompts(bundle.tokenizer, args.wikitext)
     chats = chat_prompts(bundle, args.chat, args.new_tokens)
-    result = {"bundle": bundle.name, "cpu": cpu, "threads": args.threads, "new_tokens": args.new_tokens,
-              "verify_cost": verify_cost(gen.decoder, wiki[0])}
-    print("verify cost (score of w tokens / one decode): " + ", ".join(
-        f"{w}: {r:.2f}" for w, r in result["verify_cost"]["relative"].items()), file=sys.stderr)
+    result = {
+        "bundle": bundle.name,
+        "cpu": cpu,
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "verify_cost": verify_cost(gen.decoder, wiki[0]),
+    }
+    print(
+        "verify cost (score of w tokens / one decode): "
+        + ", ".join(f"{w}: {r:.2f}" for w, r in result["verify_cost"]["relative"].items()),
+        file=sys.stderr,
+    )
 
     greedy = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=args.new_tokens)
     gen.stop_ids, stops = set(), gen.stop_ids  # WikiText continuation: always the full --new-tokens
@@ -180,19 +202,27 @@ def main(argv=None) -> int:
 
         base = replace(bundle.sampling_defaults(), max_new_tokens=args.new_tokens)
         result["chat_sampled"] = run_set(gen, proposers, chats, lambda i: replace(base, seed=i), False, "chat sampled")
-        result["chat_sampled_settings"] = {"temperature": base.temperature, "top_k": base.top_k, "top_p": base.top_p,
-                                           "repetition_penalty": base.repetition_penalty}
+        result["chat_sampled_settings"] = {
+            "temperature": base.temperature,
+            "top_k": base.top_k,
+            "top_p": base.top_p,
+            "repetition_penalty": base.repetition_penalty,
+        }
 
     print(f"\n{bundle.name} — {cpu}, threads={args.threads or 'default'}, {args.new_tokens} new tokens")
-    print(f"{'set':16s} {'draft':8s} {'decode tok/s':>12s} {'vs plain':>9s} {'accepted':>9s} {'differ':>7s}  "
-          f"(differ: greedy outputs not identical to plain, of {len(wiki)} / {len(chats)})")
+    print(
+        f"{'set':16s} {'draft':8s} {'decode tok/s':>12s} {'vs plain':>9s} {'accepted':>9s} {'differ':>7s}  "
+        f"(differ: greedy outputs not identical to plain, of {len(wiki)} / {len(chats)})"
+    )
     for key in ("wikitext_greedy", "chat_greedy", "chat_sampled"):
         for name, r in result.get(key, {}).items():
             rate = f"{100 * r['acceptance_rate']:.0f} %" if r["acceptance_rate"] is not None else "-"
             differ = r.get("outputs_differing_from_plain", "-")
             if r.get("first_differing_token"):
                 differ = f"{differ} (from token {min(r['first_differing_token'])})"
-            print(f"{key:16s} {name:8s} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f}x {rate:>9s} {differ!s:>7s}")
+            print(
+                f"{key:16s} {name:8s} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f}x {rate:>9s} {differ!s:>7s}"
+            )
     if args.json:
         from runtime.fileio import atomic_write_json
 

@@ -1,4 +1,5 @@
 """edgepack compressor: the five stages (depth, width, LoRA, GPTQ, EoRA), recipes and the pipeline."""
+
 import logging as _logging
 
 # torchao (pulled in by gptqmodel) logs a warning for every optional CUDA extension it cannot load on a

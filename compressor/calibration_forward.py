@@ -8,6 +8,7 @@ no padding, so no attention mask is passed. Everything runs in `torch.no_grad()`
 Perplexity here uses the same protocol as `runtime.metrics`: the first token of each row has no
 prediction, so a row of T tokens scores T-1 tokens, and the figure is exp(mean token NLL) over all rows.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 def check_calib_ids(calib_ids: torch.Tensor) -> None:
     if calib_ids.dim() != 2 or calib_ids.dtype != torch.long:
-        raise ValueError(f"calib_ids must be a LongTensor [n_samples, seqlen], got {calib_ids.dtype} {tuple(calib_ids.shape)}")
+        raise ValueError(
+            f"calib_ids must be a LongTensor [n_samples, seqlen], got {calib_ids.dtype} {tuple(calib_ids.shape)}"
+        )
     if calib_ids.shape[0] == 0 or calib_ids.shape[1] < 2:
         raise ValueError(f"calib_ids needs at least one row of two tokens, got {tuple(calib_ids.shape)}")
 
@@ -139,8 +142,9 @@ def run_decoder(model, calib_ids: torch.Tensor, batch_size: int = 4, desc: str |
 
 
 @torch.no_grad()
-def input_norms(model, calib_ids: torch.Tensor, targets: Iterable[str], batch_size: int = 4,
-                desc: str = "calibration forward") -> dict[str, torch.Tensor]:
+def input_norms(
+    model, calib_ids: torch.Tensor, targets: Iterable[str], batch_size: int = 4, desc: str = "calibration forward"
+) -> dict[str, torch.Tensor]:
     """||X_j||_2 over all calibration tokens of the input of every target Linear, in one dense pass."""
     with InputSquareSums(find_linears(model, targets)) as sums:
         run_decoder(model, calib_ids, batch_size, desc)

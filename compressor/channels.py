@@ -46,6 +46,7 @@ num_key_value_groups and the scaling come from the config and do not change, sin
 The DynamicCache sizes its per-layer tensors from the keys it receives, so generation with a KV cache
 works with per-layer head counts (a StaticCache, sized from the config, would not).
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,13 @@ def current_widths(model) -> list[dict]:
     widths = []
     for layer in model.model.layers:
         n_kv, n_q, _ = _attn_shape(layer.self_attn)
-        widths.append({"intermediate_size": layer.mlp.down_proj.in_features,
-                       "num_key_value_heads": n_kv, "num_attention_heads": n_q})
+        widths.append(
+            {
+                "intermediate_size": layer.mlp.down_proj.in_features,
+                "num_key_value_heads": n_kv,
+                "num_attention_heads": n_q,
+            }
+        )
     return widths
 
 
@@ -84,10 +90,18 @@ def layer_widths(config) -> list[dict]:
     recorded = getattr(config, WIDTHS_KEY, None)
     if recorded:
         if len(recorded) != config.num_hidden_layers:
-            raise EdgepackError(f"config {WIDTHS_KEY} has {len(recorded)} entries for {config.num_hidden_layers} layers")
+            raise EdgepackError(
+                f"config {WIDTHS_KEY} has {len(recorded)} entries for {config.num_hidden_layers} layers"
+            )
         return [dict(w) for w in recorded]
-    return [{"intermediate_size": config.intermediate_size, "num_key_value_heads": config.num_key_value_heads,
-             "num_attention_heads": config.num_attention_heads} for _ in range(config.num_hidden_layers)]
+    return [
+        {
+            "intermediate_size": config.intermediate_size,
+            "num_key_value_heads": config.num_key_value_heads,
+            "num_attention_heads": config.num_attention_heads,
+        }
+        for _ in range(config.num_hidden_layers)
+    ]
 
 
 def _set_config_widths(config, widths: list[dict]) -> None:
@@ -106,8 +120,11 @@ def is_uniform(config) -> bool:
 
 
 def _global_widths(config) -> dict:
-    return {"intermediate_size": config.intermediate_size, "num_key_value_heads": config.num_key_value_heads,
-            "num_attention_heads": config.num_attention_heads}
+    return {
+        "intermediate_size": config.intermediate_size,
+        "num_key_value_heads": config.num_key_value_heads,
+        "num_attention_heads": config.num_attention_heads,
+    }
 
 
 # ------------------------------------------------------------------ scoring
@@ -163,7 +180,9 @@ def keep_kv_groups(attn, groups: torch.Tensor) -> None:
     n_kv, n_q, head_dim = _attn_shape(attn)
     q_per_kv = n_q // n_kv
     if q_per_kv != attn.num_key_value_groups:
-        raise ValueError(f"attention has {n_q} query heads over {n_kv} KV heads, config says {attn.num_key_value_groups} per KV head")
+        raise ValueError(
+            f"attention has {n_q} query heads over {n_kv} KV heads, config says {attn.num_key_value_groups} per KV head"
+        )
     kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     q_rows = (groups[:, None] * (q_per_kv * head_dim) + torch.arange(q_per_kv * head_dim)).reshape(-1)
     attn.q_proj = _sliced_linear(attn.q_proj, rows=q_rows)
@@ -216,8 +235,15 @@ def _global_counts(scores: list[torch.Tensor], total_keep: int, minimum: int, mu
 
 
 @torch.no_grad()
-def prune_channels(model, calib_ids: torch.Tensor, ffn_keep: float, kv_groups_keep: float | int,
-                   batch_size: int = 4, per_layer_uniform: bool = True, ffn_multiple_of: int = 1) -> dict:
+def prune_channels(
+    model,
+    calib_ids: torch.Tensor,
+    ffn_keep: float,
+    kv_groups_keep: float | int,
+    batch_size: int = 4,
+    per_layer_uniform: bool = True,
+    ffn_multiple_of: int = 1,
+) -> dict:
     """Remove the lowest-scored FFN channels and KV groups of every layer, in place.
 
     ffn_keep: fraction of intermediate channels kept (per layer if uniform, of all layers' channels
@@ -235,9 +261,12 @@ def prune_channels(model, calib_ids: torch.Tensor, ffn_keep: float, kv_groups_ke
     else:
         ffn_total = sum(len(s["ffn"]) for s in scores)
         kv_total = sum(len(s["kv_groups"]) for s in scores)
-        ffn_counts = _global_counts([s["ffn"] for s in scores], _count(ffn_keep, ffn_total, "ffn"),
-                                    ffn_multiple_of, ffn_multiple_of)
-        kv_counts = _global_counts([s["kv_groups"] for s in scores], _count(kv_groups_keep, kv_total, "kv_groups"), 1, 1)
+        ffn_counts = _global_counts(
+            [s["ffn"] for s in scores], _count(ffn_keep, ffn_total, "ffn"), ffn_multiple_of, ffn_multiple_of
+        )
+        kv_counts = _global_counts(
+            [s["kv_groups"] for s in scores], _count(kv_groups_keep, kv_total, "kv_groups"), 1, 1
+        )
 
     record_layers = []
     for li, layer in enumerate(tqdm(model.model.layers, desc="channels: slicing")):
@@ -247,11 +276,13 @@ def prune_channels(model, calib_ids: torch.Tensor, ffn_keep: float, kv_groups_ke
             keep_ffn_channels(layer.mlp, channels)
         if len(groups) < before[li]["num_key_value_heads"]:
             keep_kv_groups(layer.self_attn, groups)
-        record_layers.append({
-            "kept_ffn_channels": channels.tolist(),
-            "kept_kv_groups": groups.tolist(),
-            "kv_group_scores": [round(float(x), 6) for x in scores[li]["kv_groups"]],
-        })
+        record_layers.append(
+            {
+                "kept_ffn_channels": channels.tolist(),
+                "kept_kv_groups": groups.tolist(),
+                "kv_group_scores": [round(float(x), 6) for x in scores[li]["kv_groups"]],
+            }
+        )
     widths = current_widths(model)
     for entry, w in zip(record_layers, widths):
         entry.update(w)
@@ -307,7 +338,9 @@ def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.floa
             attn = layer.self_attn
             q_out, kv_out = w["num_attention_heads"] * attn.head_dim, w["num_key_value_heads"] * attn.head_dim
             if w["num_attention_heads"] // w["num_key_value_heads"] != attn.num_key_value_groups:
-                raise EdgepackError(f"{path}: layer widths {w} break the config's GQA ratio {attn.num_key_value_groups}")
+                raise EdgepackError(
+                    f"{path}: layer widths {w} break the config's GQA ratio {attn.num_key_value_groups}"
+                )
             attn.q_proj = nn.Linear(hidden, q_out, bias=attn.q_proj.bias is not None)
             attn.k_proj = nn.Linear(hidden, kv_out, bias=attn.k_proj.bias is not None)
             attn.v_proj = nn.Linear(hidden, kv_out, bias=attn.v_proj.bias is not None)
@@ -320,7 +353,9 @@ def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.floa
     try:
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatch: the config's widths do not describe the weights
-        raise EdgepackError(f"{path}: weights do not match the recorded layer widths ({str(e).splitlines()[0]})") from None
+        raise EdgepackError(
+            f"{path}: weights do not match the recorded layer widths ({str(e).splitlines()[0]})"
+        ) from None
     missing = [k for k in missing if not (tied and k == "lm_head.weight")]
     if missing or unexpected:
         raise EdgepackError(f"{path}: weights missing {missing[:3]} / unexpected {unexpected[:3]}")

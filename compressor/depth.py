@@ -10,6 +10,7 @@ One-shot ranking (`layer_importance` + `select_layers_to_drop`) scores every lay
 model; `iterative_drop` re-scores the survivors after each removal (k rounds, so ~k times the cost),
 which accounts for layers that are only redundant together.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,9 @@ def layers_skipped(model, skipped: Iterable[int]):
         model.model.layers = original
 
 
-def _removal_perplexities(model, calib_ids, already_dropped: set[int], batch_size: int, desc: str) -> list[float | None]:
+def _removal_perplexities(
+    model, calib_ids, already_dropped: set[int], batch_size: int, desc: str
+) -> list[float | None]:
     """PPL with each still-present layer additionally skipped; None for layers already dropped."""
     n_layers = len(model.model.layers)
     scores: list[float | None] = [None] * n_layers
@@ -69,7 +72,9 @@ def select_layers_to_drop(scores: Sequence[float], k: int) -> list[int]:
 
 
 @torch.no_grad()
-def iterative_drop(model, calib_ids: torch.Tensor, k: int, batch_size: int = 4) -> tuple[list[int], list[list[float | None]]]:
+def iterative_drop(
+    model, calib_ids: torch.Tensor, k: int, batch_size: int = 4
+) -> tuple[list[int], list[list[float | None]]]:
     """Greedy depth pruning: k rounds, each scoring the surviving layers with the ones already chosen
     skipped, and choosing the one whose removal hurts least.
 

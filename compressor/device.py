@@ -1,4 +1,5 @@
 """Device choice for the compressor: CUDA when present (users compress 1B-8B models on GPUs), else CPU."""
+
 from __future__ import annotations
 
 import os

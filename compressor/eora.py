@@ -20,6 +20,7 @@ the covariance, eigendecomposition and SVD run in float32/float64 inside gptqmod
 layer activations are held in bf16; on the tiny test model bf16 and fp16 adapters cut the logits error
 by the same amount (72.3 % vs 72.2 % of it left). "float16" is available as a setting (e.g. on CUDA).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 
 
-def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: EoraStage | None = None,
-                  dtype: str = "bfloat16") -> dict[str, Any]:
+def generate_eora(
+    model_dir, quantized_dir, calib_examples, out_dir, settings: EoraStage | None = None, dtype: str = "bfloat16"
+) -> dict[str, Any]:
     """Fit EoRA adapters for the GPTQ checkpoint `quantized_dir` of the float model `model_dir` and write
     them to `out_dir` as a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json), from at most
     `settings.samples` calibration rows. `dtype`: "bfloat16" or "float16" (gptqmodel's EoRA refuses float32,
@@ -94,7 +96,9 @@ def generate_eora(model_dir, quantized_dir, calib_examples, out_dir, settings: E
             "target_modules": sorted({name.rsplit(".", 1)[-1] for name in eora}),
             "extra_parameters": sum(a.numel() + b.numel() for a, b in eora.values()),
             "seconds": round(seconds, 2),
-            "files": {ADAPTER_FILE: {"bytes": (tmp / ADAPTER_FILE).stat().st_size, "sha256": sha256_file(tmp / ADAPTER_FILE)}},
+            "files": {
+                ADAPTER_FILE: {"bytes": (tmp / ADAPTER_FILE).stat().st_size, "sha256": sha256_file(tmp / ADAPTER_FILE)}
+            },
         }
         atomic_write_json(tmp / "eora_record.json", record)
     return record
@@ -131,7 +135,9 @@ def load_eora(eora_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def apply_eora_to_dequantized(state_dict: dict[str, torch.Tensor], eora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def apply_eora_to_dequantized(
+    state_dict: dict[str, torch.Tensor], eora: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """A new state dict with W_q + B·A for every corrected projection (for evaluation in plain torch;
     the shipped model keeps the branch separate)."""
     out = dict(state_dict)

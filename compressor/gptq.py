@@ -17,6 +17,7 @@ gptqmodel quirks handled here (7.5.0): it needs GPTQMODEL_CPU_WORKERS>=2 on a 2-
 a tokenizer in the model directory even when given token ids; it writes per-run logs to ./logs of the
 current directory (redirected into the output directory); it drops calibration rows of <= 10 tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,6 +82,7 @@ def check_model_dir(model_dir: Path) -> None:
 def calibration_rows(calib_examples, limit: int | None) -> list[list[int]]:
     """Token-id rows for gptqmodel: lists of ints, 1-D tensors, or dicts with input_ids (and optionally
     attention_mask, whose 0 positions are dropped), long enough to be kept."""
+
     def as_list(x) -> list[int]:
         return [int(t) for t in (x.reshape(-1).tolist() if torch.is_tensor(x) else x)]
 
@@ -146,8 +148,9 @@ def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None
             "mean_module_loss": (sum(losses.values()) / len(losses)) if losses else None,
             "module_loss": losses,
             "seconds": round(seconds, 2),
-            "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                      for p in sorted(tmp.glob("*.safetensors"))},
+            "files": {
+                p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.glob("*.safetensors"))
+            },
         }
         atomic_write_json(tmp / "gptq_record.json", record)
     return record
@@ -259,7 +262,9 @@ def float_model_from_state_dict(config_dir, state_dict: dict[str, torch.Tensor])
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise EdgepackError(f"{config_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise EdgepackError(
+            f"{config_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return model.eval()
 
 

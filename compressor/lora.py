@@ -10,6 +10,7 @@ Checkpoints (adapter, optimizer, RNG, step, loss history) go to `out_dir/checkpo
 `out_dir` resumes from there; the batch order is a pure function of (seed, step), so an interrupted run
 resumed to the end gives the same adapter as an uninterrupted one. No pickle: safetensors and JSON only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,15 @@ class LoraTraining:
     def for_examples(cls, stage: LoraStage, n_examples: int, pad_id: int) -> LoraTraining:
         """The pipeline's schedule: one pass over the examples, 10 % warmup, 4 evaluations and checkpoints."""
         steps = max(1, math.ceil(n_examples / (stage.batch_size * stage.grad_accum)))
-        return cls(stage, steps=steps, warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4),
-                   checkpoint_every=max(1, steps // 4), max_len=max(stage.seqlen, 512), pad_id=pad_id)
+        return cls(
+            stage,
+            steps=steps,
+            warmup_steps=max(1, steps // 10),
+            eval_every=max(1, steps // 4),
+            checkpoint_every=max(1, steps // 4),
+            max_len=max(stage.seqlen, 512),
+            pad_id=pad_id,
+        )
 
     @classmethod
     def from_flat(cls, flat: dict) -> LoraTraining:
@@ -80,8 +88,10 @@ def pack_lm_windows(token_ids: list[int], seqlen: int) -> list[Example]:
     shifts labels itself). The ragged tail is dropped, as in the perplexity protocol."""
     if seqlen < 2:
         raise EdgepackError(f"lora seqlen={seqlen}: must be >= 2")
-    return [(list(token_ids[i:i + seqlen]), list(token_ids[i:i + seqlen]))
-            for i in range(0, len(token_ids) - seqlen + 1, seqlen)]
+    return [
+        (list(token_ids[i : i + seqlen]), list(token_ids[i : i + seqlen]))
+        for i in range(0, len(token_ids) - seqlen + 1, seqlen)
+    ]
 
 
 def qa_example(prompt_ids: list[int], answer_ids: list[int], eos_id: int | None) -> Example:
@@ -153,8 +163,9 @@ def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     so held-out numbers do not depend on how examples fall into batches)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          ignore_index=IGNORE, reduction="sum")
+    nll = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return nll, int((targets != IGNORE).sum())
 
 
@@ -166,7 +177,10 @@ def heldout_loss(model, examples: list[Example], settings: LoraTraining, device)
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), settings.stage.batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + settings.stage.batch_size], settings.pad_id).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in collate(examples[start : start + settings.stage.batch_size], settings.pad_id).items()
+        }
         s, c = nll_sum(model, batch)
         total, count = total + float(s), count + c
     model.train(was_training)
@@ -183,8 +197,14 @@ def attach_lora(model, settings: LoraTraining):
 
     if hasattr(model, "peft_config"):
         raise EdgepackError("attach_lora: the model already carries a peft adapter; pass the base model")
-    config = LoraConfig(r=settings.stage.rank, lora_alpha=settings.stage.alpha, lora_dropout=settings.stage.dropout,
-                        target_modules=list(settings.stage.targets), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=settings.stage.rank,
+        lora_alpha=settings.stage.alpha,
+        lora_dropout=settings.stage.dropout,
+        target_modules=list(settings.stage.targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(settings.seed)  # LoRA A's initialisation
     return get_peft_model(model, config)
 
@@ -315,8 +335,9 @@ def load_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
 # Training
 
 
-def train_lora(model, train_examples: list[Example], heldout_examples: list[Example], settings: LoraTraining,
-               out_dir) -> tuple[Any, dict[str, Any]]:
+def train_lora(
+    model, train_examples: list[Example], heldout_examples: list[Example], settings: LoraTraining, out_dir
+) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapters on `model` (a plain transformers model, left frozen) and return
     (peft_model, record). Resumes from `out_dir`'s last checkpoint when there is one for the same run.
 
@@ -340,8 +361,12 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     start_step, seconds_before, history = _resume(out_dir, peft_model, optimizer, settings, fingerprint)
 
     def checkpoint_state(elapsed: float) -> dict:
-        return {"settings": settings_json(settings), "data_sha256": fingerprint, "history": history,
-                "seconds": round(seconds_before + elapsed, 2)}
+        return {
+            "settings": settings_json(settings),
+            "data_sha256": fingerprint,
+            "history": history,
+            "seconds": round(seconds_before + elapsed, 2),
+        }
 
     t0 = time.perf_counter()
     peft_model.train()
@@ -370,12 +395,22 @@ def train_lora(model, train_examples: list[Example], heldout_examples: list[Exam
     peft_model.eval()
 
     save_adapter(peft_model, out_dir / "adapter")
-    record = {"stage": "lora", "settings": settings_json(settings), "device": device, "train_examples": len(train),
-              "train_examples_dropped": dropped, "heldout_examples": len(heldout), "data_sha256": fingerprint,
-              "start_step": start_step, "final_step": settings.steps,
-              "trainable_parameters": sum(p.numel() for p in params), "train_loss": history["train_loss"],
-              "heldout_loss": history["heldout_loss"], "seconds": round(seconds_before + time.perf_counter() - t0, 2),
-              "adapter_dir": "adapter"}
+    record = {
+        "stage": "lora",
+        "settings": settings_json(settings),
+        "device": device,
+        "train_examples": len(train),
+        "train_examples_dropped": dropped,
+        "heldout_examples": len(heldout),
+        "data_sha256": fingerprint,
+        "start_step": start_step,
+        "final_step": settings.steps,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "train_loss": history["train_loss"],
+        "heldout_loss": history["heldout_loss"],
+        "seconds": round(seconds_before + time.perf_counter() - t0, 2),
+        "adapter_dir": "adapter",
+    }
     atomic_write_json(out_dir / "lora_record.json", record)
     return peft_model, record
 
@@ -417,8 +452,9 @@ def check_same_run(state: dict, settings: LoraTraining, fingerprint: str, ckpt: 
     now = {k: v for k, v in settings_json(settings).items() if k not in RESUMABLE_CHANGES}
     changed = sorted(k for k in now if saved.get(k) != now[k])
     if changed:
-        raise EdgepackError(f"{ckpt}: checkpoint was trained with different settings ({', '.join(changed)}); "
-                            "use a new out_dir")
+        raise EdgepackError(
+            f"{ckpt}: checkpoint was trained with different settings ({', '.join(changed)}); use a new out_dir"
+        )
     if state["data_sha256"] != fingerprint:
         raise EdgepackError(f"{ckpt}: checkpoint was trained on different data; use a new out_dir")
 

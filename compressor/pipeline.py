@@ -6,6 +6,7 @@ whose record is missing or whose settings changed, and never redoes a finished o
 to a temporary directory and renamed, and the record is written last, so Ctrl-C at any point leaves either
 a finished stage or none.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,12 +61,20 @@ def default_workdir(recipe: Recipe) -> Path:
     return MODELS_DIR / "runs" / slug(recipe.name)
 
 
-def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalLimits | None = None,
-                 final_eval: bool = True, stage_eval: bool = True, log=print) -> dict:
+def run_pipeline(
+    recipe: Recipe,
+    workdir: Path | None = None,
+    eval_limits: EvalLimits | None = None,
+    final_eval: bool = True,
+    stage_eval: bool = True,
+    log=print,
+) -> dict:
     """Run (or resume) `recipe`; returns the summary (also written to workdir/summary.json)."""
     source = Path(recipe.model)
     if not (source / "config.json").exists():
-        raise EdgepackError(f"{source}: source model not found (run `edgepack import` first, or set model= in the recipe)")
+        raise EdgepackError(
+            f"{source}: source model not found (run `edgepack import` first, or set model= in the recipe)"
+        )
     wd = Workdir(Path(workdir) if workdir else default_workdir(recipe))
     wd.path.mkdir(parents=True, exist_ok=True)
     atomic_write_json(wd.recipe_path, recipe.to_dict())
@@ -90,8 +99,14 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
         previous_fp, previous_dir = record["fingerprint"], sdir / record.get("output", "model")
         last = (stage, sdir, record)
 
-    summary = {"recipe": recipe.to_dict(), "description": recipe.describe(), "stages": records,
-               "final_model": str(previous_dir), "fingerprint": previous_fp, "workdir": str(wd.path)}
+    summary = {
+        "recipe": recipe.to_dict(),
+        "description": recipe.describe(),
+        "stages": records,
+        "final_model": str(previous_dir),
+        "fingerprint": previous_fp,
+        "workdir": str(wd.path),
+    }
     if final_eval:
         limits = eval_limits or EvalLimits()
         if stages:
@@ -99,14 +114,16 @@ def run_pipeline(recipe: Recipe, workdir: Path | None = None, eval_limits: EvalL
             summary["eval"] = evaluate_stage(ctx, stage, sdir, record, limits, log)
             record["eval"] = summary["eval"]
         else:
-            summary["eval"] = evaluate_cached(lambda: load_causal_lm(source), wd.path, previous_fp, limits, tokenizer,
-                                              log=log)
+            summary["eval"] = evaluate_cached(
+                lambda: load_causal_lm(source), wd.path, previous_fp, limits, tokenizer, log=log
+            )
     atomic_write_json(wd.summary_path, summary)
     return summary
 
 
-def _run_or_reuse_stage(ctx: StageContext, wd: Workdir, index: int, stage: str, previous_fp: str,
-                        previous_dir: Path, step: str, log) -> dict:
+def _run_or_reuse_stage(
+    ctx: StageContext, wd: Workdir, index: int, stage: str, previous_fp: str, previous_dir: Path, step: str, log
+) -> dict:
     """The stage's record: read back when it finished earlier with the same fingerprint, else run it."""
     recipe = ctx.recipe
     sdir = wd.stage_dir(index, stage)
@@ -130,7 +147,7 @@ def _run_or_reuse_stage(ctx: StageContext, wd: Workdir, index: int, stage: str, 
         "settings": dataclasses.asdict(getattr(recipe, stage)),
         "calibration": dataclasses.asdict(recipe.calibration) if stage in USES_CALIBRATION else None,
         "seconds": round(time.perf_counter() - t0, 1),
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         **facts,
     }
     atomic_write_json(sdir / RECORD, record)
@@ -143,12 +160,20 @@ def evaluate_stage(ctx: StageContext, stage: str, sdir: Path, record: dict, limi
     if stage in ("gptq", "eora"):
         float_dir = ctx.inputs["gptq"]
         reference = reference_for(float_dir, ctx.workdir, limits, ctx.tokenizer, log)
-    return evaluate_cached(lambda: load_stage_model(stage, sdir, record), ctx.workdir, record["fingerprint"], limits,
-                           ctx.tokenizer, log=log, reference=reference)
+    return evaluate_cached(
+        lambda: load_stage_model(stage, sdir, record),
+        ctx.workdir,
+        record["fingerprint"],
+        limits,
+        ctx.tokenizer,
+        log=log,
+        reference=reference,
+    )
 
 
-def reference_for(model_dir: Path, workdir: Path, limits: EvalLimits, tokenizer: TextTokenizer, log=print,
-                  k: int = 32) -> Reference:
+def reference_for(
+    model_dir: Path, workdir: Path, limits: EvalLimits, tokenizer: TextTokenizer, log=print, k: int = 32
+) -> Reference:
     """Top-k log-probabilities of an unquantized model on the evaluation windows (cached per limits)."""
     from compressor.torch_backend import TorchBackend
     from runtime import metrics
@@ -159,8 +184,9 @@ def reference_for(model_dir: Path, workdir: Path, limits: EvalLimits, tokenizer:
     if path.exists():
         return Reference.load(path)
     log(f"reference log-probabilities of {model_dir} (top-{k})")
-    windows = metrics.perplexity_windows(tokenizer.encode(wikitext_eval_text(limits.wikitext)), limits.ctx,
-                                         limits.ppl_windows)
+    windows = metrics.perplexity_windows(
+        tokenizer.encode(wikitext_eval_text(limits.wikitext)), limits.ctx, limits.ppl_windows
+    )
     backend = TorchBackend(load_causal_lm(model_dir), pad_id=tokenizer.pad_id)
     ids, lps = [], []
     for start in range(0, len(windows), limits.batch_size):
@@ -173,8 +199,15 @@ def reference_for(model_dir: Path, workdir: Path, limits: EvalLimits, tokenizer:
     return ref
 
 
-def evaluate_cached(load_model, workdir: Path, fingerprint: str, limits: EvalLimits, tokenizer: TextTokenizer,
-                    log=print, reference: Reference | None = None) -> dict:
+def evaluate_cached(
+    load_model,
+    workdir: Path,
+    fingerprint: str,
+    limits: EvalLimits,
+    tokenizer: TextTokenizer,
+    log=print,
+    reference: Reference | None = None,
+) -> dict:
     """Evaluate a stage's model once per (fingerprint, limits); later calls read the cached result."""
     key = settings_hash({"fp": fingerprint, "limits": dataclasses.asdict(limits), "kl": reference is not None})
     cache = Workdir(workdir).evals / f"{key}.json"

@@ -29,6 +29,7 @@ Example TOML:
     [eora]
     rank = 32
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -223,19 +224,46 @@ def settings_hash(obj) -> str:
 # ------------------------------------------------------------------ presets
 PRUNED_DEPTH = ["D2", "D4", "D6", "D8"]
 PRUNED_WIDTH = ["W1:2", "W2:4", "W1:8", "W4:8", "W1:16", "W8:16", "W12:16", "W3:4", "W6:8"]
-PRUNED_COMBOS = ["D2+W1:2", "D2+W2:4", "D2+W1:8", "D2+W4:8", "D2+W1:16", "D2+W8:16", "D4+W1:8", "D4+W4:8",
-                 "D4+W1:16", "D4+W8:16", "D6+W1:8", "D6+W4:8", "D6+W1:16", "D6+W6:8", "D8+W1:8", "D8+W4:8",
-                 "D8+W3:4"]
+PRUNED_COMBOS = [
+    "D2+W1:2",
+    "D2+W2:4",
+    "D2+W1:8",
+    "D2+W4:8",
+    "D2+W1:16",
+    "D2+W8:16",
+    "D4+W1:8",
+    "D4+W4:8",
+    "D4+W1:16",
+    "D4+W8:16",
+    "D6+W1:8",
+    "D6+W4:8",
+    "D6+W1:16",
+    "D6+W6:8",
+    "D8+W1:8",
+    "D8+W4:8",
+    "D8+W3:4",
+]
 CHANNEL_PRESETS = ["C90", "C75", "C50", "C75A2"]
 PRUNED_PRESETS = PRUNED_DEPTH + PRUNED_WIDTH + PRUNED_COMBOS
 
 
 _PART = re.compile(r"^(?:D(?P<d>\d+)|W(?P<n>\d+):(?P<m>\d+)|C(?P<c>\d+)(?:A(?P<a>\d+))?)$")
 # The settings a preset string spells out (`D2`, `W1:8`, `C75A2`, `lora=...`); the rest are defaults.
-PRESET_FIELDS = {"depth": ("remove",), "width": ("n", "m"), "channels": ("ffn_keep", "kv_groups_keep"),
-                 "lora": ("dataset",)}
-SECTIONS = {"calibration": Calibration, "depth": DepthStage, "width": WidthStage, "channels": ChannelStage,
-            "lora": LoraStage, "gptq": GptqStage, "eora": EoraStage}
+PRESET_FIELDS = {
+    "depth": ("remove",),
+    "width": ("n", "m"),
+    "channels": ("ffn_keep", "kv_groups_keep"),
+    "lora": ("dataset",),
+}
+SECTIONS = {
+    "calibration": Calibration,
+    "depth": DepthStage,
+    "width": WidthStage,
+    "channels": ChannelStage,
+    "lora": LoraStage,
+    "gptq": GptqStage,
+    "eora": EoraStage,
+}
 TOP_LEVEL = ("name", "model", "order", "preset")
 
 
@@ -287,7 +315,9 @@ def build_section(cls: type[Settings], data: dict, where: str) -> Settings:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise EdgepackError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
+        raise EdgepackError(
+            f"{where}: unknown setting(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})"
+        )
     return cls(**data)
 
 
@@ -305,10 +335,11 @@ def recipe_from_dict(data: dict, defaults: dict | None = None, where: str = "rec
 def _recipe_from_dict(data: dict, defaults: dict) -> Recipe:
     unknown = set(data) - set(TOP_LEVEL) - set(SECTIONS)
     if unknown:
-        raise EdgepackError(f"unknown key(s) {', '.join(sorted(unknown))} ({', '.join(TOP_LEVEL)}, "
-                            f"or a section: {', '.join(SECTIONS)})")
+        raise EdgepackError(
+            f"unknown key(s) {', '.join(sorted(unknown))} ({', '.join(TOP_LEVEL)}, or a section: {', '.join(SECTIONS)})"
+        )
     if "preset" not in data and "name" not in data:
-        raise EdgepackError("a run needs preset = \"...\" or name = \"...\"")
+        raise EdgepackError('a run needs preset = "..." or name = "..."')
     model = data.get("model", defaults.get("model", DEFAULT_MODEL))
     preset = parse_preset(data["preset"], model) if "preset" in data else Recipe(model=model)
     fields_ = {"name": data.get("name", data.get("preset")), "model": model, "order": data.get("order", preset.order)}

@@ -4,6 +4,7 @@ Input is the list of rows that compressor.sweep returns (one per grid point, the
 table caption states the evaluation limits, because numbers from 40 questions and from 728 are not the
 same kind of number. Plots use matplotlib's Agg backend, so no display is needed.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,30 @@ from runtime.fileio import atomic_write_bytes, atomic_write_text
 from runtime.harness import EvalLimits
 
 NM_NOTE = "N:M = N weights pruned in every group of M (W1:8 is 12.5 % sparse; NVIDIA's 2:4 counts the kept ones)."
-CSV_COLUMNS = ["name", "config", "lora", "quant", "order", "closed_pct", "open_pct", "closed_exact_pct",
-               "open_exact_pct", "questions", "ppl", "ppl_windows", "ppl_tokens", "kld", "top1_pct",
-               "params_dense", "params_nonzero", "size_mb", "seconds", "example", "workdir", "fingerprint"]
+CSV_COLUMNS = [
+    "name",
+    "config",
+    "lora",
+    "quant",
+    "order",
+    "closed_pct",
+    "open_pct",
+    "closed_exact_pct",
+    "open_exact_pct",
+    "questions",
+    "ppl",
+    "ppl_windows",
+    "ppl_tokens",
+    "kld",
+    "top1_pct",
+    "params_dense",
+    "params_nonzero",
+    "size_mb",
+    "seconds",
+    "example",
+    "workdir",
+    "fingerprint",
+]
 
 
 @dataclass
@@ -101,26 +123,44 @@ def plot_labels(rows: list[SweepRow]) -> list[str]:
 def caption(limits: EvalLimits, rows: list[SweepRow]) -> str:
     q = rows[0].questions if rows else "?"
     w = f"{rows[0].ppl_windows} windows × {limits.ctx} tokens" if rows else "?"
-    return (f"Evaluation limits: {limits.describe()} — WikiText-2 test PPL on {w}; TriviaQA closed and open book on "
-            f"the same {q} questions, % = answer contains an alias (exact match in results.csv). Non-zero parameters "
-            f"count the weights left after pruning (GPTQ keeps the count; EoRA adds its low-rank pairs); size = weight "
-            f"files on disk (float32 checkpoints store pruned zeros densely, GPTQ stores int4). {NM_NOTE}")
+    return (
+        f"Evaluation limits: {limits.describe()} — WikiText-2 test PPL on {w}; TriviaQA closed and open book on "
+        f"the same {q} questions, % = answer contains an alias (exact match in results.csv). Non-zero parameters "
+        f"count the weights left after pruning (GPTQ keeps the count; EoRA adds its low-rank pairs); size = weight "
+        f"files on disk (float32 checkpoints store pruned zeros densely, GPTQ stores int4). {NM_NOTE}"
+    )
 
 
 # ------------------------------------------------------------------ tables
 def csv_rows(rows: list[SweepRow]) -> list[dict]:
     out = []
     for r in rows:
-        out.append({
-            "name": r.name, "config": r.config, "lora": r.lora, "quant": r.quant, "order": r.order,
-            "closed_pct": pct(r.closed), "open_pct": pct(r.open), "closed_exact_pct": pct(r.closed_exact),
-            "open_exact_pct": pct(r.open_exact), "questions": r.questions, "ppl": round(r.ppl, 4),
-            "ppl_windows": r.ppl_windows, "ppl_tokens": r.ppl_tokens,
-            "kld": None if r.kld is None else round(r.kld, 5), "top1_pct": pct(r.top1),
-            "params_dense": r.params_dense, "params_nonzero": r.params_nonzero, "size_mb": size_mb(r),
-            "seconds": r.seconds, "example": r.example, "workdir": r.workdir,
-            "fingerprint": r.fingerprint,
-        })
+        out.append(
+            {
+                "name": r.name,
+                "config": r.config,
+                "lora": r.lora,
+                "quant": r.quant,
+                "order": r.order,
+                "closed_pct": pct(r.closed),
+                "open_pct": pct(r.open),
+                "closed_exact_pct": pct(r.closed_exact),
+                "open_exact_pct": pct(r.open_exact),
+                "questions": r.questions,
+                "ppl": round(r.ppl, 4),
+                "ppl_windows": r.ppl_windows,
+                "ppl_tokens": r.ppl_tokens,
+                "kld": None if r.kld is None else round(r.kld, 5),
+                "top1_pct": pct(r.top1),
+                "params_dense": r.params_dense,
+                "params_nonzero": r.params_nonzero,
+                "size_mb": size_mb(r),
+                "seconds": r.seconds,
+                "example": r.example,
+                "workdir": r.workdir,
+                "fingerprint": r.fingerprint,
+            }
+        )
     return out
 
 
@@ -140,26 +180,50 @@ def md_cell(text) -> str:
 def results_markdown(rows: list[SweepRow], limits: EvalLimits, grid_name: str) -> str:
     with_order = any(r.order for r in rows)
     ambiguous = len({short_label(r) for r in rows}) < len(rows)
-    head = (["run"] if ambiguous else []) + ["config", "LoRA", "quant"] + (["order"] if with_order else []) + \
-        ["closed %", "open %", "PPL", "non-zero params", "size"]
-    lines = [f"# Sweep `{grid_name}`: results", "", f"*{caption(limits, rows)}*", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = (
+        (["run"] if ambiguous else [])
+        + ["config", "LoRA", "quant"]
+        + (["order"] if with_order else [])
+        + ["closed %", "open %", "PPL", "non-zero params", "size"]
+    )
+    lines = [
+        f"# Sweep `{grid_name}`: results",
+        "",
+        f"*{caption(limits, rows)}*",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
-        cells = ([r.name] if ambiguous else []) + [r.config, r.lora, r.quant] + \
-            ([r.order or "—"] if with_order else []) + \
-            [f"{100 * r.closed:.1f}", f"{100 * r.open:.1f}", f"{r.ppl:.2f}", fmt_params(r.params_nonzero),
-             fmt_size(r)]
+        cells = (
+            ([r.name] if ambiguous else [])
+            + [r.config, r.lora, r.quant]
+            + ([r.order or "—"] if with_order else [])
+            + [
+                f"{100 * r.closed:.1f}",
+                f"{100 * r.open:.1f}",
+                f"{r.ppl:.2f}",
+                fmt_params(r.params_nonzero),
+                fmt_size(r),
+            ]
+        )
         lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def examples_markdown(rows: list[SweepRow], limits: EvalLimits, prompt: str, grid_name: str,
-                      max_new_tokens: int = 24) -> str:
-    lines = [f"# Sweep `{grid_name}`: generation examples", "",
-             f"*Prompt {prompt!r} as one chat turn (the model's chat template), greedy decoding, up to {max_new_tokens} new tokens, "
-             f"through the final stage of every configuration (torch, float32; GPTQ as its exact dequantized weights). "
-             f"Evaluation limits of the other tables: {limits.describe()}.*", "",
-             "| config | LoRA | quant | output |", "|---|---|---|---|"]
+def examples_markdown(
+    rows: list[SweepRow], limits: EvalLimits, prompt: str, grid_name: str, max_new_tokens: int = 24
+) -> str:
+    lines = [
+        f"# Sweep `{grid_name}`: generation examples",
+        "",
+        f"*Prompt {prompt!r} as one chat turn (the model's chat template), greedy decoding, up to {max_new_tokens} new tokens, "
+        f"through the final stage of every configuration (torch, float32; GPTQ as its exact dequantized weights). "
+        f"Evaluation limits of the other tables: {limits.describe()}.*",
+        "",
+        "| config | LoRA | quant | output |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         cfg = r.config + (f" ({r.order})" if r.order else "")
         lines.append("| " + " | ".join(md_cell(c) for c in (cfg, r.lora, r.quant, r.example or "(empty)")) + " |")
@@ -190,8 +254,9 @@ def order_pairs(rows: list[SweepRow]) -> list[tuple[str, SweepRow, SweepRow]]:
     for g in groups.values():
         if "DWL" in g and "DLW" in g:
             a = g["DWL"]
-            pairs.append((f"{a.config} · LoRA {a.lora}" + (f" · {a.quant}" if a.quant != "none" else ""),
-                          g["DWL"], g["DLW"]))
+            pairs.append(
+                (f"{a.config} · LoRA {a.lora}" + (f" · {a.quant}" if a.quant != "none" else ""), g["DWL"], g["DLW"])
+            )
     return pairs
 
 
@@ -237,8 +302,10 @@ def plot_accuracy(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Path:
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("TriviaQA accuracy (% contains an alias)")
     ax.set_ylim(0, _acc_top([100 * getattr(r, k) for r in rows for k in ("closed", "open")]))
-    ax.set_title(f"TriviaQA accuracy per configuration (n={rows[0].questions}; dashed: baseline)\n"
-                 f"{limits.describe()}", fontsize=9)
+    ax.set_title(
+        f"TriviaQA accuracy per configuration (n={rows[0].questions}; dashed: baseline)\n{limits.describe()}",
+        fontsize=9,
+    )
     ax.legend()
     return _save(fig, path)
 
@@ -257,8 +324,10 @@ def plot_perplexity(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Pat
     ax.set_yscale("log")  # pruning can raise perplexity by orders of magnitude
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("WikiText-2 perplexity (log scale, lower is better)")
-    ax.set_title(f"Perplexity per configuration ({rows[0].ppl_tokens} scored tokens; dashed: baseline)\n"
-                 f"{limits.describe()}", fontsize=9)
+    ax.set_title(
+        f"Perplexity per configuration ({rows[0].ppl_tokens} scored tokens; dashed: baseline)\n{limits.describe()}",
+        fontsize=9,
+    )
     return _save(fig, path)
 
 
@@ -280,8 +349,10 @@ def plot_pareto(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Path:
         ax.set_xlim(left=0)
         ax.set_title(f"Accuracy vs parameters, {title}", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Pareto front: no other configuration has fewer non-zero parameters and higher accuracy\n"
-                 f"{limits.describe()}", fontsize=9)
+    fig.suptitle(
+        f"Pareto front: no other configuration has fewer non-zero parameters and higher accuracy\n{limits.describe()}",
+        fontsize=9,
+    )
     return _save(fig, path)
 
 
@@ -291,8 +362,11 @@ def plot_order(pairs, limits: EvalLimits, path: Path) -> Path:
     plt = _pyplot()
     x = np.arange(len(pairs))
     fig, axes = plt.subplots(1, 3, figsize=(max(11, 3 * len(pairs) + 4), 4.5), layout="constrained")
-    for ax, key, ylabel in ((axes[0], "closed", "closed book %"), (axes[1], "open", "open book %"),
-                            (axes[2], "ppl", "WikiText-2 PPL")):
+    for ax, key, ylabel in (
+        (axes[0], "closed", "closed book %"),
+        (axes[1], "open", "open book %"),
+        (axes[2], "ppl", "WikiText-2 PPL"),
+    ):
         scale = 1 if key == "ppl" else 100
         ax.bar(x - 0.2, [scale * getattr(a, key) for _, a, _ in pairs], 0.4, label="depth → width → LoRA")
         ax.bar(x + 0.2, [scale * getattr(b, key) for _, _, b in pairs], 0.4, label="depth → LoRA → width")
@@ -306,14 +380,23 @@ def plot_order(pairs, limits: EvalLimits, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------ the folder
-def write_report(rows: list[SweepRow], out_dir: str | Path, limits: EvalLimits, grid_name: str, failed=(),
-                 prompt: str = "", max_new_tokens: int = 24) -> dict[str, Path]:
+def write_report(
+    rows: list[SweepRow],
+    out_dir: str | Path,
+    limits: EvalLimits,
+    grid_name: str,
+    failed=(),
+    prompt: str = "",
+    max_new_tokens: int = 24,
+) -> dict[str, Path]:
     """Write every table, plot and index.md into `out_dir`; returns {file kind: path}."""
     out = Path(out_dir)
     files: dict[str, Path] = {}
     files["csv"] = atomic_write_text(out / "results.csv", results_csv(rows))
     files["results"] = atomic_write_text(out / "results.md", results_markdown(rows, limits, grid_name))
-    files["examples"] = atomic_write_text(out / "examples.md", examples_markdown(rows, limits, prompt, grid_name, max_new_tokens))
+    files["examples"] = atomic_write_text(
+        out / "examples.md", examples_markdown(rows, limits, prompt, grid_name, max_new_tokens)
+    )
     pairs = order_pairs(rows)
     if rows:
         files["accuracy"] = plot_accuracy(rows, limits, out / "accuracy.png")
@@ -326,15 +409,26 @@ def write_report(rows: list[SweepRow], out_dir: str | Path, limits: EvalLimits, 
 
 
 def index_markdown(rows, limits: EvalLimits, grid_name: str, files: dict, pairs, failed) -> str:
-    lines = [f"# Sweep `{grid_name}`", "",
-             f"{len(rows)} configuration{'' if len(rows) == 1 else 's'} evaluated" + (f", {len(failed)} failed" if failed else "") + ".", "",
-             f"*{caption(limits, rows)}*", "",
-             "- [results.md](results.md): the table (config, LoRA, quant, closed %, open %, PPL, non-zero params, size)",
-             "- [results.csv](results.csv): every number, including exact match, KL divergence and work directories",
-             "- [examples.md](examples.md): one prompt through every configuration", ""]
-    plots = [("accuracy", "TriviaQA accuracy per configuration"), ("perplexity", "Perplexity per configuration"),
-             ("pareto", "Accuracy vs non-zero parameters, Pareto front marked"),
-             ("order", "Stage order: depth → width → LoRA vs depth → LoRA → width")]
+    lines = [
+        f"# Sweep `{grid_name}`",
+        "",
+        f"{len(rows)} configuration{'' if len(rows) == 1 else 's'} evaluated"
+        + (f", {len(failed)} failed" if failed else "")
+        + ".",
+        "",
+        f"*{caption(limits, rows)}*",
+        "",
+        "- [results.md](results.md): the table (config, LoRA, quant, closed %, open %, PPL, non-zero params, size)",
+        "- [results.csv](results.csv): every number, including exact match, KL divergence and work directories",
+        "- [examples.md](examples.md): one prompt through every configuration",
+        "",
+    ]
+    plots = [
+        ("accuracy", "TriviaQA accuracy per configuration"),
+        ("perplexity", "Perplexity per configuration"),
+        ("pareto", "Accuracy vs non-zero parameters, Pareto front marked"),
+        ("order", "Stage order: depth → width → LoRA vs depth → LoRA → width"),
+    ]
     for kind, title in plots:
         if kind in files:
             lines += [f"## {title}", "", f"![{title}]({files[kind].name})", ""]

@@ -2,6 +2,7 @@
 checkpoint into `out_dir/model` and return the facts for its record. The pipeline (compressor.pipeline)
 decides which stages run; these functions only do their own stage.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,6 @@ from runtime.contract import TOKENIZER_FILES
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_directory
 from runtime.tokenizer import TextTokenizer
-
 
 
 @dataclass
@@ -76,7 +76,9 @@ def run_depth(ctx: StageContext, src: Path, out: Path) -> dict:
         from compressor.recipe import settings_hash
         from runtime.fileio import atomic_write_json, read_json
 
-        key = settings_hash({"input": ctx.inputs.get("depth_fingerprint"), "calibration": dataclasses.asdict(ctx.recipe.calibration)})
+        key = settings_hash(
+            {"input": ctx.inputs.get("depth_fingerprint"), "calibration": dataclasses.asdict(ctx.recipe.calibration)}
+        )
         cache = ctx.workdir.parent / ".cache" / f"layer-scores-{key}.json"
         if ctx.inputs.get("depth_fingerprint") and cache.exists():
             scores = read_json(cache)["scores"]
@@ -89,8 +91,13 @@ def run_depth(ctx: StageContext, src: Path, out: Path) -> dict:
     print_layer_table(scores, dropped)
     drop_layers(model, dropped)
     save_checkpoint(model, src, out / "model")
-    return {"layers_before": n_layers, "dropped": sorted(dropped), "layer_scores": scores, "rounds": rounds,
-            "params": parameter_counts(model)}
+    return {
+        "layers_before": n_layers,
+        "dropped": sorted(dropped),
+        "layer_scores": scores,
+        "rounds": rounds,
+        "params": parameter_counts(model),
+    }
 
 
 def print_layer_table(scores: list[float], dropped: list[int]) -> None:
@@ -126,8 +133,14 @@ def run_channels(ctx: StageContext, src: Path, out: Path) -> dict:
     # FFN widths rounded to a multiple of 32: int4 blocks and N:M groups then tile them exactly
     kv_keep = s.kv_groups_keep if s.kv_groups_keep is not None else 1.0
     try:
-        widths = prune_channels(model, ctx.calib_ids(), ffn_keep=float(s.ffn_keep), kv_groups_keep=kv_keep,
-                                batch_size=ctx.recipe.calibration.batch_size, ffn_multiple_of=32)
+        widths = prune_channels(
+            model,
+            ctx.calib_ids(),
+            ffn_keep=float(s.ffn_keep),
+            kv_groups_keep=kv_keep,
+            batch_size=ctx.recipe.calibration.batch_size,
+            ffn_multiple_of=32,
+        )
     except ValueError as e:
         raise EdgepackError(f"channels: {e}") from None
     save_checkpoint(model, src, out / "model")
@@ -156,8 +169,12 @@ def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
         masks = load_masks(ctx.masks_path)
     merged, merge_record = merge_lora(peft_model, masks=masks, keep_dense=s.keep_dense)
     save_checkpoint(merged, src, out / "model")
-    return {"data": data, "train": {k: v for k, v in train_record.items() if k != "settings"},
-            "merge": merge_record, "params": parameter_counts(merged)}
+    return {
+        "data": data,
+        "train": {k: v for k, v in train_record.items() if k != "settings"},
+        "merge": merge_record,
+        "params": parameter_counts(merged),
+    }
 
 
 def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:
@@ -168,8 +185,10 @@ def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:
     rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
     record = quantize_gptq(src, rows, out / "model", s)
     _copy_tokenizer(src, out / "model")
-    return {"gptq": {k: v for k, v in record.items() if k not in ("module_loss", "settings", "stage")},
-            "module_loss": record.get("module_loss")}
+    return {
+        "gptq": {k: v for k, v in record.items() if k not in ("module_loss", "settings", "stage")},
+        "module_loss": record.get("module_loss"),
+    }
 
 
 def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
@@ -181,8 +200,12 @@ def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
     float_dir = ctx.inputs["gptq"]
     rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
     record = generate_eora(float_dir, src, rows, out / "adapter", s)
-    return {"eora": {k: v for k, v in record.items() if k not in ("settings", "stage")}, "float_model": str(float_dir),
-            "quantized_model": str(src), "output": "adapter"}
+    return {
+        "eora": {k: v for k, v in record.items() if k not in ("settings", "stage")},
+        "float_model": str(float_dir),
+        "quantized_model": str(src),
+        "output": "adapter",
+    }
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -207,5 +230,11 @@ def load_stage_model(stage: str, stage_dir: Path, record: dict):
     return load_causal_lm(stage_dir / "model")
 
 
-STAGE_FUNCTIONS = {"depth": run_depth, "width": run_width, "channels": run_channels, "lora": run_lora,
-                   "gptq": run_gptq, "eora": run_eora}
+STAGE_FUNCTIONS = {
+    "depth": run_depth,
+    "width": run_width,
+    "channels": run_channels,
+    "lora": run_lora,
+    "gptq": run_gptq,
+    "eora": run_eora,
+}

@@ -29,6 +29,7 @@ Grid TOML:
     n = 1
     m = 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,17 +65,27 @@ ROW_FILE = "sweep-row.json"  # a finished point's table row, in its work directo
 # The seed study's grids, as preset strings (N:M = N weights pruned of every M).
 OPTIMIZED_GRID = [
     # the seed's three optimised configurations, each without quantization, with GPTQ, and with GPTQ+EoRA
-    "W1:8 lora=wikitext", "W1:8 lora=wikitext quant=gptq", "W1:8 lora=wikitext quant=eora",
-    "D2 lora=triviaqa", "D2 lora=triviaqa quant=gptq", "D2 lora=triviaqa quant=eora",
-    "D2+W1:8 lora=wikitext", "D2+W1:8 lora=wikitext quant=gptq", "D2+W1:8 lora=wikitext quant=eora",
+    "W1:8 lora=wikitext",
+    "W1:8 lora=wikitext quant=gptq",
+    "W1:8 lora=wikitext quant=eora",
+    "D2 lora=triviaqa",
+    "D2 lora=triviaqa quant=gptq",
+    "D2 lora=triviaqa quant=eora",
+    "D2+W1:8 lora=wikitext",
+    "D2+W1:8 lora=wikitext quant=gptq",
+    "D2+W1:8 lora=wikitext quant=eora",
     # the other LoRA dataset on the combined pruning, and quantization alone as the reference for its cost
     "D2+W1:8 lora=triviaqa quant=eora",
-    "baseline quant=gptq", "baseline quant=eora",
+    "baseline quant=gptq",
+    "baseline quant=eora",
 ]
 ORDER_GRID = [
-    "W2:4 lora=wikitext order=DWL", "W2:4 lora=wikitext order=DLW",
-    "D2+W2:4 lora=wikitext order=DWL", "D2+W2:4 lora=wikitext order=DLW",
-    "D2+W1:8 lora=wikitext order=DWL", "D2+W1:8 lora=wikitext order=DLW",
+    "W2:4 lora=wikitext order=DWL",
+    "W2:4 lora=wikitext order=DLW",
+    "D2+W2:4 lora=wikitext order=DWL",
+    "D2+W2:4 lora=wikitext order=DLW",
+    "D2+W1:8 lora=wikitext order=DWL",
+    "D2+W1:8 lora=wikitext order=DLW",
 ]
 NAMED_GRIDS = {
     "pruned": PRUNED_PRESETS + ["C75", "C75A2"],
@@ -108,11 +119,13 @@ def load_grid(spec: str, model: str | None = None) -> tuple[str, list[Recipe]]:
         name = data.pop("name", path.stem)
         unknown = set(data) - {"model"} - set(SECTIONS)
         if unknown:
-            raise EdgepackError(f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))} (name, model, grid, "
-                                f"[[run]], or a default section: {', '.join(SECTIONS)})")
+            raise EdgepackError(
+                f"{path}: unknown top-level key(s) {', '.join(sorted(unknown))} (name, model, grid, "
+                f"[[run]], or a default section: {', '.join(SECTIONS)})"
+            )
         defaults = data
         if not runs:
-            raise EdgepackError(f"{path}: no [[run]] tables and no grid = \"...\"")
+            raise EdgepackError(f'{path}: no [[run]] tables and no grid = "..."')
         spec = str(path)
     if model:
         defaults = {**defaults, "model": model}
@@ -152,8 +165,7 @@ def labels(recipe: Recipe) -> dict:
         order = "L→W" if recipe.order == "DLW" else "W→L"
         order = ("D→" if recipe.depth else "") + order
     quant = "GPTQ+EoRA" if recipe.eora else "GPTQ" if recipe.gptq else "none"
-    return {"config": config, "lora": recipe.lora.dataset if recipe.lora else "none", "quant": quant,
-            "order": order}
+    return {"config": config, "lora": recipe.lora.dataset if recipe.lora else "none", "quant": quant, "order": order}
 
 
 # ------------------------------------------------------------------ jobs and prefix sharing
@@ -190,8 +202,14 @@ def plan_jobs(recipes: list[Recipe], runs_dir: Path) -> list[Job]:
             raise EdgepackError(f"{r.model}: source model not found (run `edgepack import` first, or pass --model)")
         if r.model not in source_fps:
             source_fps[r.model] = source_fingerprint(Path(r.model))
-        jobs.append(Job(r, runs_dir / f"{slug(r.name)}-{recipe_hash(r)}", stage_chain(r, source_fps[r.model]),
-                        source_fps[r.model]))
+        jobs.append(
+            Job(
+                r,
+                runs_dir / f"{slug(r.name)}-{recipe_hash(r)}",
+                stage_chain(r, source_fps[r.model]),
+                source_fps[r.model],
+            )
+        )
     return jobs
 
 
@@ -214,7 +232,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def _rewrite_paths(obj, old: str, new: str):
     if isinstance(obj, str):
-        return new + obj[len(old):] if obj == old or obj.startswith(old + os.sep) else obj
+        return new + obj[len(old) :] if obj == old or obj.startswith(old + os.sep) else obj
     if isinstance(obj, dict):
         return {k: _rewrite_paths(v, old, new) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -279,12 +297,22 @@ def share_prefix(recipe: Recipe, workdir: Path, other_workdirs, source_fp: str |
 # ------------------------------------------------------------------ running one job
 def _row_key(job: Job, limits: EvalLimits, prompt: str, max_new_tokens: int) -> str:
     final_fp = job.chain[-1][1] if job.chain else job.source_fp
-    return settings_hash({"v": ROW_VERSION, "recipe": recipe_hash(job.recipe), "name": job.name, "fp": final_fp,
-                          "limits": dataclasses.asdict(limits), "prompt": prompt, "tokens": max_new_tokens})
+    return settings_hash(
+        {
+            "v": ROW_VERSION,
+            "recipe": recipe_hash(job.recipe),
+            "name": job.name,
+            "fp": final_fp,
+            "limits": dataclasses.asdict(limits),
+            "prompt": prompt,
+            "tokens": max_new_tokens,
+        }
+    )
 
 
-def cached_row(job: Job, limits: EvalLimits, prompt: str = DEFAULT_PROMPT,
-               max_new_tokens: int = EXAMPLE_TOKENS) -> SweepRow | None:
+def cached_row(
+    job: Job, limits: EvalLimits, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = EXAMPLE_TOKENS
+) -> SweepRow | None:
     cached = read_record(job.workdir / ROW_FILE)
     if cached and cached.get("key") == _row_key(job, limits, prompt, max_new_tokens):
         return SweepRow(**cached["row"])
@@ -336,8 +364,14 @@ def generate_example(model, tokenizer, prompt: str, max_new_tokens: int = EXAMPL
     return tokenizer.decode(out).strip()
 
 
-def run_job(job: Job, limits: EvalLimits, peers: list[Path], prompt: str = DEFAULT_PROMPT,
-            max_new_tokens: int = EXAMPLE_TOKENS, log=print) -> SweepRow:
+def run_job(
+    job: Job,
+    limits: EvalLimits,
+    peers: list[Path],
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = EXAMPLE_TOKENS,
+    log=print,
+) -> SweepRow:
     """Run (or resume) one grid point and return its table row, cached in workdir/sweep-row.json."""
     from compressor.pipeline import run_pipeline
 
@@ -351,8 +385,9 @@ def run_job(job: Job, limits: EvalLimits, peers: list[Path], prompt: str = DEFAU
     summary = run_pipeline(job.recipe, job.workdir, eval_limits=limits, final_eval=True, stage_eval=False, log=log)
     row = _row(job, summary, limits, prompt, max_new_tokens, linked)
     row.seconds = round(time.perf_counter() - t0, 1)
-    atomic_write_json(job.workdir / ROW_FILE, {"key": _row_key(job, limits, prompt, max_new_tokens),
-                                               "row": dataclasses.asdict(row)})
+    atomic_write_json(
+        job.workdir / ROW_FILE, {"key": _row_key(job, limits, prompt, max_new_tokens), "row": dataclasses.asdict(row)}
+    )
     return row
 
 
@@ -366,27 +401,51 @@ def _row(job: Job, summary: dict, limits: EvalLimits, prompt: str, max_new_token
     float_params = next((s["params"] for s in reversed(summary["stages"]) if s.get("params")), None)
     if float_params is None:  # baseline, or quantization of the source: the source's count
         float_params = count_parameters(load_causal_lm(job.recipe.model))
-    extra = _adapter_params(Path(summary["final_model"])) if summary["stages"] and summary["stages"][-1]["stage"] == "eora" else 0
+    extra = (
+        _adapter_params(Path(summary["final_model"]))
+        if summary["stages"] and summary["stages"][-1]["stage"] == "eora"
+        else 0
+    )
     example = generate_example(model, TextTokenizer(job.recipe.model), prompt, max_new_tokens)
     ev = summary["eval"]
     nonzero = float_params["nonzero"] if float_params["nonzero"] is not None else float_params["dense"]
     return SweepRow(
-        name=job.name, **labels(job.recipe), description=summary["description"],
-        closed=ev["triviaqa_closed"]["contains"], closed_exact=ev["triviaqa_closed"]["exact_match"],
-        open=ev["triviaqa_open"]["contains"], open_exact=ev["triviaqa_open"]["exact_match"],
+        name=job.name,
+        **labels(job.recipe),
+        description=summary["description"],
+        closed=ev["triviaqa_closed"]["contains"],
+        closed_exact=ev["triviaqa_closed"]["exact_match"],
+        open=ev["triviaqa_open"]["contains"],
+        open_exact=ev["triviaqa_open"]["exact_match"],
         questions=ev["triviaqa_closed"]["n"],
-        ppl=ev["wikitext"]["ppl"], ppl_windows=ev["wikitext"]["windows"], ppl_tokens=ev["wikitext"]["tokens"],
-        kld=ev["wikitext"].get("kld"), top1=ev["wikitext"].get("top1"),
-        params_dense=float_params["dense"] + extra, params_nonzero=nonzero + extra,
-        size_bytes=_weight_bytes(*weight_dirs), example=example, prompt=prompt,
-        workdir=str(job.workdir), fingerprint=summary["fingerprint"],
-        stages=[s["stage"] for s in summary["stages"]], shared=linked,
-        recipe=job.recipe.to_dict(), limits=dataclasses.asdict(limits),
+        ppl=ev["wikitext"]["ppl"],
+        ppl_windows=ev["wikitext"]["windows"],
+        ppl_tokens=ev["wikitext"]["tokens"],
+        kld=ev["wikitext"].get("kld"),
+        top1=ev["wikitext"].get("top1"),
+        params_dense=float_params["dense"] + extra,
+        params_nonzero=nonzero + extra,
+        size_bytes=_weight_bytes(*weight_dirs),
+        example=example,
+        prompt=prompt,
+        workdir=str(job.workdir),
+        fingerprint=summary["fingerprint"],
+        stages=[s["stage"] for s in summary["stages"]],
+        shared=linked,
+        recipe=job.recipe.to_dict(),
+        limits=dataclasses.asdict(limits),
     )
 
 
-def run_family(family: list[Job], limits: EvalLimits, peers: list[Path], prompt: str = DEFAULT_PROMPT,
-               max_new_tokens: int = EXAMPLE_TOKENS, threads: int | None = None, log=None) -> list[SweepRow | FailedPoint]:
+def run_family(
+    family: list[Job],
+    limits: EvalLimits,
+    peers: list[Path],
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = EXAMPLE_TOKENS,
+    threads: int | None = None,
+    log=None,
+) -> list[SweepRow | FailedPoint]:
     """Run one family in order (top-level and picklable: the unit of work of a process pool or a Ray task).
     A failing job is reported as a FailedPoint and does not stop the others."""
     if threads:
@@ -407,9 +466,19 @@ def run_family(family: list[Job], limits: EvalLimits, peers: list[Path], prompt:
 
 
 # ------------------------------------------------------------------ the sweep
-def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLimits, jobs: int = 1,
-              use_ray: bool = False, model: str | None = None, log=print, runs_dir: str | Path | None = None,
-              prompt: str = DEFAULT_PROMPT, max_new_tokens: int = EXAMPLE_TOKENS, dry_run: bool = False) -> dict:
+def run_sweep(
+    grid_name_or_path: str,
+    out_dir: str | Path | None,
+    limits: EvalLimits,
+    jobs: int = 1,
+    use_ray: bool = False,
+    model: str | None = None,
+    log=print,
+    runs_dir: str | Path | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = EXAMPLE_TOKENS,
+    dry_run: bool = False,
+) -> dict:
     """Run every point of a grid (resuming finished ones from their caches) and write the report.
     Returns {"grid", "out_dir", "rows", "failed", "files"}."""
     from compressor import report
@@ -425,8 +494,14 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
     if dry_run:
         for fam in fams:
             log("  family: " + " → ".join(f"{j.name} [{j.workdir.name}]" for j in fam))
-        return {"grid": grid_name, "out_dir": str(out_dir), "rows": [], "failed": [], "files": {},
-                "jobs": [(j.name, str(j.workdir)) for j in all_jobs]}
+        return {
+            "grid": grid_name,
+            "out_dir": str(out_dir),
+            "rows": [],
+            "failed": [],
+            "files": {},
+            "jobs": [(j.name, str(j.workdir)) for j in all_jobs],
+        }
     # Every work directory that exists can donate a prefix (other sweeps and `edgepack compress` runs too).
     peers = sorted({*(j.workdir for j in all_jobs), *(p for p in runs_dir.glob("*") if p.is_dir())})
     results: dict[str, SweepRow | FailedPoint] = {}
@@ -442,8 +517,11 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
     def collect(rows: list[SweepRow | FailedPoint]) -> None:
         for row in rows:
             results[row.name] = row
-            status = f"failed ({row.error})" if isinstance(row, FailedPoint) else (
-                f"closed {100 * row.closed:.1f} %, open {100 * row.open:.1f} %, PPL {row.ppl:.2f}")
+            status = (
+                f"failed ({row.error})"
+                if isinstance(row, FailedPoint)
+                else (f"closed {100 * row.closed:.1f} %, open {100 * row.open:.1f} %, PPL {row.ppl:.2f}")
+            )
             log(f"[{len(results)}/{len(all_jobs)}] {row.name}: {status}")
 
     for rows in _run_families(todo, limits, peers, prompt, max_new_tokens, jobs, use_ray, log):
@@ -452,17 +530,21 @@ def run_sweep(grid_name_or_path: str, out_dir: str | Path | None, limits: EvalLi
     ordered = [results[j.name] for j in all_jobs]
     rows = [r for r in ordered if isinstance(r, SweepRow)]
     failed = [r for r in ordered if isinstance(r, FailedPoint)]
-    files = report.write_report(rows, out_dir, limits, grid_name, failed=failed, prompt=prompt,
-                                  max_new_tokens=max_new_tokens)
+    files = report.write_report(
+        rows, out_dir, limits, grid_name, failed=failed, prompt=prompt, max_new_tokens=max_new_tokens
+    )
     log(f"report: {out_dir / 'index.md'}")
     if failed:
-        raise EdgepackError(f"{len(failed)} of {len(ordered)} grid points failed ({', '.join(r.name for r in failed)});"
-                            f" the others are reported in {out_dir}")
+        raise EdgepackError(
+            f"{len(failed)} of {len(ordered)} grid points failed ({', '.join(r.name for r in failed)});"
+            f" the others are reported in {out_dir}"
+        )
     return {"grid": grid_name, "out_dir": str(out_dir), "rows": rows, "failed": failed, "files": files}
 
 
-def _run_families(todo: list[list[Job]], limits: EvalLimits, peers, prompt: str, max_new_tokens: int, jobs: int,
-                  use_ray: bool, log):
+def _run_families(
+    todo: list[list[Job]], limits: EvalLimits, peers, prompt: str, max_new_tokens: int, jobs: int, use_ray: bool, log
+):
     """Each family's rows as it finishes: as Ray tasks, in `jobs` worker processes, or here in order."""
     if todo and use_ray:
         yield from _run_with_ray(todo, limits, peers, prompt, max_new_tokens)
@@ -506,8 +588,9 @@ def _run_with_ray(todo: list[list[Job]], limits: EvalLimits, peers, prompt, max_
 
 # ------------------------------------------------------------------ command line
 def add_sweep_command(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("sweep", help="run a grid of recipes (pruned, optimized, order, or a TOML file) "
-                                            "and write tables and plots")
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of recipes (pruned, optimized, order, or a TOML file) and write tables and plots"
+    )
     p.add_argument("grid", help=f"named grid ({', '.join(NAMED_GRIDS)}) or a grid TOML file ([[run]] tables)")
     p.add_argument("-o", "--out", help="output folder (default models/sweeps/GRID)")
     p.add_argument("--jobs", type=int, default=1, help="grid points run in parallel as processes (default 1)")
@@ -525,9 +608,18 @@ def cmd_sweep(args) -> int:
     if args.jobs < 1:
         raise EdgepackError(f"--jobs {args.jobs}: needs at least 1")
     limits = limits_from_args(args)
-    result = run_sweep(args.grid, args.out, limits, jobs=args.jobs, use_ray=args.ray, model=args.model,
-                       log=lambda m: print(m, file=sys.stderr), runs_dir=args.runs_dir, prompt=args.prompt,
-                       dry_run=args.dry_run)
+    result = run_sweep(
+        args.grid,
+        args.out,
+        limits,
+        jobs=args.jobs,
+        use_ray=args.ray,
+        model=args.model,
+        log=lambda m: print(m, file=sys.stderr),
+        runs_dir=args.runs_dir,
+        prompt=args.prompt,
+        dry_run=args.dry_run,
+    )
     if not args.dry_run:
         print(Path(result["out_dir"]) / "index.md")
     return 0

@@ -3,6 +3,7 @@
 Batched on purpose: plain HF fp32 evaluation runs at ~100-150 tokens/s on a 2-core CPU one window at a
 time, so perplexity runs several windows per forward pass, and TriviaQA decodes left-padded batches.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,9 @@ class TorchBackend:
         self.pad_id = int(pad_id)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, pad_id: int = 0, device: str | None = None,
-                        dtype=torch.float32) -> "TorchBackend":
+    def from_pretrained(
+        cls, model_dir: str | Path, pad_id: int = 0, device: str | None = None, dtype=torch.float32
+    ) -> TorchBackend:
         return cls(load_causal_lm(model_dir, dtype), pad_id, device)
 
     @torch.no_grad()
@@ -39,12 +41,14 @@ class TorchBackend:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):  # left padding, so every row's next token is at the same column
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        gen = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
-                               pad_token_id=self.pad_id)
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  generation_config=gen)
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        gen = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids), pad_token_id=self.pad_id
+        )
+        out = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=gen
+        )
         results = []
         for row in out[:, width:].tolist():
             kept = []

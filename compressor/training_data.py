@@ -5,6 +5,7 @@ that have a passage, so training uses only the other 272 (closed-book prompts, a
 represents the alias list). Evaluation questions are never trained on. Open-book training would need
 passages that are not evaluation questions; the shipped file has none, so it is refused with a clear error.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,21 +48,33 @@ def triviaqa_examples(tokenizer: TextTokenizer, mode: str = "closed", dataset: s
     from compressor.lora import qa_example
 
     if mode != "closed":
-        raise EdgepackError("lora.triviaqa_mode=open: the shipped TriviaQA file has passages only for the 728 "
-                            "evaluation questions; train closed-book, or give a file with passages for other questions")
+        raise EdgepackError(
+            "lora.triviaqa_mode=open: the shipped TriviaQA file has passages only for the 728 "
+            "evaluation questions; train closed-book, or give a file with passages for other questions"
+        )
     train, evaluation = triviaqa_split(dataset)
     examples = []
     for r in train:
         prompt = tokenizer.encode(closed_book_prompt(r.question), add_special_tokens=True)
         answer = tokenizer.encode(" " + canonical_answer(r.answers), add_special_tokens=False)
         examples.append(qa_example(prompt, answer, tokenizer.encode("\n", add_special_tokens=False)[-1]))
-    split = {"train_ids": [r.id for r in train[HELDOUT_QA:]], "heldout_ids": [r.id for r in train[:HELDOUT_QA]],
-             "eval_questions": len(evaluation), "rule": "train = questions without a passage; eval = with"}
+    split = {
+        "train_ids": [r.id for r in train[HELDOUT_QA:]],
+        "heldout_ids": [r.id for r in train[:HELDOUT_QA]],
+        "eval_questions": len(evaluation),
+        "rule": "train = questions without a passage; eval = with",
+    }
     return examples[HELDOUT_QA:], examples[:HELDOUT_QA], split
 
 
-def wikitext_examples(tokenizer: TextTokenizer, seqlen: int, samples: int, dataset: str = "wikitext2-valid",
-                      seed: int = 0, heldout: int = 16):
+def wikitext_examples(
+    tokenizer: TextTokenizer,
+    seqlen: int,
+    samples: int,
+    dataset: str = "wikitext2-valid",
+    seed: int = 0,
+    heldout: int = 16,
+):
     """Packed causal-LM windows of the calibration text, shuffled with a seed; the first `heldout` windows
     of the shuffle are the held-out set."""
     from compressor.lora import pack_lm_windows
@@ -73,8 +86,14 @@ def wikitext_examples(tokenizer: TextTokenizer, seqlen: int, samples: int, datas
     return train, held, {"windows": len(windows), "train": len(train), "heldout": len(held), "seqlen": seqlen}
 
 
-def quant_calibration_rows(tokenizer: TextTokenizer, dataset: str, samples: int, seqlen: int,
-                           calibration_dataset: str = "wikitext2-valid", seed: int = 0) -> list[list[int]]:
+def quant_calibration_rows(
+    tokenizer: TextTokenizer,
+    dataset: str,
+    samples: int,
+    seqlen: int,
+    calibration_dataset: str = "wikitext2-valid",
+    seed: int = 0,
+) -> list[list[int]]:
     """Calibration rows for GPTQ / EoRA: WikiText windows, or TriviaQA training prompts with answers."""
     if dataset == "wikitext":
         from compressor.calibration import calibration_ids

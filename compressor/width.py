@@ -22,6 +22,7 @@ The masks are part of the stage's output: `save_masks` stores them as packed bit
 lets a later stage (a LoRA merge) put the zeros back. Zeroing is done by hand because no library offers
 WANDA for an arbitrary HF model without taking over the whole pipeline.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ MASKS_VERSION = "1"
 
 # ------------------------------------------------------------------ scoring
 @torch.no_grad()
-def collect_input_norms(model, calib_ids: torch.Tensor, targets: Iterable[str] = DEFAULT_TARGETS,
-                        batch_size: int = 4) -> dict[str, torch.Tensor]:
+def collect_input_norms(
+    model, calib_ids: torch.Tensor, targets: Iterable[str] = DEFAULT_TARGETS, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
     """||X_j||_2 over all calibration tokens for the input of each target Linear, by module name
     (e.g. "model.layers.3.self_attn.q_proj"), from one forward of the model as it is (one-pass WANDA)."""
     return input_norms(model, calib_ids, targets, batch_size, desc="width: input norms")
@@ -85,8 +87,9 @@ def _prune_linear(linear: nn.Linear, norm: torch.Tensor, n: int, m: int) -> torc
 
 
 @torch.no_grad()
-def apply_nm_pruning(model, norms: dict[str, torch.Tensor], n: int, m: int,
-                     targets: Iterable[str] = DEFAULT_TARGETS) -> dict[str, torch.Tensor]:
+def apply_nm_pruning(
+    model, norms: dict[str, torch.Tensor], n: int, m: int, targets: Iterable[str] = DEFAULT_TARGETS
+) -> dict[str, torch.Tensor]:
     """Zero, in place, the N lowest-scoring of every M input weights (N pruned, the seed's notation) of
     each target Linear; returns the keep-masks (bool, CPU) by module name."""
     _check_nm(n, m)
@@ -94,13 +97,16 @@ def apply_nm_pruning(model, norms: dict[str, torch.Tensor], n: int, m: int,
     missing = [name for name in linears if name not in norms]
     if missing:
         raise ValueError(f"no input norm for {missing[0]} (and {len(missing) - 1} more)")
-    return {name: _prune_linear(lin, norms[name], n, m)
-            for name, lin in tqdm(linears.items(), desc=f"width: W{n}:{m} masks", leave=False)}
+    return {
+        name: _prune_linear(lin, norms[name], n, m)
+        for name, lin in tqdm(linears.items(), desc=f"width: W{n}:{m} masks", leave=False)
+    }
 
 
 @torch.no_grad()
-def prune_nm_sequential(model, calib_ids: torch.Tensor, n: int, m: int, targets: Iterable[str] = DEFAULT_TARGETS,
-                        batch_size: int = 4) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def prune_nm_sequential(
+    model, calib_ids: torch.Tensor, n: int, m: int, targets: Iterable[str] = DEFAULT_TARGETS, batch_size: int = 4
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """WANDA as published: prune layer by layer, each layer's input norms measured on the outputs of the
     already-pruned layers before it. Prunes the model in place; returns (masks, norms)."""
     _check_nm(n, m)
@@ -224,6 +230,10 @@ def sparsity_report(model, masks: dict[str, torch.Tensor]) -> dict:
             "mask_violations": m_viol,
         }
         numel, pruned, violations = numel + mask.numel(), pruned + m_pruned, violations + m_viol
-    total = {"numel": numel, "pruned": pruned, "sparsity": pruned / numel if numel else 0.0,
-             "mask_violations": violations}
+    total = {
+        "numel": numel,
+        "pruned": pruned,
+        "sparsity": pruned / numel if numel else 0.0,
+        "mask_violations": violations,
+    }
     return {"modules": modules, "total": total, "parameters": count_parameters(model)}

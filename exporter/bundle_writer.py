@@ -13,6 +13,7 @@ never leaves a directory that looks like a bundle. The archive is an uncompresse
 compress, and a stored member can be streamed out), written with fixed timestamps so the same bundle gives
 the same archive bytes, hence the same cache key in runtime.bundle.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,16 @@ SAFE_SUFFIXES = (".safetensors", ".json", ".txt", ".md", ".jinja", ".model")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
-def write_bundle(out_dir, *, onnx_dir, tokenizer_dir, reference_path, safetensors_dir: Path | None,
-                 manifest_fields: dict, archive: bool = True) -> Path:
+def write_bundle(
+    out_dir,
+    *,
+    onnx_dir,
+    tokenizer_dir,
+    reference_path,
+    safetensors_dir: Path | None,
+    manifest_fields: dict,
+    archive: bool = True,
+) -> Path:
     """Copy the parts into the bundle layout, hash every file, write manifest.json last; return out_dir.
 
     onnx_dir: directory holding exactly one .onnx model and its external data file(s).
@@ -49,8 +58,16 @@ def write_bundle(out_dir, *, onnx_dir, tokenizer_dir, reference_path, safetensor
         raise EdgepackError(f"{onnx_dir}: expected exactly one .onnx model, found {len(models)}")
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise EdgepackError(f"{tokenizer_dir}: no tokenizer.json")
-    unknown = set(manifest_fields) - {"model", "recipe", "generation", "quality", "created_by", "created_at",
-                                      "runtime", "tokenizer"}
+    unknown = set(manifest_fields) - {
+        "model",
+        "recipe",
+        "generation",
+        "quality",
+        "created_by",
+        "created_at",
+        "runtime",
+        "tokenizer",
+    }
     if unknown:
         raise EdgepackError(f"manifest_fields: unknown key {sorted(unknown)[0]!r}")
 
@@ -82,14 +99,25 @@ def write_bundle(out_dir, *, onnx_dir, tokenizer_dir, reference_path, safetensor
             rel = f.relative_to(tmp).as_posix()
             files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         tok = _tokenizer_facts(tmp / "tokenizer")
-        runtime = {"requires": {"onnxruntime": f">={ORT_MIN_VERSION}", "tokenizers": ">=0.20"},
-                   **manifest_fields.get("runtime", {}),
-                   "onnx": f"onnx/{models[0].name}", "reference": reference_rel, "safetensors": safetensors_rel}
+        runtime = {
+            "requires": {"onnxruntime": f">={ORT_MIN_VERSION}", "tokenizers": ">=0.20"},
+            **manifest_fields.get("runtime", {}),
+            "onnx": f"onnx/{models[0].name}",
+            "reference": reference_rel,
+            "safetensors": safetensors_rel,
+        }
         tokenizer = {**tok, **manifest_fields.get("tokenizer", {}), "directory": "tokenizer"}
-        manifest = build_manifest(model=manifest_fields["model"], recipe=manifest_fields["recipe"], files=files,
-                                  generation=manifest_fields["generation"], quality=manifest_fields["quality"],
-                                  runtime=runtime, tokenizer=tokenizer, created_by=manifest_fields["created_by"],
-                                  created_at=manifest_fields.get("created_at"))
+        manifest = build_manifest(
+            model=manifest_fields["model"],
+            recipe=manifest_fields["recipe"],
+            files=files,
+            generation=manifest_fields["generation"],
+            quality=manifest_fields["quality"],
+            runtime=runtime,
+            tokenizer=tokenizer,
+            created_by=manifest_fields["created_by"],
+            created_at=manifest_fields.get("created_at"),
+        )
         atomic_write_json(tmp / MANIFEST_NAME, manifest)
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -130,8 +158,12 @@ def _tokenizer_facts(directory: Path) -> dict:
     from runtime.tokenizer import TextTokenizer
 
     tok = TextTokenizer(directory)
-    return {"chat_template": tok.chat_template is not None, "vocab_size": tok.vocab_size,
-            "eos_token": tok.eos_token, "bos_token": tok.bos_token}
+    return {
+        "chat_template": tok.chat_template is not None,
+        "vocab_size": tok.vocab_size,
+        "eos_token": tok.eos_token,
+        "bos_token": tok.bos_token,
+    }
 
 
 def _copy(src: Path, dst: Path) -> None:

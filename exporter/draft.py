@@ -8,6 +8,7 @@ same family and tokenizer, exported like the main model and shipped under draft/
 `add_draft` puts a built draft into a finished bundle: files first, manifest.json last (atomically), then the
 archive again; until the manifest names the draft, the runtime ignores a draft/ folder entirely.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -72,8 +73,16 @@ def step_seconds(decoder, prompt: list[int], steps: int = 32) -> float:
     return statistics.median(times)
 
 
-def export_draft(bundle_dir, recipe_text: str, run_workdir, options=None, prompts: int = 8, new_tokens: int = 64,
-                 archive: bool = True, log=print) -> dict:
+def export_draft(
+    bundle_dir,
+    recipe_text: str,
+    run_workdir,
+    options=None,
+    prompts: int = 8,
+    new_tokens: int = 64,
+    archive: bool = True,
+    log=print,
+) -> dict:
     """`edgepack export --draft RECIPE`: compress the run's source model with the preset RECIPE (e.g. "D20":
     20 of SmolLM2's 30 layers dropped) in its own work directory next to the run's, export it like the main
     model (int4 projections, quantized head), measure its greedy acceptance rate against the bundle's model on
@@ -122,14 +131,20 @@ def export_draft(bundle_dir, recipe_text: str, run_workdir, options=None, prompt
         gen = Generator(main, bundle.tokenizer, bundle.stop_ids, draft=DraftModel(draft, cost))
         log(f"draft: measuring acceptance on {prompts} chat instructions ({new_tokens} new tokens each)")
         acceptance = measure_acceptance(gen, ids, new_tokens)
-        record = {"recipe": recipe_text, "description": recipe.describe(), "layers": graph.get("num_layers"),
-                  "cost_per_token": round(cost, 4),
-                  "acceptance": {**acceptance, "set": "chat/user_oriented_instructions_202.jsonl"},
-                  "dropped_layers": next((s.get("dropped") for s in summary["stages"] if s.get("stage") == "depth"), None)}
+        record = {
+            "recipe": recipe_text,
+            "description": recipe.describe(),
+            "layers": graph.get("num_layers"),
+            "cost_per_token": round(cost, 4),
+            "acceptance": {**acceptance, "set": "chat/user_oriented_instructions_202.jsonl"},
+            "dropped_layers": next((s.get("dropped") for s in summary["stages"] if s.get("stage") == "depth"), None),
+        }
         del main, draft, gen
         add_draft(bundle_dir, stage / "onnx", record, archive=archive)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    log(f"draft: {record['layers']} layers, {cost:.2f}x the model's step, {100 * acceptance['greedy']:.0f} % of "
-        f"guesses kept (greedy)")
+    log(
+        f"draft: {record['layers']} layers, {cost:.2f}x the model's step, {100 * acceptance['greedy']:.0f} % of "
+        f"guesses kept (greedy)"
+    )
     return record

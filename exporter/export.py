@@ -13,6 +13,7 @@ LoRA is already merged by the pipeline (in float, before GPTQ, mask-aware); EoRA
 weights and ships as its own low-rank pair per projection. The quality block of the manifest is measured
 here on the ONNX model through the runtime's harness, i.e. with the same code `edgepack verify` runs.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -40,8 +41,15 @@ def shipping_graph() -> GraphOptions:
     (the tied 49152x576 table is a fifth of SmolLM2; int8 keeps the head exact to ~1e-3 at 1/4 the bytes),
     RTN int4 projections for recipes without GPTQ, int8-activation MatMulNBits (accuracy_level 4, fastest on
     CPU), EoRA factors as int8 MatMulNBits with A stacked under the int4 weight's kernel."""
-    return GraphOptions(max_len=2048, embedding="int8", lm_head="int8", projections="int4", accuracy_level=4,
-                        eora_bits=8, eora_fuse_a=True)
+    return GraphOptions(
+        max_len=2048,
+        embedding="int8",
+        lm_head="int8",
+        projections="int4",
+        accuracy_level=4,
+        eora_bits=8,
+        eora_fuse_a=True,
+    )
 
 
 @dataclass
@@ -83,8 +91,9 @@ def build_onnx(workdir: Path, summary: dict, out_dir: Path, options: ExportOptio
         # act-order checkpoints need nothing here: g_idx travels with the weights and the re-packing
         # permutes K accordingly (exporter.int4)
         fmt = str(qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))).lower()
-        gptq = GptqFormat(bits=int(qcfg["bits"]), group_size=int(qcfg["group_size"]),
-                          zero_offset=1 if fmt == "gptq" else 0)
+        gptq = GptqFormat(
+            bits=int(qcfg["bits"]), group_size=int(qcfg["group_size"]), zero_offset=1 if fmt == "gptq" else 0
+        )
         if "eora" in dirs:
             eora = _eora_numpy(dirs["eora"] / "adapter")
     else:
@@ -172,16 +181,23 @@ def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions 
         quality = measure_quality(decoder, tokenizer, reference, {"full": limits, "quick": quick})
         del decoder
         fields = manifest_fields(summary, graph, quality, tokenizer, source, options)
-        bundle = write_bundle(out_dir, onnx_dir=stage_dir / "onnx", tokenizer_dir=tok_dir, reference_path=ref_path,
-                              safetensors_dir=stage_dir / "safetensors", manifest_fields=fields,
-                              archive=options.archive)
+        bundle = write_bundle(
+            out_dir,
+            onnx_dir=stage_dir / "onnx",
+            tokenizer_dir=tok_dir,
+            reference_path=ref_path,
+            safetensors_dir=stage_dir / "safetensors",
+            manifest_fields=fields,
+            archive=options.archive,
+        )
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return bundle
 
 
-def manifest_fields(summary: dict, graph: dict, quality: dict, tokenizer: TextTokenizer, source: Path,
-                    options: ExportOptions) -> dict:
+def manifest_fields(
+    summary: dict, graph: dict, quality: dict, tokenizer: TextTokenizer, source: Path, options: ExportOptions
+) -> dict:
     from importlib.metadata import version
 
     import onnxruntime
@@ -208,17 +224,34 @@ def manifest_fields(summary: dict, graph: dict, quality: dict, tokenizer: TextTo
             "head_dim": graph.get("head_dim"),
             "graph": graph,
         },
-        "recipe": {"name": summary["recipe"].get("name"), "description": summary["description"],
-                   "recipe": summary["recipe"], "stages": summary["stages"]},
-        "generation": {"eos_token_ids": list(graph.get("eos_token_ids") or []),
-                       "bos_token_id": graph.get("bos_token_id"), "context_length": int(graph["max_len"]),
-                       "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-                       "repetition_penalty": sampling.repetition_penalty, "max_new_tokens": sampling.max_new_tokens},
+        "recipe": {
+            "name": summary["recipe"].get("name"),
+            "description": summary["description"],
+            "recipe": summary["recipe"],
+            "stages": summary["stages"],
+        },
+        "generation": {
+            "eos_token_ids": list(graph.get("eos_token_ids") or []),
+            "bos_token_id": graph.get("bos_token_id"),
+            "context_length": int(graph["max_len"]),
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k,
+            "repetition_penalty": sampling.repetition_penalty,
+            "max_new_tokens": sampling.max_new_tokens,
+        },
         "quality": quality,
-        "runtime": {"requires": {"onnxruntime": ">=1.20"}, "accuracy_level": options.graph.accuracy_level,
-                    "built_with": {"onnxruntime": onnxruntime.__version__}},
-        "tokenizer": {"chat_template": bool(tokenizer.chat_template), "bos_token": tokenizer.bos_token,
-                      "eos_token": tokenizer.eos_token, "vocab_size": tokenizer.vocab_size},
+        "runtime": {
+            "requires": {"onnxruntime": ">=1.20"},
+            "accuracy_level": options.graph.accuracy_level,
+            "built_with": {"onnxruntime": onnxruntime.__version__},
+        },
+        "tokenizer": {
+            "chat_template": bool(tokenizer.chat_template),
+            "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token,
+            "vocab_size": tokenizer.vocab_size,
+        },
         "created_by": f"edgepack {version('edgepack')}",
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

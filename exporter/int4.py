@@ -28,6 +28,7 @@ Two shape rules are handled here rather than in the graph:
 The packing and RTN code are written by hand in numpy: onnxruntime's MatMulNBitsQuantizer works on whole
 ONNX models and quantizes from float, it cannot re-pack existing GPTQ codes without re-rounding them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ class NBitsWeight:
 
     B: np.ndarray  # uint8 [N, n_blocks, block_size * bits // 8]
     scales: np.ndarray  # float32 [N, n_blocks]
-    zero_points: np.ndarray | None  # uint8 packed [N, ceil(n_blocks*bits/8)], float32 [N, n_blocks], or None (= 2^(bits-1))
+    zero_points: (
+        np.ndarray | None
+    )  # uint8 packed [N, ceil(n_blocks*bits/8)], float32 [N, n_blocks], or None (= 2^(bits-1))
     K: int
     N: int
     bits: int = 4
@@ -121,7 +124,9 @@ def _gptq_codes(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int):
     g = np.asarray(g_idx).astype(np.int64).reshape(-1)
     k = g.size
     if q.shape[0] < k or q.shape[1] != n or z.shape[0] != n_groups:
-        raise EdgepackError(f"GPTQ shapes disagree: qweight {q.shape}, qzeros {z.shape}, scales {scales.shape}, g_idx {g.shape}")
+        raise EdgepackError(
+            f"GPTQ shapes disagree: qweight {q.shape}, qzeros {z.shape}, scales {scales.shape}, g_idx {g.shape}"
+        )
     if g.min() < 0 or g.max() >= n_groups:
         raise EdgepackError(f"GPTQ g_idx has groups outside [0, {n_groups})")
     return q[:k], z, scales, g
@@ -147,7 +152,9 @@ def act_order_permutation(g_idx: np.ndarray, group_size: int) -> np.ndarray | No
         return None
     perm = np.argsort(g, kind="stable")
     if not np.array_equal(g[perm], contiguous):
-        raise EdgepackError(f"GPTQ g_idx is not a permutation of contiguous groups of {group_size}; cannot map to MatMulNBits")
+        raise EdgepackError(
+            f"GPTQ g_idx is not a permutation of contiguous groups of {group_size}; cannot map to MatMulNBits"
+        )
     return perm.astype(np.int64)
 
 
@@ -161,8 +168,9 @@ def _block_for_group(group_size: int, k: int) -> int:
     return group_size
 
 
-def gptq_to_matmulnbits(qweight, qzeros, scales, g_idx, bits: int = 4, group_size: int = 128,
-                        zero_offset: int = 1) -> NBitsWeight:
+def gptq_to_matmulnbits(
+    qweight, qzeros, scales, g_idx, bits: int = 4, group_size: int = 128, zero_offset: int = 1
+) -> NBitsWeight:
     """Re-pack one GPTQ linear layer for MatMulNBits, bit-exactly (see module docstring).
 
     qweight int32 [K/(32/bits), N], qzeros int32 [G, N/(32/bits)], scales [G, N], g_idx [K]. Returns the
@@ -242,8 +250,15 @@ def quantize_rtn(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: 
     if n_blocks * block_size > k:  # padded tail: the zero point, so it dequantizes to 0
         codes.reshape(n, -1)[:, k:] = zeros[:, -1:].astype(np.uint8)
     zp = None if symmetric else pack_low_first(zeros.astype(np.uint8), bits)  # symmetric = the op's default
-    return NBitsWeight(B=pack_low_first(codes, bits), scales=scales.astype(np.float32), zero_points=zp, K=k, N=n, bits=bits,
-                       block_size=block_size)
+    return NBitsWeight(
+        B=pack_low_first(codes, bits),
+        scales=scales.astype(np.float32),
+        zero_points=zp,
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block_size,
+    )
 
 
 def quantize_rtn_int4(w_fp32: np.ndarray, block_size: int = 32, symmetric: bool = True) -> NBitsWeight:
@@ -255,7 +270,8 @@ def concat_nbits(parts: list[NBitsWeight]) -> NBitsWeight:
     first = parts[0]
     for p in parts[1:]:
         same_perm = (p.perm is None and first.perm is None) or (
-            p.perm is not None and first.perm is not None and np.array_equal(p.perm, first.perm))
+            p.perm is not None and first.perm is not None and np.array_equal(p.perm, first.perm)
+        )
         if (p.K, p.bits, p.block_size) != (first.K, first.bits, first.block_size) or not same_perm:
             raise EdgepackError("cannot fuse MatMulNBits weights with different K, bits, block size or permutation")
     kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
@@ -263,10 +279,16 @@ def concat_nbits(parts: list[NBitsWeight]) -> NBitsWeight:
         zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts], axis=0)
     else:  # mixed forms: unpack all to float
         zp = np.concatenate([_float_zeros(p) for p in parts], axis=0)
-    return NBitsWeight(B=np.concatenate([p.B for p in parts], axis=0),
-                       scales=np.concatenate([p.scales for p in parts], axis=0), zero_points=zp,
-                       K=first.K, N=sum(p.N for p in parts), bits=first.bits, block_size=first.block_size,
-                       perm=first.perm)
+    return NBitsWeight(
+        B=np.concatenate([p.B for p in parts], axis=0),
+        scales=np.concatenate([p.scales for p in parts], axis=0),
+        zero_points=zp,
+        K=first.K,
+        N=sum(p.N for p in parts),
+        bits=first.bits,
+        block_size=first.block_size,
+        perm=first.perm,
+    )
 
 
 def _float_zeros(w: NBitsWeight) -> np.ndarray:

@@ -52,6 +52,7 @@ decode then writes at its own position, so no row ever sees pad tokens and posit
 during prefill, [0] during decode, every position for log-likelihood scoring; the vocab projection is the
 most expensive matmul of a small model, so it is not run on positions nobody reads.
 """
+
 from __future__ import annotations
 
 import json
@@ -258,8 +259,15 @@ def load_linear(weights, prefix: str, options: GraphOptions, eora=None) -> Linea
         g_idx = weights.get(f"{prefix}.g_idx")
         if g_idx is None:
             g_idx = np.arange(qweight.shape[0] * (32 // g.bits)) // g.group_size
-        nb = gptq_to_matmulnbits(qweight, as_numpy(weights[f"{prefix}.qzeros"]), as_numpy(weights[f"{prefix}.scales"]),
-                                 as_numpy(g_idx), bits=g.bits, group_size=g.group_size, zero_offset=g.zero_offset)
+        nb = gptq_to_matmulnbits(
+            qweight,
+            as_numpy(weights[f"{prefix}.qzeros"]),
+            as_numpy(weights[f"{prefix}.scales"]),
+            as_numpy(g_idx),
+            bits=g.bits,
+            group_size=g.group_size,
+            zero_offset=g.zero_offset,
+        )
         lin = Linear(nbits=nb)
     elif f"{prefix}.weight" in weights:
         w = as_numpy(weights[f"{prefix}.weight"]).astype(np.float32)
@@ -338,22 +346,35 @@ class GraphWriter:
         self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def node(self, op: str, inputs: list[str], n_out: int = 1, name: str | None = None, domain: str = "",
-             outputs: list[str] | None = None, unnamed: tuple[int, ...] = (), **attrs) -> list[str]:
+    def node(
+        self,
+        op: str,
+        inputs: list[str],
+        n_out: int = 1,
+        name: str | None = None,
+        domain: str = "",
+        outputs: list[str] | None = None,
+        unnamed: tuple[int, ...] = (),
+        **attrs,
+    ) -> list[str]:
         """Add one node; returns its output names. `unnamed`: indices of optional outputs left out ("")."""
         base = self.unique(name or op)
-        outs = outputs if outputs is not None else [self.unique(f"{base}/out{j}" if n_out > 1 else f"{base}/out") for j in range(n_out)]
+        outs = (
+            outputs
+            if outputs is not None
+            else [self.unique(f"{base}/out{j}" if n_out > 1 else f"{base}/out") for j in range(n_out)]
+        )
         outs = ["" if j in unnamed else o for j, o in enumerate(outs)]
         self.nodes.append(self.onnx.helper.make_node(op, inputs, outs, name=base, domain=domain or None, **attrs))
         return outs
 
-    def linear(self, x: str, lin: Linear, name: str, accuracy_level: int, eora_bits: int | None = None,
-               fuse_a: bool = False) -> str:
+    def linear(
+        self, x: str, lin: Linear, name: str, accuracy_level: int, eora_bits: int | None = None, fuse_a: bool = False
+    ) -> str:
         """y = x W^T (+ bias) (+ (x A^T) B^T for EoRA). With `fuse_a` and an n-bit weight, A is stacked under
         W's rows (quantized like W) so one kernel computes [x W^T | x A^T] and a Split separates them."""
         eora = lin.eora
-        fold = (eora is not None and fuse_a and lin.nbits is not None and lin.nbits.perm is None
-                and lin.bias is None)
+        fold = eora is not None and fuse_a and lin.nbits is not None and lin.nbits.perm is None and lin.bias is None
         if lin.nbits is None:
             y = self.node("MatMul", [x, self.const(f"{name}.weight_t", lin.float_weight.T)], name=f"{name}/MatMul")[0]
             if lin.bias is not None:
@@ -364,11 +385,18 @@ class GraphWriter:
             if nb.perm is not None:  # act-order GPTQ: the weight's K is stored sorted by group
                 xin = self.node("Gather", [x, self.const(f"{name}.perm", nb.perm)], axis=-1, name=f"{name}/ActOrder")[0]
             if fold:
-                nb = concat_nbits([nb, quantize_rtn(eora[0], bits=nb.bits, block_size=nb.block_size,
-                                                    symmetric=nb.zero_points is None)])
-            consts = [self.const(f"{name}.qweight", nb.B), self.const(f"{name}.scales", nb.scales),
-                      self.const(f"{name}.zero_points", nb.zero_points) if nb.zero_points is not None else "",
-                      self.const(f"{name}.bias", lin.bias) if lin.bias is not None else ""]
+                nb = concat_nbits(
+                    [
+                        nb,
+                        quantize_rtn(eora[0], bits=nb.bits, block_size=nb.block_size, symmetric=nb.zero_points is None),
+                    ]
+                )
+            consts = [
+                self.const(f"{name}.qweight", nb.B),
+                self.const(f"{name}.scales", nb.scales),
+                self.const(f"{name}.zero_points", nb.zero_points) if nb.zero_points is not None else "",
+                self.const(f"{name}.bias", lin.bias) if lin.bias is not None else "",
+            ]
             y = self.matmul_nbits(xin, nb, consts, name, accuracy_level)
         if eora is None:
             return y
@@ -393,8 +421,17 @@ class GraphWriter:
         inputs = [x, b, scales, zp, "", bias]
         while inputs[-1] == "":
             inputs.pop()
-        return self.node("MatMulNBits", inputs, domain=MS, name=f"{name}/MatMulNBits", K=nb.K, N=nb.N,
-                         bits=nb.bits, block_size=nb.block_size, accuracy_level=accuracy_level)[0]
+        return self.node(
+            "MatMulNBits",
+            inputs,
+            domain=MS,
+            name=f"{name}/MatMulNBits",
+            K=nb.K,
+            N=nb.N,
+            bits=nb.bits,
+            block_size=nb.block_size,
+            accuracy_level=accuracy_level,
+        )[0]
 
 
 def eora_block(k: int) -> int:
@@ -418,8 +455,14 @@ def _quantized_table(w: np.ndarray, kind: str, block: int) -> NBitsWeight:
     return quantize_rtn(w, bits=bits, block_size=block, symmetric=True)
 
 
-def build_decoder(weights, spec: DecoderSpec, path, options: GraphOptions | None = None,
-                  eora: dict | None = None, progress: bool = True) -> dict[str, Any]:
+def build_decoder(
+    weights,
+    spec: DecoderSpec,
+    path,
+    options: GraphOptions | None = None,
+    eora: dict | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Write the fused decoder graph to `path` (+ `path.name + ".data"` with the weights) and return its
     metadata (also stored in the model's metadata_props under runtime.contract.METADATA_KEY).
 
@@ -465,7 +508,9 @@ class DecoderBuilder:
             helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
             helper.make_tensor_value_info(LOGITS_POSITIONS, TensorProto.INT64, ["batch_size", "num_logits"]),
         ]
-        self.outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "num_logits", spec.vocab_size])]
+        self.outputs = [
+            helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch_size", "num_logits", spec.vocab_size])
+        ]
         self.kv_layers: list[dict] = []
         self.residual: str = ""  # the running residual sum
         self.pending: str | None = None  # a block's output still to be added to `residual`
@@ -487,11 +532,24 @@ class DecoderBuilder:
         """RMSNorm of the residual stream; adds the pending block output to it first (one fused kernel)."""
         w, eps = self.const_f32(weight_key), float(self.spec.rms_norm_eps)
         if self.pending is None:
-            return self.g.node("SimplifiedLayerNormalization", [self.residual, w], name=f"{name}/SimplifiedLayerNorm",
-                               axis=-1, epsilon=eps, stash_type=1)[0]
+            return self.g.node(
+                "SimplifiedLayerNormalization",
+                [self.residual, w],
+                name=f"{name}/SimplifiedLayerNorm",
+                axis=-1,
+                epsilon=eps,
+                stash_type=1,
+            )[0]
         # outputs 1 and 2 (mean, inv_std_var) are training outputs: left unnamed
-        y, _, _, summed = self.g.node("SkipSimplifiedLayerNormalization", [self.pending, self.residual, w], n_out=4,
-                                      domain=MS, name=f"{name}/SkipSimplifiedLayerNorm", unnamed=(1, 2), epsilon=eps)
+        y, _, _, summed = self.g.node(
+            "SkipSimplifiedLayerNormalization",
+            [self.pending, self.residual, w],
+            n_out=4,
+            domain=MS,
+            name=f"{name}/SkipSimplifiedLayerNorm",
+            unnamed=(1, 2),
+            epsilon=eps,
+        )
         self.residual, self.pending = summed, None
         return y
 
@@ -513,11 +571,19 @@ class DecoderBuilder:
                 # Tied and quantized alike: the LM head's MatMulNBits reads the very same initializers, and the
                 # lookup sees them as [vocab, hidden * bits / 8] through a Reshape (H is a whole number of blocks).
                 self.shared_table = (q, [b_name, scales, "", ""])
-            data = g.node("Reshape", [b_name, g.const("embed_rows", np.array([vocab, -1], np.int64))],
-                          name="embed_tokens/Rows")[0]
-            self.residual = g.node("GatherBlockQuantized", [data, INPUT_IDS, scales], domain=MS,
-                                   name="embed_tokens/GatherBlockQuantized", bits=q.bits, block_size=q.block_size,
-                                   gather_axis=0, quantize_axis=1)[0]
+            data = g.node(
+                "Reshape", [b_name, g.const("embed_rows", np.array([vocab, -1], np.int64))], name="embed_tokens/Rows"
+            )[0]
+            self.residual = g.node(
+                "GatherBlockQuantized",
+                [data, INPUT_IDS, scales],
+                domain=MS,
+                name="embed_tokens/GatherBlockQuantized",
+                bits=q.bits,
+                block_size=q.block_size,
+                gather_axis=0,
+                quantize_axis=1,
+            )[0]
         cos, sin = cos_sin_cache(self.spec.rope, self.spec.head_dim, self.max_len)
         self.cos, self.sin = self.g.const("cos_cache", cos), self.g.const("sin_cache", sin)
 
@@ -537,20 +603,31 @@ class DecoderBuilder:
         if fused is not None:
             qkv = [self.linear(h, fused, f"layers.{i}.attn.qkv_proj"), "", ""]
         else:
-            qkv = [self.linear(h, lin, f"layers.{i}.attn.{m}") for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))]
+            qkv = [
+                self.linear(h, lin, f"layers.{i}.attn.{m}") for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))
+            ]
         names = {"layer": i, "kv_heads": ls.num_key_value_heads, **kv_names(i)}
         self.kv_layers.append(names)
         shape = ["batch_size", ls.num_key_value_heads, "past_sequence_length", hd]
-        self.inputs += [self.helper.make_tensor_value_info(names[r], self.tp.FLOAT, shape) for r in ("past_key", "past_value")]
+        self.inputs += [
+            self.helper.make_tensor_value_info(names[r], self.tp.FLOAT, shape) for r in ("past_key", "past_value")
+        ]
         shape = ["batch_size", ls.num_key_value_heads, "present_sequence_length", hd]
-        self.outputs += [self.helper.make_tensor_value_info(names[r], self.tp.FLOAT, shape)
-                         for r in ("present_key", "present_value")]
-        attn = self.g.node("GroupQueryAttention",
-                           qkv + [names["past_key"], names["past_value"], SEQLENS_K, TOTAL_SEQUENCE_LENGTH, self.cos, self.sin],
-                           domain=MS, name=f"layers.{i}/GroupQueryAttention",
-                           outputs=[self.g.unique(f"layers.{i}/attn/out"), names["present_key"], names["present_value"]],
-                           num_heads=ls.num_attention_heads, kv_num_heads=ls.num_key_value_heads,
-                           do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+        self.outputs += [
+            self.helper.make_tensor_value_info(names[r], self.tp.FLOAT, shape) for r in ("present_key", "present_value")
+        ]
+        attn = self.g.node(
+            "GroupQueryAttention",
+            qkv + [names["past_key"], names["past_value"], SEQLENS_K, TOTAL_SEQUENCE_LENGTH, self.cos, self.sin],
+            domain=MS,
+            name=f"layers.{i}/GroupQueryAttention",
+            outputs=[self.g.unique(f"layers.{i}/attn/out"), names["present_key"], names["present_value"]],
+            num_heads=ls.num_attention_heads,
+            kv_num_heads=ls.num_key_value_heads,
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=-1,
+        )[0]
         self.pending = self.linear(attn, self.load(f"{p}.o_proj"), f"layers.{i}.attn.o_proj")
 
     def mlp(self, i: int) -> None:
@@ -573,10 +650,13 @@ class DecoderBuilder:
     def lm_head(self, h: str) -> None:
         """Only the requested positions (logits_positions) go through the head: GatherElements along seq."""
         g, hidden, vocab = self.g, self.spec.hidden_size, self.spec.vocab_size
-        idx = g.node("Unsqueeze", [LOGITS_POSITIONS, g.const("axes_2", np.array([2], np.int64))], name="logits/Unsqueeze")[0]
+        idx = g.node(
+            "Unsqueeze", [LOGITS_POSITIONS, g.const("axes_2", np.array([2], np.int64))], name="logits/Unsqueeze"
+        )[0]
         pos_shape = g.node("Shape", [LOGITS_POSITIONS], name="logits/Shape")[0]
-        full_shape = g.node("Concat", [pos_shape, g.const("hidden_size", np.array([hidden], np.int64))], axis=0,
-                            name="logits/Concat")[0]
+        full_shape = g.node(
+            "Concat", [pos_shape, g.const("hidden_size", np.array([hidden], np.int64))], axis=0, name="logits/Concat"
+        )[0]
         idx = g.node("Expand", [idx, full_shape], name="logits/Expand")[0]
         h = g.node("GatherElements", [h, idx], axis=1, name="logits/GatherElements")[0]
         tied = self.spec.tie_word_embeddings
@@ -585,10 +665,13 @@ class DecoderBuilder:
             raise EdgepackError(f"lm_head weight is {head_w.shape}, expected {(vocab, hidden)}")
         if self.o.lm_head == "fp32" and tied and self.embed_name is not None:
             # Share the embedding initializer: Gemm reads it transposed (transB), no second copy on disk.
-            flat = g.node("Reshape", [h, g.const("flat_shape", np.array([-1, hidden], np.int64))], name="lm_head/Flatten")[0]
+            flat = g.node(
+                "Reshape", [h, g.const("flat_shape", np.array([-1, hidden], np.int64))], name="lm_head/Flatten"
+            )[0]
             y = g.node("Gemm", [flat, self.embed_name], transB=1, name="lm_head/Gemm")[0]
-            out_shape = g.node("Concat", [pos_shape, g.const("vocab_size", np.array([vocab], np.int64))], axis=0,
-                               name="lm_head/Concat")[0]
+            out_shape = g.node(
+                "Concat", [pos_shape, g.const("vocab_size", np.array([vocab], np.int64))], axis=0, name="lm_head/Concat"
+            )[0]
             g.node("Reshape", [y, out_shape], name="lm_head/Unflatten", outputs=[LOGITS])
             return
         if self.o.lm_head == "fp32":
@@ -640,8 +723,12 @@ class DecoderBuilder:
     def model(self, metadata: dict):
         helper = self.helper
         graph = helper.make_graph(self.g.nodes, "edgepack_decoder", self.inputs, self.outputs, self.g.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                                  producer_name="edgepack", ir_version=10)
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+            producer_name="edgepack",
+            ir_version=10,
+        )
         helper.set_model_props(model, {METADATA_KEY: json.dumps(metadata)})
         return model
 
@@ -659,8 +746,14 @@ def _save_atomically(onnx, model, path: Path, data_name: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        onnx.save_model(model, str(tmp / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        onnx.save_model(
+            model,
+            str(tmp / path.name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
         if (tmp / data_name).exists():
             os.replace(tmp / data_name, path.parent / data_name)
         os.replace(tmp / path.name, path)

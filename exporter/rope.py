@@ -10,6 +10,7 @@ in float64 and rounded once, which matches HF's float32 product for small positi
 for large ones. Written by hand because transformers is not a dependency of the graph builder's output
 and its rope functions need torch tensors and a config object.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,15 +43,18 @@ def rope_from_hf(config) -> RopeSpec:
     theta = float(params.get("rope_theta", get("rope_theta", 10000.0) or 10000.0))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind not in ("default", "linear", "llama3"):
-        raise EdgepackError(f"rope_type={kind!r}: only default, linear and llama3 RoPE are supported by the ONNX export")
+        raise EdgepackError(
+            f"rope_type={kind!r}: only default, linear and llama3 RoPE are supported by the ONNX export"
+        )
     return RopeSpec(
         theta=theta,
         kind=kind,
         factor=float(params.get("factor", 1.0) or 1.0),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings")
-                                             or get("max_position_embeddings", 8192) or 8192),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings") or get("max_position_embeddings", 8192) or 8192
+        ),
         partial_rotary_factor=float(params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0) or 1.0)),
     )
 
@@ -68,7 +72,9 @@ def inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
         high_wavelen = old_len / rope.high_freq_factor
         wavelen = (2 * math.pi / freq).astype(np.float32)
         scaled = np.where(wavelen > low_wavelen, freq / np.float32(rope.factor), freq).astype(np.float32)
-        smooth = ((old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)).astype(np.float32)
+        smooth = ((old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)).astype(
+            np.float32
+        )
         smoothed = ((1 - smooth) * scaled / np.float32(rope.factor) + smooth * scaled).astype(np.float32)
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)

@@ -23,6 +23,7 @@ exception in a batched run fails the requests in that run; the scheduler thread 
 Under greedy sampling every request yields what `Generator` yields for it alone, token for token (tests
 check it): the same kernels, each row seeing only its own positions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,7 +31,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -78,8 +79,7 @@ class Request:
     """One submitted generation. `on_event(TokenEvent)` is called from the scheduler thread for every
     event and `on_event(None)` once at the end; then `result` (or `error`) is set and `done` is set."""
 
-    def __init__(self, prompt: list[int], settings: SamplingSettings,
-                 on_event: Callable[[TokenEvent | None], None]):
+    def __init__(self, prompt: list[int], settings: SamplingSettings, on_event: Callable[[TokenEvent | None], None]):
         self.prompt, self.settings, self.on_event = prompt, settings, on_event
         self.cancelled = threading.Event()
         self.done = threading.Event()
@@ -182,8 +182,12 @@ class _DecodeBatch:
         self.positions = np.zeros((b, 1), np.int64)
         self.logits = np.zeros((b, 1, vocab), np.float32)
         self.binding = session.io_binding()
-        for name, arr in (("input_ids", self.ids), ("seqlens_k", self.seqlens),
-                          ("total_sequence_length", self.total), ("logits_positions", self.positions)):
+        for name, arr in (
+            ("input_ids", self.ids),
+            ("seqlens_k", self.seqlens),
+            ("total_sequence_length", self.total),
+            ("logits_positions", self.positions),
+        ):
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
         self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
         cache.bind_rows(self.binding, 0, b)
@@ -212,8 +216,9 @@ class BatchScheduler:
     # -----------------------------------------------------------------------------------------------------
     # Front-end side (any thread)
 
-    def submit(self, prompt_ids: Sequence[int], settings: SamplingSettings,
-               on_event: Callable[[TokenEvent | None], None]) -> Request:
+    def submit(
+        self, prompt_ids: Sequence[int], settings: SamplingSettings, on_event: Callable[[TokenEvent | None], None]
+    ) -> Request:
         """Queue a request. Raises EdgepackError for bad settings or a prompt that leaves no room for one
         new token, QueueFull when every slot is busy and the queue is full."""
         settings.check()
@@ -221,8 +226,10 @@ class BatchScheduler:
         if not prompt:
             raise EdgepackError("generate: the prompt is empty")
         if len(prompt) >= self.context:
-            raise EdgepackError(f"prompt too long: {len(prompt)} tokens, the model's context is {self.context} "
-                                "tokens and the prompt must leave room for the reply")
+            raise EdgepackError(
+                f"prompt too long: {len(prompt)} tokens, the model's context is {self.context} "
+                "tokens and the prompt must leave room for the reply"
+            )
         vocab = self.decoder.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise EdgepackError(f"prompt: token ids must be in [0, {vocab})")
@@ -232,14 +239,16 @@ class BatchScheduler:
                 raise EdgepackError("the scheduler is closed")
             busy = sum(s is not None for s in self._slots) + len(self._waiting)
             if busy >= self.config.slots + self.config.queue:
-                raise QueueFull(f"server busy: {self.config.slots} requests generating and "
-                                f"{len(self._waiting)} waiting")
+                raise QueueFull(
+                    f"server busy: {self.config.slots} requests generating and {len(self._waiting)} waiting"
+                )
             self._waiting.append(request)
             self._cond.notify()
         return request
 
-    def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings,
-               cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+    def stream(
+        self, prompt_ids: Sequence[int], settings: SamplingSettings, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
         """Blocking iterator of one request's events (for threads; the server uses `submit`). Raises the
         request's error at the end if it failed; closing the iterator cancels the request."""
         events: queue.Queue = queue.Queue()
@@ -269,8 +278,14 @@ class BatchScheduler:
     def status(self) -> dict:
         with self._cond:
             active = sum(s is not None for s in self._slots)
-            return {"slots": self.config.slots, "active": active, "waiting": len(self._waiting),
-                    "queue": self.config.queue, "context": self.context, **self.stats}
+            return {
+                "slots": self.config.slots,
+                "active": active,
+                "waiting": len(self._waiting),
+                "queue": self.config.queue,
+                "context": self.context,
+                **self.stats,
+            }
 
     def close(self) -> None:
         """Stop the scheduler thread; requests still waiting or running end with an error."""
@@ -279,7 +294,7 @@ class BatchScheduler:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def __enter__(self) -> "BatchScheduler":
+    def __enter__(self) -> BatchScheduler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -332,7 +347,9 @@ class BatchScheduler:
     def _prefill_some(self) -> None:
         """Prefill newcomers in arrival order, `prefill_chunk` prompt tokens in all per iteration: several
         short prompts join in one iteration, a long one takes several (the decoders wait one chunk at most)."""
-        pending = sorted((s for s in self._slots if s is not None and not s.decoding), key=lambda s: s.request.submitted)
+        pending = sorted(
+            (s for s in self._slots if s is not None and not s.decoding), key=lambda s: s.request.submitted
+        )
         budget = self.config.prefill_chunk
         for slot in pending:
             if budget <= 0:
@@ -422,8 +439,9 @@ class BatchScheduler:
             log.exception("request listener failed")
             return False
 
-    def _end(self, slot: _Slot, reason: str | None, error: BaseException | None = None,
-             events: list[TokenEvent] = ()) -> None:
+    def _end(
+        self, slot: _Slot, reason: str | None, error: BaseException | None = None, events: list[TokenEvent] = ()
+    ) -> None:
         """Deliver the last events, set the result (or error), free the slot."""
         request, policy = slot.request, slot.policy
         with self._cond:
@@ -437,11 +455,15 @@ class BatchScheduler:
             steps = max(len(policy.ids) - 1, 0)
             decode_s = now - slot.t_first if slot.t_first else 0.0
             request.result = GenerationResult(
-                text="".join(policy.parts), token_ids=list(policy.ids), stop_reason=reason,
-                prompt_tokens=len(request.prompt), new_tokens=len(policy.ids),
+                text="".join(policy.parts),
+                token_ids=list(policy.ids),
+                stop_reason=reason,
+                prompt_tokens=len(request.prompt),
+                new_tokens=len(policy.ids),
                 ttft_s=(slot.t_first - request.submitted) if slot.t_first else 0.0,
                 decode_tokens_per_s=steps / decode_s if decode_s > 0 else 0.0,
-                prefill_tokens_per_s=len(request.prompt) / slot.t_prefill if slot.t_prefill > 0 else 0.0)
+                prefill_tokens_per_s=len(request.prompt) / slot.t_prefill if slot.t_prefill > 0 else 0.0,
+            )
             self.stats["cancelled" if reason == "cancelled" else "completed"] += 1
         else:
             request.error = error

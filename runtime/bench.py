@@ -6,6 +6,7 @@ runs, since the first run after load and background load on a laptop both skew a
 time spent in Python (sampling, detokenizing, stop strings) is reported on its own, so the report says how
 much of a token is the generation loop rather than onnxruntime.
 """
+
 from __future__ import annotations
 
 import os
@@ -59,8 +60,11 @@ def read_bandwidth(allocations: int = 4, floats: int = 1 << 28) -> float:
 def weight_bytes(bundle) -> int:
     """Bytes a decode step reads: the ONNX weights (int4 projections, quantized head, EoRA factors). The
     embedding lookup reads one row per token, so a table of its own is counted although it is barely read."""
-    return sum(int(info["size"]) for rel, info in bundle.manifest["files"].items()
-               if rel.startswith("onnx/") and rel.endswith(".data"))
+    return sum(
+        int(info["size"])
+        for rel, info in bundle.manifest["files"].items()
+        if rel.startswith("onnx/") and rel.endswith(".data")
+    )
 
 
 def bench_prompt(tokenizer, n: int) -> list[int]:
@@ -74,9 +78,16 @@ def bench_prompt(tokenizer, n: int) -> list[int]:
     return ids[:n]
 
 
-def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeats: int = 5,
-                 threads: int | None = None, prompt: list[int] | None = None, bandwidth: bool = False,
-                 draft: str = "none") -> dict:
+def bench_bundle(
+    bundle,
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 5,
+    threads: int | None = None,
+    prompt: list[int] | None = None,
+    bandwidth: bool = False,
+    draft: str = "none",
+) -> dict:
     """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS; with
     `bandwidth`, also the memory-bandwidth limit of decode (measured after the peak RSS is read, so its
     1 GiB buffer does not count as the bundle's memory). With a `draft` (runtime.speculative.make_proposer's
@@ -92,8 +103,9 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
     decoder = bundle.decoder(threads)
     load_s = time.perf_counter() - t0
     if prompt_tokens + new_tokens > decoder.max_len:
-        raise EdgepackError(f"bench: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context "
-                            f"of {decoder.max_len}")
+        raise EdgepackError(
+            f"bench: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context of {decoder.max_len}"
+        )
     gen = Generator(decoder, bundle.tokenizer, stop_ids=set())  # no EOS: every run decodes new_tokens
     prompt = list(prompt)[:prompt_tokens] if prompt else bench_prompt(bundle.tokenizer, prompt_tokens)
     settings = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
@@ -113,11 +125,19 @@ def bench_bundle(bundle, prompt_tokens: int = 128, new_tokens: int = 128, repeat
             t = time.perf_counter()
             r = gen.generate(prompt, settings)
             total = time.perf_counter() - t
-            (spec_runs if drafted else runs).append({
-                "ttft_s": r.ttft_s, "prefill_tokens_per_s": r.prefill_tokens_per_s,
-                "decode_tokens_per_s": r.decode_tokens_per_s, "total_s": total, "new_tokens": r.new_tokens,
-                "loop_us_per_token": r.loop_us_per_token, "drafted": r.drafted_tokens, "accepted": r.accepted_tokens,
-                "token_ids": r.token_ids})
+            (spec_runs if drafted else runs).append(
+                {
+                    "ttft_s": r.ttft_s,
+                    "prefill_tokens_per_s": r.prefill_tokens_per_s,
+                    "decode_tokens_per_s": r.decode_tokens_per_s,
+                    "total_s": total,
+                    "new_tokens": r.new_tokens,
+                    "loop_us_per_token": r.loop_us_per_token,
+                    "drafted": r.drafted_tokens,
+                    "accepted": r.accepted_tokens,
+                    "token_ids": r.token_ids,
+                }
+            )
     gen.draft = None
     token_ids = runs[-1]["token_ids"]
     same_tokens = all([x.pop("token_ids") == token_ids for x in runs + spec_runs])
@@ -168,28 +188,44 @@ def format_bench(result: dict) -> str:
         return f"{label:22s} {vals} {unit}  (min / median / max)"
 
     rss = result["peak_rss_bytes"]
-    return "\n".join([
-        f"{result['bundle']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens, "
-        f"{result['repeats']} runs, threads={result['threads'] or 'default'} ({result['cpu_count']} CPUs, "
-        f"{result['machine']}, onnxruntime {result['onnxruntime']})",
-        *([f"{'open + digest check':22s} {result['open_s']:.2f} s"] if "open_s" in result else []),
-        f"{'load (ONNX session)':22s} {result['load_s']:.2f} s",
-        row("time to first token", "ttft_s", "ms", 1000.0),
-        row("prefill", "prefill_tokens_per_s", "tokens/s"),
-        row("decode", "decode_tokens_per_s", "tokens/s"),
-        *([row(f"decode, draft={result['speculative']['draft']}", "decode_tokens_per_s", "tokens/s",
-               source=result["speculative"]),
-           f"{'  speculative':22s} {result['speculative']['speedup']['median']:.2f}x plain decode (median of "
-           f"interleaved pairs), {100 * result['speculative']['acceptance_rate']:.0f} % of "
-           f"{result['speculative']['drafted_tokens']} guesses kept, output "
-           f"{'identical' if result['speculative']['same_tokens'] else 'DIFFERENT (float near-tie)'}"]
-          if "speculative" in result else []),
-        f"{'  in Python':22s} {result['loop_us_per_token']:.0f} µs of each token "
-        f"({result['loop_us_per_token'] * result['decode_tokens_per_s']['median'] / 1e4:.1f} %: sampling, detokenizing, "
-        "stop checks; the rest is onnxruntime)",
-        *([f"{'bandwidth limit':22s} {result['bandwidth_limit_tokens_per_s']:.0f} tokens/s = "
-           f"{result['read_bandwidth_GBps']:.1f} GB/s read / {result['weight_bytes'] / 1e6:.1f} MB of weights; decode "
-           f"runs at {100 * result['decode_tokens_per_s']['median'] / result['bandwidth_limit_tokens_per_s']:.0f} % of it"]
-          if "bandwidth_limit_tokens_per_s" in result else []),
-        f"{'peak memory (RSS)':22s} {format_bytes(rss) if rss else 'n/a'}",
-    ])
+    return "\n".join(
+        [
+            f"{result['bundle']}: {result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens, "
+            f"{result['repeats']} runs, threads={result['threads'] or 'default'} ({result['cpu_count']} CPUs, "
+            f"{result['machine']}, onnxruntime {result['onnxruntime']})",
+            *([f"{'open + digest check':22s} {result['open_s']:.2f} s"] if "open_s" in result else []),
+            f"{'load (ONNX session)':22s} {result['load_s']:.2f} s",
+            row("time to first token", "ttft_s", "ms", 1000.0),
+            row("prefill", "prefill_tokens_per_s", "tokens/s"),
+            row("decode", "decode_tokens_per_s", "tokens/s"),
+            *(
+                [
+                    row(
+                        f"decode, draft={result['speculative']['draft']}",
+                        "decode_tokens_per_s",
+                        "tokens/s",
+                        source=result["speculative"],
+                    ),
+                    f"{'  speculative':22s} {result['speculative']['speedup']['median']:.2f}x plain decode (median of "
+                    f"interleaved pairs), {100 * result['speculative']['acceptance_rate']:.0f} % of "
+                    f"{result['speculative']['drafted_tokens']} guesses kept, output "
+                    f"{'identical' if result['speculative']['same_tokens'] else 'DIFFERENT (float near-tie)'}",
+                ]
+                if "speculative" in result
+                else []
+            ),
+            f"{'  in Python':22s} {result['loop_us_per_token']:.0f} µs of each token "
+            f"({result['loop_us_per_token'] * result['decode_tokens_per_s']['median'] / 1e4:.1f} %: sampling, detokenizing, "
+            "stop checks; the rest is onnxruntime)",
+            *(
+                [
+                    f"{'bandwidth limit':22s} {result['bandwidth_limit_tokens_per_s']:.0f} tokens/s = "
+                    f"{result['read_bandwidth_GBps']:.1f} GB/s read / {result['weight_bytes'] / 1e6:.1f} MB of weights; decode "
+                    f"runs at {100 * result['decode_tokens_per_s']['median'] / result['bandwidth_limit_tokens_per_s']:.0f} % of it"
+                ]
+                if "bandwidth_limit_tokens_per_s" in result
+                else []
+            ),
+            f"{'peak memory (RSS)':22s} {format_bytes(rss) if rss else 'n/a'}",
+        ]
+    )

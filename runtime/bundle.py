@@ -20,6 +20,7 @@ place when complete, so a killed extraction never leaves a half-extracted bundle
 next extraction deletes temporary directories whose process is gone, and a damaged or incomplete cache
 entry is checked on every open and extracted afresh.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,15 @@ from pathlib import Path
 
 from runtime.errors import EdgepackError
 from runtime.fileio import parse_json, read_json, sha256_file
-from runtime.manifest import (MANIFEST_NAME, MAX_FILES, MAX_MANIFEST_BYTES, METRICS, check_name_clashes,
-                              check_relative_path, validate_manifest)
+from runtime.manifest import (
+    MANIFEST_NAME,
+    MAX_FILES,
+    MAX_MANIFEST_BYTES,
+    METRICS,
+    check_name_clashes,
+    check_relative_path,
+    validate_manifest,
+)
 from runtime.signing import SIGNATURE_NAME, SignatureCheck, TrustPolicy, check_signature
 from runtime.tokenizer import TextTokenizer
 
@@ -62,8 +70,7 @@ class Bundle:
     validated manifest.json), tokenizer (runtime.tokenizer.TextTokenizer), onnx_path, reference_path (None
     when the bundle ships no reference), source (what was opened: the directory or the archive)."""
 
-    def __init__(self, path: Path, manifest: dict, source: Path | None = None,
-                 signature: SignatureCheck | None = None):
+    def __init__(self, path: Path, manifest: dict, source: Path | None = None, signature: SignatureCheck | None = None):
         from runtime.onnx_check import check_onnx_model
 
         self.path = Path(path)
@@ -82,7 +89,7 @@ class Bundle:
         check_requirements({"onnxruntime": f">={ORT_MIN_VERSION}"}, "edgepack")
         check_requirements(rt.get("requires") or {}, self.path / MANIFEST_NAME)
         tok_prefix = manifest["tokenizer"]["directory"].rstrip("/") + "/"
-        tok_files = {f[len(tok_prefix):] for f in manifest["files"] if f.startswith(tok_prefix)}
+        tok_files = {f[len(tok_prefix) :] for f in manifest["files"] if f.startswith(tok_prefix)}
         for f in sorted(tok_files):  # malformed JSON gets a clear error naming the file
             if f.endswith(JSON_SUFFIXES):
                 read_json(self.tokenizer_path / f)
@@ -95,7 +102,7 @@ class Bundle:
 
     # ---------------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path, verify_digests: bool = True, trust: TrustPolicy | None = None) -> "Bundle":
+    def open(cls, path, verify_digests: bool = True, trust: TrustPolicy | None = None) -> Bundle:
         """Open a bundle directory or archive. The manifest's signature is checked first (`trust`: whose
         keys to accept and whether a signature is required; default: the user's trust file, not required),
         then every file's size and sha256 against the manifest before any file is parsed
@@ -109,7 +116,9 @@ class Bundle:
         if path.is_file():
             directory = extract_archive(path, verify_digests=verify_digests)
             raw = _read_manifest_bytes(directory)
-            manifest = validate_manifest(parse_json(raw, str(directory / MANIFEST_NAME)), str(directory / MANIFEST_NAME))
+            manifest = validate_manifest(
+                parse_json(raw, str(directory / MANIFEST_NAME)), str(directory / MANIFEST_NAME)
+            )
             return cls(directory, manifest, source=path, signature=check_signature(directory, raw, trust))
         raise EdgepackError(f"{path}: no such bundle (give a bundle directory or a {ARCHIVE_SUFFIX} file)")
 
@@ -156,8 +165,10 @@ class Bundle:
 
         dec = OnnxDecoder(self.onnx_path, threads=threads, max_len=max_len, pad_id=self.tokenizer.pad_id, spin=spin)
         if dec.vocab_size < self.tokenizer.vocab_size:
-            raise EdgepackError(f"{self.onnx_path}: the model's vocabulary ({dec.vocab_size}) is smaller than the "
-                                f"tokenizer's ({self.tokenizer.vocab_size})")
+            raise EdgepackError(
+                f"{self.onnx_path}: the model's vocabulary ({dec.vocab_size}) is smaller than the "
+                f"tokenizer's ({self.tokenizer.vocab_size})"
+            )
         inputs = {i.name for i in dec.session.get_inputs()}
         outputs = {o.name for o in dec.session.get_outputs()}
         needed_in = {INPUT_IDS, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, LOGITS_POSITIONS}
@@ -165,13 +176,14 @@ class Bundle:
         needed_out = {LOGITS} | {layer[k] for layer in dec.kv_layers for k in ("present_key", "present_value")}
         missing = sorted((needed_in - inputs) | (needed_out - outputs))
         if missing:
-            raise EdgepackError(f"{self.onnx_path}: the graph lacks {missing[0]!r}, which its metadata names "
-                                "(not an edgepack decoder graph)")
+            raise EdgepackError(
+                f"{self.onnx_path}: the graph lacks {missing[0]!r}, which its metadata names "
+                "(not an edgepack decoder graph)"
+            )
         _check_graph_shapes(dec, self.onnx_path)
         return dec
 
-    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "none",
-                  spin: bool = True):
+    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "none", spin: bool = True):
         """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS).
         draft: speculative decoding's proposer (runtime.speculative.make_proposer): "none" (the default),
         "auto" (the bundle's draft model if it has one, else prompt lookup), "model" or "lookup". Off by
@@ -203,16 +215,18 @@ class Bundle:
         dec = OnnxDecoder(self.draft_path, threads=threads, max_len=max_len, pad_id=self.tokenizer.pad_id)
         main_vocab = int(self.manifest["model"].get("vocab_size") or dec.vocab_size)
         if dec.vocab_size != main_vocab or dec.vocab_size < self.tokenizer.vocab_size:
-            raise EdgepackError(f"{self.draft_path}: the draft's vocabulary ({dec.vocab_size}) differs from the "
-                                f"model's ({main_vocab})")
+            raise EdgepackError(
+                f"{self.draft_path}: the draft's vocabulary ({dec.vocab_size}) differs from the model's ({main_vocab})"
+            )
         return dec
 
     def chat(self, threads: int | None = None, system_prompt: str | None = None):
         """A runtime.generation.ChatSession with the manifest's system prompt unless one is given."""
         from runtime.generation import ChatSession
 
-        return ChatSession(self.generator(threads), self.tokenizer,
-                           system_prompt if system_prompt is not None else self.system_prompt)
+        return ChatSession(
+            self.generator(threads), self.tokenizer, system_prompt if system_prompt is not None else self.system_prompt
+        )
 
     def reference(self):
         """The bundle's reference log-probs (runtime.reference.Reference), or None."""
@@ -234,8 +248,15 @@ class Bundle:
         size = self.size_bytes()
         quality = []
         for metric, claim in m["quality"].get("full", {}).items():
-            quality.append({"metric": metric, "label": METRICS[metric], "value": claim["value"],
-                            "text": format_metric(metric, claim["value"]), "n": claim["n"]})
+            quality.append(
+                {
+                    "metric": metric,
+                    "label": METRICS[metric],
+                    "value": claim["value"],
+                    "text": format_metric(metric, claim["value"]),
+                    "n": claim["n"],
+                }
+            )
         return {
             "name": m["model"]["name"],
             "path": str(self.path),
@@ -309,8 +330,9 @@ def check_requirements(requires: dict, where) -> None:
         except PackageNotFoundError:
             raise EdgepackError(f"{where}: the bundle needs {package}{spec}, which is not installed") from None
         if _version_tuple(installed) < _version_tuple(spec[2:]):
-            raise EdgepackError(f"{where}: the bundle needs {package}{spec}, installed is {installed} "
-                                f"(pip install -U {package})")
+            raise EdgepackError(
+                f"{where}: the bundle needs {package}{spec}, installed is {installed} (pip install -U {package})"
+            )
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -400,8 +422,13 @@ def _regular_file_size(directory: Path, rel: str) -> int:
 # Archives
 
 
-def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | None = None,
-                    max_files: int = MAX_FILES, max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
+def extract_archive(
+    archive: Path,
+    verify_digests: bool = True,
+    cache: Path | None = None,
+    max_files: int = MAX_FILES,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+) -> Path:
     """Extract a bundle archive safely into the cache (once per archive content) and return the directory."""
     archive = Path(archive)
     try:
@@ -423,12 +450,13 @@ def extract_archive(archive: Path, verify_digests: bool = True, cache: Path | No
     try:
         with zf:
             return _extract(zf, archive, target, root, verify_digests, max_files, max_total_bytes)
-    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError,
-            struct.error) as e:
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError, struct.error) as e:
         raise EdgepackError(f"{archive}: corrupt archive ({str(e)[:200]})") from None
     except OSError as e:  # read-only or full cache directory, or a name the file system refuses
-        raise EdgepackError(f"{root}: cannot write the bundle cache ({e.strerror or e}); free some space or "
-                            "set EDGEPACK_CACHE to a writable directory") from None
+        raise EdgepackError(
+            f"{root}: cannot write the bundle cache ({e.strerror or e}); free some space or "
+            "set EDGEPACK_CACHE to a writable directory"
+        ) from None
 
 
 def _remove_cache_entry(target: Path, root: Path) -> None:
@@ -438,8 +466,10 @@ def _remove_cache_entry(target: Path, root: Path) -> None:
         else:
             shutil.rmtree(target)
     except OSError as e:
-        raise EdgepackError(f"{target}: damaged cache entry that cannot be removed ({e.strerror or e}); "
-                            "delete it by hand or set EDGEPACK_CACHE") from None
+        raise EdgepackError(
+            f"{target}: damaged cache entry that cannot be removed ({e.strerror or e}); "
+            "delete it by hand or set EDGEPACK_CACHE"
+        ) from None
 
 
 def clean_stale_extractions(root: Path) -> int:
@@ -467,8 +497,15 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _extract(zf: zipfile.ZipFile, archive: Path, target: Path, root: Path, verify_digests: bool,
-             max_files: int, max_total_bytes: int) -> Path:
+def _extract(
+    zf: zipfile.ZipFile,
+    archive: Path,
+    target: Path,
+    root: Path,
+    verify_digests: bool,
+    max_files: int,
+    max_total_bytes: int,
+) -> Path:
     members = _checked_members(zf, archive, max_files, max_total_bytes)
     if MANIFEST_NAME not in members:
         raise EdgepackError(f"{archive}: no {MANIFEST_NAME} in the archive (not an edgepack bundle)")
@@ -486,8 +523,10 @@ def _extract(zf: zipfile.ZipFile, archive: Path, target: Path, root: Path, verif
         if rel not in members:
             raise EdgepackError(f"{archive}!{rel}: file listed in the manifest is missing from the archive")
         if members[rel].file_size != meta["size"]:
-            raise EdgepackError(f"{archive}!{rel}: {members[rel].file_size} bytes, the manifest says "
-                                f"{meta['size']} (truncated or modified)")
+            raise EdgepackError(
+                f"{archive}!{rel}: {members[rel].file_size} bytes, the manifest says "
+                f"{meta['size']} (truncated or modified)"
+            )
 
     root.mkdir(parents=True, exist_ok=True)
     clean_stale_extractions(root)
@@ -509,8 +548,9 @@ def _extract(zf: zipfile.ZipFile, archive: Path, target: Path, root: Path, verif
             if written != meta["size"]:
                 raise EdgepackError(f"{archive}!{rel}: {written} bytes, the manifest says {meta['size']} (truncated)")
             if verify_digests and h.hexdigest() != meta["sha256"]:
-                raise EdgepackError(f"{archive}!{rel}: sha256 does not match the manifest "
-                                    "(the file was modified or corrupted)")
+                raise EdgepackError(
+                    f"{archive}!{rel}: sha256 does not match the manifest (the file was modified or corrupted)"
+                )
         with open(tmp / MANIFEST_NAME, "xb") as dst:
             dst.write(raw_manifest)  # the very bytes validated above
         if SIGNATURE_NAME in members:
@@ -540,8 +580,10 @@ def _checked_members(zf: zipfile.ZipFile, archive: Path, max_files: int, max_tot
         if info.is_dir():
             continue
         if info.compress_type != zipfile.ZIP_STORED:
-            raise EdgepackError(f"{archive}!{name}: archive member is compressed (method {info.compress_type}); "
-                                "bundle archives store members uncompressed (no expansion, no zip bombs)")
+            raise EdgepackError(
+                f"{archive}!{name}: archive member is compressed (method {info.compress_type}); "
+                "bundle archives store members uncompressed (no expansion, no zip bombs)"
+            )
         kind = stat.S_IFMT(mode)  # 0 when the writer stored permissions only (or a non-Unix zip)
         if kind and kind != stat.S_IFREG:
             kind = "a symlink" if kind == stat.S_IFLNK else "not a regular file"
@@ -563,8 +605,10 @@ def _check_member_name(name: str, archive: Path) -> None:
     try:
         check_relative_path(name, str(archive), "archive member")
     except EdgepackError:
-        raise EdgepackError(f"{archive}!{name[:80]!r}: unsafe archive member path (absolute, '..', '\\', control "
-                            "characters or over-long)") from None
+        raise EdgepackError(
+            f"{archive}!{name[:80]!r}: unsafe archive member path (absolute, '..', '\\', control "
+            "characters or over-long)"
+        ) from None
 
 
 def archive_with_signature(archive: Path, signature: bytes) -> Path:
@@ -635,7 +679,8 @@ def describe_stage(stage: dict, max_items: int = 5) -> str:
     them, else its own scalar fields, without the pipeline's bookkeeping."""
     name = stage.get("stage", "?")
     source = stage["settings"] if isinstance(stage.get("settings"), dict) else stage
-    items = [(k, v) for k, v in source.items()
-             if k not in BOOKKEEPING and v is not None and not isinstance(v, (dict, list))][:max_items]
+    items = [
+        (k, v) for k, v in source.items() if k not in BOOKKEEPING and v is not None and not isinstance(v, (dict, list))
+    ][:max_items]
     rest = ", ".join(f"{k}={v}" for k, v in items)
     return f"{name}: {rest}" if rest else name

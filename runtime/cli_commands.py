@@ -1,5 +1,6 @@
 """The runtime's subcommands: `generate`, `verify`, `bench`, `sign`, `keygen`. edgepack/cli.py registers them with
 `add_runtime_commands(sub)`; each handler imports what it needs when it runs, so `--help` stays instant."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,10 +10,12 @@ from pathlib import Path
 
 
 DRAFT_CHOICES = ("none", "auto", "lookup", "model")
-DRAFT_HELP = ("speculative decoding (default none): 'lookup' guesses from the prompt and conversation, 'model' "
-              "uses the bundle's draft model, 'auto' the draft model if the bundle has one, else lookup. Same "
-              "output distribution; under greedy decoding on int8-activation graphs a reply can differ from "
-              "plain decoding at a near-tie (README: Speculative decoding)")
+DRAFT_HELP = (
+    "speculative decoding (default none): 'lookup' guesses from the prompt and conversation, 'model' "
+    "uses the bundle's draft model, 'auto' the draft model if the bundle has one, else lookup. Same "
+    "output distribution; under greedy decoding on int8-activation graphs a reply can differ from "
+    "plain decoding at a near-tie (README: Speculative decoding)"
+)
 
 
 def add_runtime_commands(subparsers) -> None:
@@ -48,12 +51,19 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
-    p.add_argument("--no-bandwidth", action="store_true",
-                   help="skip measuring memory bandwidth (the decode limit; a few seconds and 1 GiB of RAM)")
+    p.add_argument(
+        "--no-bandwidth",
+        action="store_true",
+        help="skip measuring memory bandwidth (the decode limit; a few seconds and 1 GiB of RAM)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--draft", choices=DRAFT_CHOICES, default="none",
-                   help="also time speculative decoding with this draft, interleaved with plain decoding "
-                        "(auto: the bundle's draft model if it has one, else prompt lookup)")
+    p.add_argument(
+        "--draft",
+        choices=DRAFT_CHOICES,
+        default="none",
+        help="also time speculative decoding with this draft, interleaved with plain decoding "
+        "(auto: the bundle's draft model if it has one, else prompt lookup)",
+    )
     add_trust_args(p)
     p.set_defaults(func=cmd_bench)
 
@@ -69,11 +79,18 @@ def add_runtime_commands(subparsers) -> None:
 
 def add_trust_args(p: argparse.ArgumentParser) -> None:
     """--trust and --require-signature (verify, generate, bench, chat)."""
-    p.add_argument("--trust", action="append", metavar="PUBLIC_KEY",
-                   help="trust bundles signed by this key (PEM public key or trust file; repeatable), besides "
-                        "the keys in your trust file")
-    p.add_argument("--require-signature", action="store_true",
-                   help="refuse a bundle unless it is signed by a trusted key (default: unsigned runs, with a warning)")
+    p.add_argument(
+        "--trust",
+        action="append",
+        metavar="PUBLIC_KEY",
+        help="trust bundles signed by this key (PEM public key or trust file; repeatable), besides "
+        "the keys in your trust file",
+    )
+    p.add_argument(
+        "--require-signature",
+        action="store_true",
+        help="refuse a bundle unless it is signed by a trusted key (default: unsigned runs, with a warning)",
+    )
 
 
 def trust_policy(args):
@@ -97,7 +114,9 @@ def read_prompt(prompt: str) -> str:
 
     if prompt != "-":
         return check_text(prompt, "prompt")
-    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    data = (
+        sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -110,9 +129,14 @@ def _settings(args, bundle):
     from dataclasses import replace
 
     s = bundle.sampling_defaults()
-    overrides = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                 "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
-                 "seed": args.seed}
+    overrides = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "max_new_tokens": args.max_new_tokens,
+        "seed": args.seed,
+    }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None}, stop_strings=tuple(args.stop))
     s.check()
     return s
@@ -143,11 +167,14 @@ def cmd_generate(args) -> int:
     sys.stdout.flush()
     r = gen.last_result
     if args.stats and r is not None:
-        print(f"[{r.prompt_tokens} prompt + {r.new_tokens} new tokens, stop: {r.stop_reason}, "
-              f"first token {1000 * r.ttft_s:.0f} ms, prefill {r.prefill_tokens_per_s:.0f} tok/s, "
-              f"decode {r.decode_tokens_per_s:.1f} tok/s"
-              + (f", draft={r.draft}: {r.accepted_tokens}/{r.drafted_tokens} guesses kept" if r.drafted_tokens else "")
-              + "]", file=sys.stderr)
+        print(
+            f"[{r.prompt_tokens} prompt + {r.new_tokens} new tokens, stop: {r.stop_reason}, "
+            f"first token {1000 * r.ttft_s:.0f} ms, prefill {r.prefill_tokens_per_s:.0f} tok/s, "
+            f"decode {r.decode_tokens_per_s:.1f} tok/s"
+            + (f", draft={r.draft}: {r.accepted_tokens}/{r.drafted_tokens} guesses kept" if r.drafted_tokens else "")
+            + "]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -156,8 +183,11 @@ def cmd_verify(args) -> int:
 
     bundle = open_bundle(args)
     d = bundle.describe()
-    print(f"verifying {d['name']} ({d['size_text']}, {'quick' if args.quick else 'full'} claims); "
-          "all file digests match the manifest", file=sys.stderr)
+    print(
+        f"verifying {d['name']} ({d['size_text']}, {'quick' if args.quick else 'full'} claims); "
+        "all file digests match the manifest",
+        file=sys.stderr,
+    )
     checks = verify_bundle(bundle, quick=args.quick, progress=True, threads=args.threads)
     if args.json:
         print(json.dumps(checks_to_json(checks), indent=2))
@@ -175,9 +205,15 @@ def cmd_bench(args) -> int:
     bundle = open_bundle(args)
     open_s = time.perf_counter() - t
     result = {"open_s": open_s}  # digest checks (and extraction, for an archive seen the first time)
-    result |= bench_bundle(bundle, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                          repeats=args.repeats, threads=args.threads, bandwidth=not args.no_bandwidth,
-                          draft=args.draft)
+    result |= bench_bundle(
+        bundle,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        bandwidth=not args.no_bandwidth,
+        draft=args.draft,
+    )
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
 
@@ -194,8 +230,10 @@ def cmd_keygen(args) -> int:
     from runtime.signing import generate_keypair, trust_file_path
 
     key, pub, line = generate_keypair(Path(args.name).expanduser())
-    print(f"private key: {key} (keep it secret)\npublic key:  {pub} (give it to your users: --trust {pub.name})",
-          file=sys.stderr)
+    print(
+        f"private key: {key} (keep it secret)\npublic key:  {pub} (give it to your users: --trust {pub.name})",
+        file=sys.stderr,
+    )
     print(f"users can trust it for good by adding this line to {trust_file_path()}:", file=sys.stderr)
     print(line)
     return 0

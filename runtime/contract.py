@@ -12,6 +12,7 @@ a name of its own. The graph's I/O (batch = rows, seq = this step's tokens):
     logits                float32 [batch, n_out, vocab]
     present.{i}.key / .value          float32 [batch, kv_heads_i, present_len, head_dim]
 """
+
 from __future__ import annotations
 
 FORMAT = "edgepack.decoder"  # metadata["format"]
@@ -38,11 +39,20 @@ OUTPUT_DOCS = {
 }
 
 # Tokenizer files copied with a checkpoint and into a bundle's tokenizer/ (those that exist).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def kv_names(layer: int) -> dict[str, str]:
     """The cache tensors of one attention layer, by role (the metadata's "kv_cache" entries use these keys)."""
-    return {"past_key": f"past_key_values.{layer}.key", "past_value": f"past_key_values.{layer}.value",
-            "present_key": f"present.{layer}.key", "present_value": f"present.{layer}.value"}
+    return {
+        "past_key": f"past_key_values.{layer}.key",
+        "past_value": f"past_key_values.{layer}.value",
+        "present_key": f"present.{layer}.key",
+        "present_value": f"present.{layer}.value",
+    }

@@ -6,6 +6,7 @@ Shipped files (see runtime/data/PROVENANCE.md for sources and licences):
 - WikiText-2 valid (tokenized release, with `<unk>`): calibration and LoRA text, never evaluation.
 - TriviaQA: 1,000 questions with all aliases, 728 with a Wikipedia passage for open book.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,7 +68,9 @@ def _resolve(name_or_path: str | Path) -> Path:
             try:
                 ok = sha256_file(path) == SHIPPED_SHA256[path]
             except OSError as e:
-                raise EdgepackError(f"{path}: shipped data file unreadable ({e.strerror}); reinstall edgepack") from None
+                raise EdgepackError(
+                    f"{path}: shipped data file unreadable ({e.strerror}); reinstall edgepack"
+                ) from None
             if not ok:
                 raise EdgepackError(f"{path}: shipped data file does not match its digest; reinstall edgepack")
             _CHECKED.add(path)
@@ -119,9 +122,7 @@ def _clean_question(q: str) -> str:
     return q
 
 
-def triviaqa_records(
-    name_or_path: str | Path = "triviaqa", with_context_only: bool = False
-) -> list[QARecord]:
+def triviaqa_records(name_or_path: str | Path = "triviaqa", with_context_only: bool = False) -> list[QARecord]:
     """TriviaQA-style JSONL: {"question", "answers": [aliases], "context"?, "id"?} per line.
     Also accepts "answer" (a string or list) in place of "answers"."""
     path = _resolve(name_or_path)
@@ -142,9 +143,7 @@ def triviaqa_records(
             if not isinstance(answers, (str, list)):
                 raise TypeError("answers must be a string or a list")
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise EdgepackError(
-                f"{path}:{lineno}: expected JSON with 'question' and 'answers' ({e})"
-            ) from None
+            raise EdgepackError(f"{path}:{lineno}: expected JSON with 'question' and 'answers' ({e})") from None
         if isinstance(answers, str):
             answers = [answers]
         rec = QARecord(

@@ -3,6 +3,7 @@
 Every file edgepack writes goes through here: write to a temporary file in the same directory,
 fsync, then rename over the target, so a crash or Ctrl-C never leaves a half-written file.
 """
+
 from __future__ import annotations
 
 import hashlib

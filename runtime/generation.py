@@ -17,12 +17,13 @@ oldest messages to make room for the reply and reports how many (`last_dropped`)
 Between calls the Generator keeps the decoder's KV cache and the ids in it; a new prompt that starts with
 those ids (the next chat turn) only prefills the tokens after the common prefix.
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -53,8 +54,9 @@ class SamplingSettings:
         for name in ("top_k", "max_new_tokens"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise EdgepackError(f"{name}={getattr(self, name)}: must be an integer")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
-                                      or not 0 <= self.seed < 2**63):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
+        ):
             raise EdgepackError(f"seed={self.seed}: must be an integer in [0, 2^63)")
         if self.temperature < 0:
             raise EdgepackError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
@@ -140,7 +142,7 @@ class Sampler:
         s = self.s
         x = self.penalize_row(logits) / np.float32(s.temperature)
         if 0 < s.top_k < x.size:
-            ids = np.argpartition(x, -s.top_k)[-s.top_k:]
+            ids = np.argpartition(x, -s.top_k)[-s.top_k :]
             vals = x[ids]
         else:
             ids, vals = np.arange(x.size), x
@@ -311,8 +313,9 @@ class Generator:
         self._cache_ids.extend(prompt[common:])
         return logits, common
 
-    def stream(self, prompt_ids: Sequence[int], settings: SamplingSettings,
-               cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+    def stream(
+        self, prompt_ids: Sequence[int], settings: SamplingSettings, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
         """An iterator of TokenEvents as tokens are generated. A stream that runs to its end ends with an
         event (text "", token_id -1) whose `result` is the GenerationResult; `self.last_result` also holds it
         (kept for callers not yet moved, and for a stream closed early). Bad settings and a prompt that
@@ -322,13 +325,16 @@ class Generator:
         if not prompt:
             raise EdgepackError("generate: the prompt is empty")
         if len(prompt) >= self.decoder.max_len:
-            raise EdgepackError(f"prompt too long: {len(prompt)} tokens, the model's context is "
-                                f"{self.decoder.max_len} tokens and the prompt must leave room for the reply")
+            raise EdgepackError(
+                f"prompt too long: {len(prompt)} tokens, the model's context is "
+                f"{self.decoder.max_len} tokens and the prompt must leave room for the reply"
+            )
         self.last_result = None
         return self._stream(prompt, settings, cancel)
 
-    def _stream(self, prompt: list[int], settings: SamplingSettings,
-                cancel: threading.Event | None) -> Iterator[TokenEvent]:
+    def _stream(
+        self, prompt: list[int], settings: SamplingSettings, cancel: threading.Event | None
+    ) -> Iterator[TokenEvent]:
         dec = self.decoder
         t0 = time.perf_counter()
         try:
@@ -419,17 +425,25 @@ class Generator:
 
         return SpeculativeTokens(self.decoder, self.draft, sampler, logits, self._cache_ids, sampler.s.max_new_tokens)
 
-    def generate(self, prompt_ids: Sequence[int], settings: SamplingSettings,
-                 cancel: threading.Event | None = None) -> GenerationResult:
+    def generate(
+        self, prompt_ids: Sequence[int], settings: SamplingSettings, cancel: threading.Event | None = None
+    ) -> GenerationResult:
         result = None
         for event in self.stream(prompt_ids, settings, cancel):
             result = event.result or result
         return result
 
-    def generate_text(self, prompt: str, settings: SamplingSettings, add_special_tokens: bool = True,
-                      cancel: threading.Event | None = None) -> GenerationResult:
+    def generate_text(
+        self,
+        prompt: str,
+        settings: SamplingSettings,
+        add_special_tokens: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> GenerationResult:
         """Plain completion of a text prompt (no chat template)."""
-        return self.generate(self.tokenizer.encode_text(prompt, add_special_tokens=add_special_tokens), settings, cancel)
+        return self.generate(
+            self.tokenizer.encode_text(prompt, add_special_tokens=add_special_tokens), settings, cancel
+        )
 
 
 class ChatSession:
@@ -477,11 +491,14 @@ class ChatSession:
             start = nxt
         if len(ids) < ctx:
             return ids, start
-        raise EdgepackError(f"message too long: the prompt is {len(ids)} tokens and the model's context is {ctx} "
-                            "tokens (shorten the message or the system prompt)")
+        raise EdgepackError(
+            f"message too long: the prompt is {len(ids)} tokens and the model's context is {ctx} "
+            "tokens (shorten the message or the system prompt)"
+        )
 
-    def stream_reply(self, user_text: str, settings: SamplingSettings,
-                     cancel: threading.Event | None = None) -> Iterator[TokenEvent]:
+    def stream_reply(
+        self, user_text: str, settings: SamplingSettings, cancel: threading.Event | None = None
+    ) -> Iterator[TokenEvent]:
         """Append the user message, stream the assistant's reply, append it (on cancel: what was written)."""
         self.messages.append({"role": "user", "content": user_text})
         try:

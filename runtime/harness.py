@@ -6,6 +6,7 @@
 The torch backend (compressor.torch_backend) and the ONNX engine (runtime.onnx_engine) both implement them,
 so `edgepack eval` on a checkpoint and `edgepack verify` on a bundle measure with the same code.
 """
+
 from __future__ import annotations
 
 import time
@@ -65,8 +66,9 @@ def newline_stop_ids(tokenizer: TextTokenizer) -> set[int]:
     return stops
 
 
-def eval_perplexity(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, progress: bool = True,
-                    reference=None) -> dict:
+def eval_perplexity(
+    backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, progress: bool = True, reference=None
+) -> dict:
     """Perplexity on non-overlapping windows; with a `reference`, also KL and top-1 agreement on its windows."""
     if reference is not None:
         windows = reference.window_ids[: limits.ppl_windows]
@@ -103,15 +105,23 @@ def eval_perplexity(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimi
     return out
 
 
-def eval_triviaqa(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, modes=("closed", "open"),
-                  progress: bool = True, return_predictions: bool = False) -> dict:
+def eval_triviaqa(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    limits: EvalLimits,
+    modes=("closed", "open"),
+    progress: bool = True,
+    return_predictions: bool = False,
+) -> dict:
     """Closed- and open-book TriviaQA on the same questions (those that have a passage)."""
     records = triviaqa_records(limits.triviaqa, with_context_only=True)[: limits.qa_questions]
     stops = newline_stop_ids(tokenizer)
     results = {}
     for mode in modes:
-        prompts = [closed_book_prompt(r.question) if mode == "closed" else open_book_prompt(r.question, r.context)
-                   for r in records]
+        prompts = [
+            closed_book_prompt(r.question) if mode == "closed" else open_book_prompt(r.question, r.context)
+            for r in records
+        ]
         ids = tokenizer.encode_batch(prompts, add_special_tokens=True)
         order = np.argsort([len(x) for x in ids])  # similar lengths together: less padding
         preds: list[str] = [""] * len(ids)
@@ -137,8 +147,14 @@ def eval_triviaqa(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits
     return results
 
 
-def evaluate(backend: Backend, tokenizer: TextTokenizer, limits: EvalLimits, tasks=("ppl", "closed", "open"),
-             progress: bool = True, reference=None) -> dict:
+def evaluate(
+    backend: Backend,
+    tokenizer: TextTokenizer,
+    limits: EvalLimits,
+    tasks=("ppl", "closed", "open"),
+    progress: bool = True,
+    reference=None,
+) -> dict:
     """Run the chosen tasks and return one flat record (limits included, so every number carries them)."""
     out: dict = {"limits": asdict(limits)}
     if "ppl" in tasks:
@@ -156,8 +172,10 @@ def format_summary(result: dict) -> str:
     lines = []
     if "wikitext" in result:
         w = result["wikitext"]
-        line = (f"WikiText-2 PPL {w['ppl']:.2f}  ({w['windows']} windows × {w['ctx']} = {w['tokens']} scored tokens, "
-                f"{w['tokens_per_s']} tok/s)")
+        line = (
+            f"WikiText-2 PPL {w['ppl']:.2f}  ({w['windows']} windows × {w['ctx']} = {w['tokens']} scored tokens, "
+            f"{w['tokens_per_s']} tok/s)"
+        )
         if "kld" in w:
             line += f"\nKL divergence {w['kld']:.4f}  top-1 agreement {100 * w['top1']:.1f} %  (vs reference, top-{w['reference_k']})"
         lines.append(line)
@@ -165,15 +183,21 @@ def format_summary(result: dict) -> str:
         k = f"triviaqa_{mode}"
         if k in result:
             r = result[k]
-            lines.append(f"TriviaQA {mode:6s} book: contains {100 * r['contains']:5.1f} %  exact {100 * r['exact_match']:5.1f} %"
-                         f"  (n={r['n']}, {r['seconds']:.0f} s)")
+            lines.append(
+                f"TriviaQA {mode:6s} book: contains {100 * r['contains']:5.1f} %  exact {100 * r['exact_match']:5.1f} %"
+                f"  (n={r['n']}, {r['seconds']:.0f} s)"
+            )
     return "\n".join(lines)
 
 
 def add_limit_args(parser) -> None:
     """The evaluation-size flags every measuring command shares (eval, compress, sweep)."""
-    parser.add_argument("--limits", default="quick", choices=list(PRESETS),
-                        help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)")
+    parser.add_argument(
+        "--limits",
+        default="quick",
+        choices=list(PRESETS),
+        help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)",
+    )
     parser.add_argument("--ctx", type=int, help="perplexity window length (default 512)")
     parser.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
     parser.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
@@ -181,5 +205,6 @@ def add_limit_args(parser) -> None:
 
 
 def limits_from_args(args) -> EvalLimits:
-    return limits_from(args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions,
-                       batch_size=args.batch_size)
+    return limits_from(
+        args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions, batch_size=args.batch_size
+    )

@@ -38,6 +38,7 @@ Tolerance rule (runtime.verify.tolerance_for writes it into each claim; verify o
     top1, triviaqa_*             absolute, a binomial-noise margin for the sample size n:
                                  max(2 * sqrt(p (1 - p) / n), 2 / n)   (two standard errors, at least 2 items)
 """
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,18 @@ METRICS = {
 }
 QUALITY_LEVELS = ("full", "quick")
 TOLERANCE_KINDS = ("relative", "absolute")
-REQUIRED = ("format", "format_version", "created_by", "model", "recipe", "files", "generation", "quality",
-            "runtime", "tokenizer")
+REQUIRED = (
+    "format",
+    "format_version",
+    "created_by",
+    "model",
+    "recipe",
+    "files",
+    "generation",
+    "quality",
+    "runtime",
+    "tokenizer",
+)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 MAX_FILES = 1000
@@ -73,8 +84,13 @@ MAX_PATH_CHARS = 1024
 MAX_CONTEXT = 1 << 20
 # What a claim's limits may hold, and their ranges (runtime.harness.EvalLimits). The evaluation sets are
 # names of the copies shipped in runtime/data, never paths: a manifest must not point verify at local files.
-LIMIT_RANGES = {"ctx": (2, 1 << 16), "ppl_windows": (1, 100_000), "qa_questions": (1, 100_000),
-                "qa_max_new_tokens": (1, 4096), "batch_size": (1, 256)}
+LIMIT_RANGES = {
+    "ctx": (2, 1 << 16),
+    "ppl_windows": (1, 100_000),
+    "qa_questions": (1, 100_000),
+    "qa_max_new_tokens": (1, 4096),
+    "batch_size": (1, 256),
+}
 LIMIT_OPTIONAL = ("ppl_windows", "qa_questions")
 EVAL_SETS = {"wikitext": ("wikitext2-test", "tiny-wikitext"), "triviaqa": ("triviaqa", "tiny-triviaqa")}
 
@@ -101,7 +117,14 @@ def _need(obj: dict, key: str, types, where: str, prefix: str = "", optional: bo
 
 def _type_names(types) -> str:
     types = types if isinstance(types, tuple) else (types,)
-    names = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list", bool: "a boolean"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "an object",
+        list: "a list",
+        bool: "a boolean",
+    }
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
@@ -115,8 +138,12 @@ def check_relative_path(rel: str, where: str, field: str) -> str:
     if any(p in ("..", ".", "") for p in rel.split("/")) or not parts:
         _fail(where, field, f"has an unsafe path {rel[:80]!r} (no '..', '.' or empty parts)")
     if len(rel) > MAX_PATH_CHARS or any(len(p.encode("utf-8", "replace")) > MAX_NAME_BYTES for p in parts):
-        _fail(where, field, f"has an over-long path {rel[:80]!r}... (at most {MAX_NAME_BYTES} bytes a name, "
-              f"{MAX_PATH_CHARS} characters in all)")
+        _fail(
+            where,
+            field,
+            f"has an over-long path {rel[:80]!r}... (at most {MAX_NAME_BYTES} bytes a name, "
+            f"{MAX_PATH_CHARS} characters in all)",
+        )
     return rel
 
 
@@ -138,8 +165,11 @@ def check_name_clashes(names, where: str, field: str) -> None:
             if key in seen:
                 _fail(where, f"{field}[{rel!r}]", f"needs {seen[key]!r} to be a directory, but it is a file")
             if directories.setdefault(key, prefix) != prefix:
-                _fail(where, f"{field}[{rel!r}]", f"directory {prefix!r} collides with {directories[key]!r} on "
-                      "case-insensitive file systems")
+                _fail(
+                    where,
+                    f"{field}[{rel!r}]",
+                    f"directory {prefix!r} collides with {directories[key]!r} on case-insensitive file systems",
+                )
 
 
 def _int_in(obj: dict, key: str, lo: int, hi: int, where: str, prefix: str, optional: bool = False):
@@ -149,8 +179,9 @@ def _int_in(obj: dict, key: str, lo: int, hi: int, where: str, prefix: str, opti
     return val
 
 
-def _number_in(obj: dict, key: str, lo: float, hi: float, where: str, prefix: str, optional: bool = False,
-               open_low: bool = False):
+def _number_in(
+    obj: dict, key: str, lo: float, hi: float, where: str, prefix: str, optional: bool = False, open_low: bool = False
+):
     val = _need(obj, key, (int, float), where, prefix, optional=optional)
     if val is None:
         return None
@@ -173,8 +204,12 @@ def validate_manifest(obj: dict, where: str) -> dict:
     if not isinstance(version, int) or isinstance(version, bool):
         _fail(where, "format_version", "must be an integer")
     if version != FORMAT_VERSION:
-        _fail(where, "format_version", f"is {version}: this edgepack reads format version {FORMAT_VERSION} "
-              f"({'upgrade edgepack' if version > FORMAT_VERSION else 're-export the bundle'})")
+        _fail(
+            where,
+            "format_version",
+            f"is {version}: this edgepack reads format version {FORMAT_VERSION} "
+            f"({'upgrade edgepack' if version > FORMAT_VERSION else 're-export the bundle'})",
+        )
     _one_line(_need(obj, "created_by", str, where), where, "created_by")
 
     model = _need(obj, "model", dict, where)
@@ -246,8 +281,12 @@ def validate_manifest(obj: dict, where: str) -> dict:
         _fail(where, "runtime.safetensors", f"names {st_dir!r}, but no file in 'files' is under it")
     requires = _need(runtime, "requires", dict, where, "runtime.", optional=True) or {}
     for package, spec in requires.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", package) or not isinstance(spec, str) or len(spec) > 64 \
-                or _CONTROL.search(spec):
+        if (
+            not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", package)
+            or not isinstance(spec, str)
+            or len(spec) > 64
+            or _CONTROL.search(spec)
+        ):
             _fail(where, f"runtime.requires[{package[:40]!r}]", "must map a package name to a version spec string")
     _need(runtime, "accuracy_level", int, where, "runtime.", optional=True)
 
@@ -295,8 +334,12 @@ def _validate_limits(limits: dict, where: str, prefix: str) -> None:
     for key, names in EVAL_SETS.items():
         if key in limits and limits[key] not in names:
             shown = limits[key][:80] if isinstance(limits[key], str) else limits[key]
-            _fail(where, f"{prefix}{key}", f"is {shown!r}; a bundle's claims may name only the built-in evaluation "
-                  f"sets ({', '.join(names)}), never a file")
+            _fail(
+                where,
+                f"{prefix}{key}",
+                f"is {shown!r}; a bundle's claims may name only the built-in evaluation "
+                f"sets ({', '.join(names)}), never a file",
+            )
 
 
 def _one_line(text: str, where: str, field: str) -> str:
@@ -305,8 +348,18 @@ def _one_line(text: str, where: str, field: str) -> str:
     return text
 
 
-def build_manifest(*, model: dict, recipe: dict, files: dict, generation: dict, quality: dict, runtime: dict,
-                   tokenizer: dict, created_by: str, created_at: str | None = None) -> dict:
+def build_manifest(
+    *,
+    model: dict,
+    recipe: dict,
+    files: dict,
+    generation: dict,
+    quality: dict,
+    runtime: dict,
+    tokenizer: dict,
+    created_by: str,
+    created_at: str | None = None,
+) -> dict:
     """Assemble a manifest in the documented key order and validate it (raises EdgepackError naming the
     field on anything wrong, so a bad bundle is never written)."""
     manifest = {
@@ -316,6 +369,13 @@ def build_manifest(*, model: dict, recipe: dict, files: dict, generation: dict, 
     }
     if created_at:
         manifest["created_at"] = created_at
-    manifest.update(model=model, recipe=recipe, files=dict(sorted(files.items())), generation=generation,
-                    quality=quality, runtime=runtime, tokenizer=tokenizer)
+    manifest.update(
+        model=model,
+        recipe=recipe,
+        files=dict(sorted(files.items())),
+        generation=generation,
+        quality=quality,
+        runtime=runtime,
+        tokenizer=tokenizer,
+    )
     return validate_manifest(manifest, "manifest")

@@ -9,6 +9,7 @@ compute exactly the same numbers.
 - Fidelity: KL(P_ref || Q) and top-1 agreement per position, from full rows or from the compact top-k
   reference the bundle ships (see `topk_kl`).
 """
+
 from __future__ import annotations
 
 import re

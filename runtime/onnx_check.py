@@ -15,9 +15,9 @@ dependency, and onnxruntime offers no way to list external-data locations withou
 reads only the fields above from the protobuf wire format (varints and length-delimited fields; every
 other field is skipped by its wire type), with bounds checked on every read and a nesting limit.
 """
+
 from __future__ import annotations
 
-import json
 import math
 import stat
 from pathlib import Path, PurePosixPath
@@ -30,7 +30,9 @@ from runtime.errors import EdgepackError
 ORT_MIN_VERSION = "1.27"
 MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit for one message
 MAX_NESTING = 32
-MAX_KV_BYTES = 32 << 30  # one sequence's float32 KV cache at max_len; a 7B model at 8k context needs ~4 GiB  # graphs inside attributes inside graphs ...
+MAX_KV_BYTES = (
+    32 << 30
+)  # one sequence's float32 KV cache at max_len; a 7B model at 8k context needs ~4 GiB  # graphs inside attributes inside graphs ...
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 
 # Field numbers from onnx.proto: message -> {field: message kind of that (length-delimited) field}.
@@ -87,7 +89,7 @@ def _fields(buf: memoryview):
             n, pos = _varint(buf, pos)
             if n > len(buf) - pos:
                 raise _Malformed("length-delimited field runs past its message")
-            value = buf[pos:pos + n]
+            value = buf[pos : pos + n]
             pos += n
         else:  # 3/4: protobuf groups, never used by ONNX
             raise _Malformed(f"unsupported wire type {wire}")
@@ -166,10 +168,18 @@ def check_onnx_model(model_path: Path, model_rel: str, files: dict) -> dict:
         if location != EXTERNAL:
             raise EdgepackError(f"{what} has external_data entries but is not marked EXTERNAL")
         loc = entries.get("location", "")
-        if not loc or "\\" in loc or loc.startswith("/") or any(p in ("", ".", "..") for p in loc.split("/")) \
-                or any(ord(c) < 32 for c in loc) or (len(loc) > 1 and loc[1] == ":"):
-            raise EdgepackError(f"{what}: external data location {loc[:80]!r} is not a plain relative path inside "
-                                "the model's directory (refused: it could read files outside the bundle)")
+        if (
+            not loc
+            or "\\" in loc
+            or loc.startswith("/")
+            or any(p in ("", ".", "..") for p in loc.split("/"))
+            or any(ord(c) < 32 for c in loc)
+            or (len(loc) > 1 and loc[1] == ":")
+        ):
+            raise EdgepackError(
+                f"{what}: external data location {loc[:80]!r} is not a plain relative path inside "
+                "the model's directory (refused: it could read files outside the bundle)"
+            )
         rel = (model_dir / loc).as_posix()
         if rel not in files:
             raise EdgepackError(f"{what}: external data file {rel[:80]!r} is not listed in the manifest (refused)")
@@ -179,8 +189,9 @@ def check_onnx_model(model_path: Path, model_rel: str, files: dict) -> dict:
         except ValueError:
             raise EdgepackError(f"{what}: external data offset/length are not integers") from None
         if offset < 0 or length < 0 or offset + length > files[rel]["size"]:
-            raise EdgepackError(f"{what}: external data [{offset}, {offset}+{length}) lies outside {rel} "
-                                f"({files[rel]['size']} bytes)")
+            raise EdgepackError(
+                f"{what}: external data [{offset}, {offset}+{length}) lies outside {rel} ({files[rel]['size']} bytes)"
+            )
     return check_metadata(metadata.get(METADATA_KEY), model_path)
 
 
@@ -214,14 +225,17 @@ def check_metadata(raw: str | None, where) -> dict:
     if not isinstance(kv, list) or len(kv) > 4096:
         raise EdgepackError(f"{where}: metadata field 'kv_cache' must be a list of layers")
     for layer in kv:
-        if not isinstance(layer, dict) or not all(isinstance(layer.get(k), str) for k in
-                                                  ("past_key", "past_value", "present_key", "present_value")):
+        if not isinstance(layer, dict) or not all(
+            isinstance(layer.get(k), str) for k in ("past_key", "past_value", "present_key", "present_value")
+        ):
             raise EdgepackError(f"{where}: metadata 'kv_cache' entries need past/present key/value names")
         _int(layer, "kv_heads", 1, 4096, where)
     kv_bytes = sum(2 * layer["kv_heads"] * meta["max_len"] * meta["head_dim"] * 4 for layer in kv)
     if kv_bytes > MAX_KV_BYTES:
-        raise EdgepackError(f"{where}: its KV cache would take {kv_bytes / 2**30:.0f} GiB for one sequence "
-                            f"(max_len={meta['max_len']}), more than the {MAX_KV_BYTES >> 30} GiB edgepack allows")
+        raise EdgepackError(
+            f"{where}: its KV cache would take {kv_bytes / 2**30:.0f} GiB for one sequence "
+            f"(max_len={meta['max_len']}), more than the {MAX_KV_BYTES >> 30} GiB edgepack allows"
+        )
     weights = meta.get("weights", {})
     if not isinstance(weights, dict):
         raise EdgepackError(f"{where}: metadata field 'weights' must be an object")

@@ -30,11 +30,12 @@ The MatMulNBits accuracy level (int8 vs fp32 activations) is an attribute baked 
 the runtime can only check it (onnx, the one library that could rewrite the graph, is not a runtime
 dependency).
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -49,6 +50,7 @@ from runtime.contract import (
     TOTAL_SEQUENCE_LENGTH,
 )
 from runtime.errors import EdgepackError
+
 GRAPH_OPT = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
@@ -66,8 +68,9 @@ class KVCache:
         for layer in kv_layers:
             shape = (batch, int(layer["kv_heads"]), length, head_dim)
             for role in ("key", "value"):
-                self.values[layer[f"past_{role}"], layer[f"present_{role}"]] = \
+                self.values[layer[f"past_{role}"], layer[f"present_{role}"]] = (
                     ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cpu", 0)
+                )
 
     def bind(self, binding: ort.IOBinding) -> None:
         for (past, present), value in self.values.items():
@@ -91,8 +94,12 @@ class DecodeStep:
         self.positions = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width)).copy()
         self.logits = np.zeros((b, width, vocab), np.float32)
         self.binding = session.io_binding()
-        for name, arr in ((INPUT_IDS, self.ids), (SEQLENS_K, self.seqlens),
-                          (TOTAL_SEQUENCE_LENGTH, self.total), (LOGITS_POSITIONS, self.positions)):
+        for name, arr in (
+            (INPUT_IDS, self.ids),
+            (SEQLENS_K, self.seqlens),
+            (TOTAL_SEQUENCE_LENGTH, self.total),
+            (LOGITS_POSITIONS, self.positions),
+        ):
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
         self.binding.bind_ortvalue_output(LOGITS, ort.OrtValue.ortvalue_from_numpy(self.logits))
         cache.bind(self.binding)
@@ -102,8 +109,16 @@ class OnnxDecoder:
     """A decoder session: interactive `prefill`/`decode` on one sequence, and the quality harness'
     backend protocol (`log_probs`, `greedy`) on batches."""
 
-    def __init__(self, model_path, threads: int | None = None, max_len: int | None = None,
-                 accuracy_level: int | None = None, graph_opt: str = "all", pad_id: int = 0, spin: bool = True):
+    def __init__(
+        self,
+        model_path,
+        threads: int | None = None,
+        max_len: int | None = None,
+        accuracy_level: int | None = None,
+        graph_opt: str = "all",
+        pad_id: int = 0,
+        spin: bool = True,
+    ):
         model_path = Path(model_path)
         if not model_path.is_file():
             raise EdgepackError(f"{model_path}: ONNX model not found")
@@ -121,7 +136,9 @@ class OnnxDecoder:
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types with long messages
-            raise EdgepackError(f"{model_path}: onnxruntime could not load the model ({str(e).splitlines()[0][:200]})") from None
+            raise EdgepackError(
+                f"{model_path}: onnxruntime could not load the model ({str(e).splitlines()[0][:200]})"
+            ) from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         if raw is None:
             raise EdgepackError(f"{model_path}: no '{METADATA_KEY}' metadata; not an edgepack decoder graph")
@@ -130,11 +147,15 @@ class OnnxDecoder:
             raise EdgepackError(f"{model_path}: metadata format {self.metadata.get('format')!r} is not {FORMAT!r}")
         baked = self.metadata.get("weights", {}).get("accuracy_level")
         if accuracy_level is not None and accuracy_level != baked:
-            raise EdgepackError(f"accuracy_level={accuracy_level}: this graph was exported with accuracy_level={baked}; "
-                                "it is fixed at export (GraphOptions.accuracy_level)")
+            raise EdgepackError(
+                f"accuracy_level={accuracy_level}: this graph was exported with accuracy_level={baked}; "
+                "it is fixed at export (GraphOptions.accuracy_level)"
+            )
         graph_max = int(self.metadata["max_len"])
         if max_len is not None and max_len > graph_max:
-            raise EdgepackError(f"max_len={max_len}: the graph supports at most {graph_max} positions (its rotary cache)")
+            raise EdgepackError(
+                f"max_len={max_len}: the graph supports at most {graph_max} positions (its rotary cache)"
+            )
         self.max_len = int(max_len or graph_max)
         self.vocab_size = int(self.metadata["vocab_size"])
         self.head_dim = int(self.metadata["head_dim"])
@@ -285,11 +306,14 @@ class OnnxDecoder:
 
     def _check_room(self, needed: int) -> None:
         if needed > self.max_len:
-            raise EdgepackError(f"context full: {needed} tokens needed, the model's max_len is {self.max_len} "
-                                "(shorten the prompt or the number of new tokens, or reset the conversation)")
+            raise EdgepackError(
+                f"context full: {needed} tokens needed, the model's max_len is {self.max_len} "
+                "(shorten the prompt or the number of new tokens, or reset the conversation)"
+            )
 
-    def _run_bound(self, cache: KVCache, ids: np.ndarray, seqlens: np.ndarray, total: int,
-                   positions: np.ndarray) -> np.ndarray:
+    def _run_bound(
+        self, cache: KVCache, ids: np.ndarray, seqlens: np.ndarray, total: int, positions: np.ndarray
+    ) -> np.ndarray:
         """One multi-token step through `cache` (shared past/present buffers); returns [B, P, V] logits."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
@@ -313,4 +337,3 @@ def log_softmax_inplace(logits: np.ndarray) -> np.ndarray:
         x -= x.max(axis=-1, keepdims=True)
         x -= np.log(np.exp(x).sum(axis=-1, keepdims=True))
     return logits
-

@@ -2,6 +2,7 @@
 
 On a terminal: a live bar. Redirected to a file or CI log: one plain line per ~10 % with the ETA, since a
 live bar would print nothing until the end."""
+
 from __future__ import annotations
 
 import sys
@@ -54,7 +55,11 @@ class _LineProgress:
         if frac + 1e-9 >= self.next_report or self.done >= self.total:
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / frac - elapsed if frac > 0 else 0.0
-            print(f"{self.description}: {self.done}/{self.total} ({100 * frac:.0f} %), "
-                  f"{elapsed:.0f} s elapsed, eta {eta:.0f} s", file=sys.stderr, flush=True)
+            print(
+                f"{self.description}: {self.done}/{self.total} ({100 * frac:.0f} %), "
+                f"{elapsed:.0f} s elapsed, eta {eta:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             while self.next_report <= frac:
                 self.next_report += 0.1

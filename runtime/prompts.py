@@ -6,6 +6,7 @@ Answer:" made SmolLM2-135M-Instruct start most answers with a line break or a fu
 newline-terminated greedy decode scores as empty; two short examples fix the answer format for small models
 without a chat wrapper (whose system prompt costs ~30 tokens per question on a small CPU budget).
 """
+
 from __future__ import annotations
 
 _SHOTS = (

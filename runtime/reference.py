@@ -5,6 +5,7 @@ Stored compactly in one safetensors file: the evaluation windows' token ids, and
 the reference's top-k token ids (int32) and log-probs (float32). See `runtime.metrics.topk_kl` for the error
 this introduces (a lower bound of the full KL; the tail beyond k is folded into one 'rest' bucket).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Reference:
         atomic_write_bytes(path, data)
 
     @classmethod
-    def load(cls, path: str | Path, vocab_size: int | None = None) -> "Reference":
+    def load(cls, path: str | Path, vocab_size: int | None = None) -> Reference:
         """Read and check a reference file: the three arrays present with the right dtypes and consistent
         shapes ([n, ctx] windows, [n, ctx-1, k] top ids and log-probs), token ids inside [0, vocab_size),
         log-probs finite. Anything else raises one EdgepackError naming the file."""
@@ -54,8 +55,12 @@ class Reference:
             raise EdgepackError(f"{path}: reference file not found") from None
         except (SafetensorError, OSError, ValueError, TypeError, KeyError, MemoryError) as e:
             raise EdgepackError(f"{path}: not a valid reference file ({str(e).splitlines()[0][:200]})") from None
-        ref = cls(*(_array(t, name, dtype, path) for name, dtype in
-                    (("window_ids", np.int64), ("top_ids", np.int32), ("top_logp", np.float32))))
+        ref = cls(
+            *(
+                _array(t, name, dtype, path)
+                for name, dtype in (("window_ids", np.int64), ("top_ids", np.int32), ("top_logp", np.float32))
+            )
+        )
         ref.check(path, vocab_size)
         return ref
 
@@ -65,8 +70,10 @@ class Reference:
             raise EdgepackError(f"{where}: reference window_ids must be [windows, ctx >= 2], got {list(w.shape)}")
         n, ctx = w.shape
         if ids.ndim != 3 or ids.shape[:2] != (n, ctx - 1) or ids.shape[2] < 1 or lp.shape != ids.shape:
-            raise EdgepackError(f"{where}: reference top_ids/top_logp must be [{n}, {ctx - 1}, k], got "
-                                f"{list(ids.shape)} and {list(lp.shape)}")
+            raise EdgepackError(
+                f"{where}: reference top_ids/top_logp must be [{n}, {ctx - 1}, k], got "
+                f"{list(ids.shape)} and {list(lp.shape)}"
+            )
         hi = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
         for name, arr in (("window_ids", w), ("top_ids", ids)):
             if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= hi):

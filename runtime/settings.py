@@ -5,6 +5,7 @@ Recipes (compressor.recipe) and graph options (exporter.onnx_graph) build on it,
 one error line, `section.field=value: what is wrong`, from this one place. Hand-written because dataclasses
 do not validate and a schema library (pydantic) would be a dependency of the runtime for ~60 lines.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,9 @@ def _type_error(hint, value) -> str | None:
     if hint is str:
         return None if isinstance(value, str) else "expected a string"
     if typing.get_origin(hint) is list:
-        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "expected a list of strings"
+        return (
+            None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "expected a list of strings"
+        )
     return None
 
 

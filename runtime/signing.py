@@ -25,6 +25,7 @@ Policy (runtime.bundle.Bundle.open applies it before anything else of the bundle
 Why not OpenSSF model-signing: it depends on sigstore (network-oriented, many packages) even for
 key-based signing; Ed25519 from `cryptography` (one wheel) keeps the runtime install light and offline.
 """
+
 from __future__ import annotations
 
 import base64
@@ -61,10 +62,14 @@ class SignatureCheck:
         if self.status == "trusted":
             return f"{bundle_name}: signed by {self.publisher or 'a trusted key'} (key {self.key_id})"
         if self.status == "untrusted":
-            return (f"warning: {bundle_name} is signed by key {self.key_id}, which you do not trust "
-                    "(--trust KEY.pub, or add it to your trust file); its publisher is unknown")
-        return (f"warning: {bundle_name} is unsigned: nothing says who published it "
-                "(--require-signature refuses unsigned bundles)")
+            return (
+                f"warning: {bundle_name} is signed by key {self.key_id}, which you do not trust "
+                "(--trust KEY.pub, or add it to your trust file); its publisher is unknown"
+            )
+        return (
+            f"warning: {bundle_name} is unsigned: nothing says who published it "
+            "(--require-signature refuses unsigned bundles)"
+        )
 
 
 @dataclass
@@ -76,7 +81,7 @@ class TrustPolicy:
     require: bool = False
 
     @classmethod
-    def default(cls, require: bool = False) -> "TrustPolicy":
+    def default(cls, require: bool = False) -> TrustPolicy:
         """The user's trust file (if there is one)."""
         policy = cls(require=require)
         path = trust_file_path()
@@ -85,7 +90,7 @@ class TrustPolicy:
         return policy
 
     @classmethod
-    def from_args(cls, trust: list[str] | None, require: bool) -> "TrustPolicy":
+    def from_args(cls, trust: list[str] | None, require: bool) -> TrustPolicy:
         """The trust file plus each --trust FILE (a PEM public key or a trust file)."""
         policy = cls.default(require)
         for item in trust or []:
@@ -140,14 +145,16 @@ def generate_keypair(prefix: str | os.PathLike) -> tuple[Path, Path, str]:
         if p.exists():
             raise EdgepackError(f"{p}: already exists (not overwritten)")
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     try:
         atomic_write_bytes(key_path, pem)
         os.chmod(key_path, 0o600)
         public = private.public_key()
-        atomic_write_bytes(pub_path, public.public_bytes(serialization.Encoding.PEM,
-                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+        atomic_write_bytes(
+            pub_path, public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
     except OSError as e:
         raise EdgepackError(f"{prefix}: cannot write the key files ({e.strerror or e})") from None
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -236,9 +243,15 @@ def signature_document(manifest_bytes: bytes, private_key) -> bytes:
 
     digest = hashlib.sha256(manifest_bytes).hexdigest()
     raw = _raw_public(private_key.public_key())
-    doc = {"format": SIGNATURE_FORMAT, "version": SIGNATURE_VERSION, "algorithm": "ed25519",
-           "public_key": base64.b64encode(raw).decode(), "key_id": key_id(raw), "manifest_sha256": digest,
-           "signature": base64.b64encode(private_key.sign(_payload(digest))).decode()}
+    doc = {
+        "format": SIGNATURE_FORMAT,
+        "version": SIGNATURE_VERSION,
+        "algorithm": "ed25519",
+        "public_key": base64.b64encode(raw).decode(),
+        "key_id": key_id(raw),
+        "manifest_sha256": digest,
+        "signature": base64.b64encode(private_key.sign(_payload(digest))).decode(),
+    }
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
@@ -247,18 +260,21 @@ def check_signature(directory: Path, manifest_bytes: bytes, trust: TrustPolicy) 
     path = Path(directory) / SIGNATURE_NAME
     if not os.path.lexists(path):
         if trust.require:
-            raise EdgepackError(f"{directory}: the bundle is unsigned, and a signature is required "
-                                "(--require-signature)")
+            raise EdgepackError(
+                f"{directory}: the bundle is unsigned, and a signature is required (--require-signature)"
+            )
         return SignatureCheck("unsigned")
     if path.is_symlink():
         raise EdgepackError(f"{path}: is a symlink (refused)")
-    raw_key, kid = verify_signature_bytes(_read_small(path, MAX_SIGNATURE_BYTES, "signature"), manifest_bytes,
-                                          str(path))
+    raw_key, kid = verify_signature_bytes(
+        _read_small(path, MAX_SIGNATURE_BYTES, "signature"), manifest_bytes, str(path)
+    )
     if kid in trust.keys and trust.keys[kid][0] == raw_key:
         return SignatureCheck("trusted", kid, trust.keys[kid][1])
     if trust.require:
-        raise EdgepackError(f"{path}: signed by key {kid}, which is not trusted, and a trusted signature is "
-                            "required (--trust KEY.pub)")
+        raise EdgepackError(
+            f"{path}: signed by key {kid}, which is not trusted, and a trusted signature is required (--trust KEY.pub)"
+        )
     return SignatureCheck("untrusted", kid)
 
 
@@ -280,8 +296,9 @@ def verify_signature_bytes(sig_bytes: bytes, manifest_bytes: bytes, where: str) 
         raise EdgepackError(f"{where}: malformed public key or signature (refused)")
     digest = hashlib.sha256(manifest_bytes).hexdigest()
     if doc.get("manifest_sha256") != digest:
-        raise EdgepackError(f"{where}: the signature is for other manifest bytes: the manifest was changed after "
-                            "signing (refused)")
+        raise EdgepackError(
+            f"{where}: the signature is for other manifest bytes: the manifest was changed after signing (refused)"
+        )
     try:
         Ed25519PublicKey.from_public_bytes(raw_key).verify(sig, _payload(digest))
     except (InvalidSignature, ValueError):

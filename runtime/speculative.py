@@ -36,6 +36,7 @@ relative cost of one more guessed token (the proposer's own cost plus the wider 
 the best k is worth less than plain decoding, guessing pauses, with a probe every few rounds. It depends
 only on acceptance counts, never on timings, so a seeded run is reproducible.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,7 +44,8 @@ import json
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -72,10 +74,14 @@ class SpeculationSettings:
 
     def check(self) -> None:
         if not 1 <= self.k_min <= self.k_start <= self.k_max <= 64:
-            raise EdgepackError(f"speculation: need 1 <= k_min <= k_start <= k_max <= 64, got "
-                                f"{self.k_min}, {self.k_start}, {self.k_max}")
+            raise EdgepackError(
+                f"speculation: need 1 <= k_min <= k_start <= k_max <= 64, got "
+                f"{self.k_min}, {self.k_start}, {self.k_max}"
+            )
         if not 1 <= self.ngram_min <= self.ngram_max:
-            raise EdgepackError(f"speculation: need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
+            raise EdgepackError(
+                f"speculation: need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}"
+            )
         if not 0 < self.ema <= 1:
             raise EdgepackError(f"speculation: ema={self.ema} must be in (0, 1]")
 
@@ -172,7 +178,9 @@ class DraftModel:
                 ids, probs = local.candidates(logits)
                 probs = probs.astype(np.float64) / probs.sum(dtype=np.float64)
                 q[i, ids] = probs
-                tok = int(ids[min(int(np.searchsorted(np.cumsum(probs), local.rng.random(), side="right")), ids.size - 1)])
+                tok = int(
+                    ids[min(int(np.searchsorted(np.cumsum(probs), local.rng.random(), side="right")), ids.size - 1)]
+                )
             else:
                 tok = int(local(logits))
             tokens.append(tok)
@@ -295,8 +303,16 @@ class SpeculativeTokens:
     cache is rewound to the pending token + kept guesses. Queued tokens are already in the cache, so feeding
     them costs nothing. `close()` rewinds the cache to exactly the fed tokens (`cache_ids`)."""
 
-    def __init__(self, decoder, proposer, sampler, logits: np.ndarray, cache_ids: list[int],
-                 max_new_tokens: int | None = None, settings: SpeculationSettings | None = None):
+    def __init__(
+        self,
+        decoder,
+        proposer,
+        sampler,
+        logits: np.ndarray,
+        cache_ids: list[int],
+        max_new_tokens: int | None = None,
+        settings: SpeculationSettings | None = None,
+    ):
         """max_new_tokens: no guesses past the reply's last token (they could only be wasted)."""
         self.dec, self.proposer, self.sampler = decoder, proposer, sampler
         self.end = len(cache_ids) + max_new_tokens if max_new_tokens else None
@@ -379,8 +395,13 @@ def measure_acceptance(generator, prompts: Sequence[Sequence[int]], max_new_toke
         generator.reset()
         r = generator.generate(list(ids), settings)
         drafted, accepted, new = drafted + r.drafted_tokens, accepted + r.accepted_tokens, new + r.new_tokens
-    return {"greedy": accepted / drafted if drafted else 0.0, "drafted": drafted, "accepted": accepted,
-            "prompts": len(prompts), "new_tokens": new}
+    return {
+        "greedy": accepted / drafted if drafted else 0.0,
+        "drafted": drafted,
+        "accepted": accepted,
+        "prompts": len(prompts),
+        "new_tokens": new,
+    }
 
 
 def chat_instructions(n: int | None = None) -> list[str]:

@@ -12,6 +12,7 @@ Untrusted input on both ends:
   typed by the user (e.g. the template's end-of-turn marker "<|im_end|>") is spelled out in ordinary tokens
   and never acts as a control token; only the template's own markup produces special tokens.
 """
+
 from __future__ import annotations
 
 import re
@@ -123,7 +124,7 @@ class TextTokenizer:
             i = int(m.group(1))
             if i >= len(literals):
                 continue
-            ids += self.encode(text[pos:m.start()], add_special_tokens=False) if m.start() > pos else []
+            ids += self.encode(text[pos : m.start()], add_special_tokens=False) if m.start() > pos else []
             ids += self._plain.encode(literals[i], add_special_tokens=False).ids
             pos = m.end()
         if pos < len(text):
@@ -136,8 +137,13 @@ class TextTokenizer:
             # No template: a plain transcript the model can still continue.
             lines = [f"{m['role']}: {m['content']}" for m in messages]
             return "\n".join(lines) + ("\nassistant:" if add_generation_prompt else "")
-        return render_template(self.chat_template, messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return render_template(
+            self.chat_template,
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
 
 
 def check_text(text, what: str) -> str:
@@ -234,8 +240,9 @@ def render_template(source: str, **variables) -> str:
     except _Budget as e:
         raise EdgepackError(f"chat template stopped: it {e} (refused)") from None
     except Exception as e:  # TemplateError, SecurityError, TypeError, RecursionError, MemoryError ...
-        raise EdgepackError(f"chat template failed to render ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        raise EdgepackError(
+            f"chat template failed to render ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from None
     return "".join(out)
 
 

@@ -19,6 +19,7 @@ On the machine that exported the bundle the re-measurement is exact; the margins
 (int8 activation kernels differ between AVX2, AVX-512 VNNI and ARM dot-product paths) and are small enough
 that a perturbed weight file fails them (tests/test_verify.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -56,12 +57,18 @@ def tolerance_for(metric: str, value: float, n: int) -> dict:
     if metric == "ppl":
         return {"kind": "relative", "value": 0.02, "rule": "relative 2 %"}
     if metric == "kld":
-        return {"kind": "absolute", "value": round(max(0.01, 0.05 * value), 6),
-                "rule": "absolute max(0.01, 5 % of claimed) nats"}
+        return {
+            "kind": "absolute",
+            "value": round(max(0.01, 0.05 * value), 6),
+            "rule": "absolute max(0.01, 5 % of claimed) nats",
+        }
     p = min(max(float(value), 0.0), 1.0)
     margin = max(2.0 * math.sqrt(p * (1.0 - p) / n), 2.0 / n)
-    return {"kind": "absolute", "value": round(margin, 6),
-            "rule": f"absolute, binomial margin max(2·sqrt(p(1-p)/n), 2/n) for n={n}"}
+    return {
+        "kind": "absolute",
+        "value": round(margin, 6),
+        "rule": f"absolute, binomial margin max(2·sqrt(p(1-p)/n), 2/n) for n={n}",
+    }
 
 
 def claims_from_result(result: dict, limits: EvalLimits) -> dict:
@@ -70,7 +77,12 @@ def claims_from_result(result: dict, limits: EvalLimits) -> dict:
     claims = {}
 
     def add(metric, value, n):
-        claims[metric] = {"value": float(value), "limits": lim, "n": int(n), "tolerance": tolerance_for(metric, value, n)}
+        claims[metric] = {
+            "value": float(value),
+            "limits": lim,
+            "n": int(n),
+            "tolerance": tolerance_for(metric, value, n),
+        }
 
     if "wikitext" in result:
         w = result["wikitext"]
@@ -86,8 +98,9 @@ def claims_from_result(result: dict, limits: EvalLimits) -> dict:
     return claims
 
 
-def measure_quality(backend, tokenizer, reference, levels: dict[str, EvalLimits],
-                    tasks=("ppl", "closed", "open"), progress: bool = True) -> dict:
+def measure_quality(
+    backend, tokenizer, reference, levels: dict[str, EvalLimits], tasks=("ppl", "closed", "open"), progress: bool = True
+) -> dict:
     """The manifest's quality block: for each level ("full", optionally "quick"), evaluate the bundle's
     model (an OnnxDecoder on the exported ONNX file) with the runtime's harness and turn the numbers into
     claims. `reference` (runtime.reference.Reference or None) adds kld and top1, and perplexity is then
@@ -122,8 +135,9 @@ def _limits_from(d: dict, where: str) -> EvalLimits:
     return EvalLimits(**d)
 
 
-def verify_bundle(bundle, quick: bool = False, progress: bool = True, on_progress=None,
-                  threads: int | None = None) -> list[MetricCheck]:
+def verify_bundle(
+    bundle, quick: bool = False, progress: bool = True, on_progress=None, threads: int | None = None
+) -> list[MetricCheck]:
     """Re-measure the manifest's claims ("full", or "quick" with quick=True) with the same limits, and
     compare each with its tolerance. on_progress(done, total, message) is called before each group of
     metrics that share limits is measured, and once at the end (done == total)."""
@@ -144,7 +158,9 @@ def verify_bundle(bundle, quick: bool = False, progress: bool = True, on_progres
             on_progress(i, len(groups), f"measuring {', '.join(metrics)} ({limits.describe()})")
         needs_ref = any(m in REFERENCE_METRICS for m in metrics)
         if needs_ref and reference is None:
-            checks += [_unmeasured(m, claims[m], "the bundle ships no reference") for m in metrics if m in REFERENCE_METRICS]
+            checks += [
+                _unmeasured(m, claims[m], "the bundle ships no reference") for m in metrics if m in REFERENCE_METRICS
+            ]
             metrics = [m for m in metrics if m not in REFERENCE_METRICS]
         tasks = []
         if any(m in PPL_METRICS for m in metrics):
@@ -156,8 +172,14 @@ def verify_bundle(bundle, quick: bool = False, progress: bool = True, on_progres
             _check_reference_fits(reference, limits, f"{bundle.reference_path}")
         if decoder is None:
             decoder = bundle.decoder(threads)
-        result = evaluate(decoder, bundle.tokenizer, limits, tasks=tuple(tasks), progress=progress,
-                          reference=reference if "ppl" in tasks else None)
+        result = evaluate(
+            decoder,
+            bundle.tokenizer,
+            limits,
+            tasks=tuple(tasks),
+            progress=progress,
+            reference=reference if "ppl" in tasks else None,
+        )
         measured = claims_from_result(result, limits)
         for m in metrics:
             checks.append(compare(m, claims[m], measured.get(m)))
@@ -177,8 +199,14 @@ def compare(metric: str, claim: dict, measured: dict | None) -> MetricCheck:
     sample = _sample_text(metric, claim)
     rule = tol.get("rule") or f"{tol['kind']} {tol['value']}"
     if measured["n"] != claim["n"]:
-        return MetricCheck(metric, claim["value"], measured["value"], allowed, False,
-                           f"sample size differs: measured on {measured['n']}, claimed on {claim['n']} ({sample})")
+        return MetricCheck(
+            metric,
+            claim["value"],
+            measured["value"],
+            allowed,
+            False,
+            f"sample size differs: measured on {measured['n']}, claimed on {claim['n']} ({sample})",
+        )
     passed = diff <= allowed + 1e-12
     return MetricCheck(metric, claim["value"], measured["value"], allowed, passed, f"{rule}; {sample}")
 
@@ -202,7 +230,9 @@ def format_checks(checks: list[MetricCheck]) -> str:
     for c in checks:
         measured = "-" if c.measured is None else format_metric(c.name, c.measured)
         tol = f"±{c.tolerance:.4f}" if c.name in ("ppl", "kld") else f"±{100 * c.tolerance:.1f} pt"
-        rows.append((c.label, format_metric(c.name, c.claimed), measured, tol, "PASS" if c.passed else "FAIL", c.detail))
+        rows.append(
+            (c.label, format_metric(c.name, c.claimed), measured, tol, "PASS" if c.passed else "FAIL", c.detail)
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(r[i].ljust(widths[i]) for i in range(5)) + "  " + r[5] for r in rows]
     failed = sum(not c.passed for c in checks)

@@ -9,6 +9,7 @@ test fixtures' models under several GraphOptions) and print the sha256 of every 
 ONNX serialization of the same graph is deterministic, so equal digests mean equal graphs. The fixtures
 are random-initialized with fixed seeds (tests/conftest.py) and need torch + transformers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,20 @@ def cases():
     quant_act, _ = gptq_weights(w, 32, np.random.default_rng(12), act_order=True)
     eora = {}
     for i in range(cfg.num_hidden_layers):
-        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ):
             n, k = w[f"model.layers.{i}.{m}.weight"].shape
-            eora[f"model.layers.{i}.{m}"] = (rng.standard_normal((4, k)).astype(np.float32) * 0.01,
-                                             rng.standard_normal((n, 4)).astype(np.float32) * 0.01)
+            eora[f"model.layers.{i}.{m}"] = (
+                rng.standard_normal((4, k)).astype(np.float32) * 0.01,
+                rng.standard_normal((n, 4)).astype(np.float32) * 0.01,
+            )
     _, wd, cfgd = depth_pruned()
     _, wc, cfgc = channel_pruned()
     yield "fp32", w, cfg, {}, None
@@ -57,10 +67,20 @@ def cases():
     yield "gptq-act-order-eora", quant_act, cfg, {**gptq, "eora_bits": 8}, eora
     yield "gptq-eora-fp32", quant, cfg, gptq, eora
     yield "gptq-eora-int8-separate", quant, cfg, {**gptq, "eora_bits": 8}, eora
-    yield "gptq-eora-int8-fused", quant, cfg, {**gptq, "eora_bits": 8, "eora_fuse_a": True,
-                                               "embedding": "int8", "lm_head": "int8"}, eora
-    yield "gptq-eora-int4-fused-unfused-qkv", quant, cfg, {**gptq, "eora_bits": 4, "eora_fuse_a": True,
-                                                           "fuse_qkv": False}, eora
+    yield (
+        "gptq-eora-int8-fused",
+        quant,
+        cfg,
+        {**gptq, "eora_bits": 8, "eora_fuse_a": True, "embedding": "int8", "lm_head": "int8"},
+        eora,
+    )
+    yield (
+        "gptq-eora-int4-fused-unfused-qkv",
+        quant,
+        cfg,
+        {**gptq, "eora_bits": 4, "eora_fuse_a": True, "fuse_qkv": False},
+        eora,
+    )
     yield "depth-pruned", wd, cfgd, {"projections": "int4"}, None
     yield "channel-pruned", wc, cfgc, {"projections": "int4", "lm_head": "int8"}, None
 
@@ -80,10 +100,19 @@ def main() -> int:
             if opts.get("gptq") == "GPTQ":
                 opts = {**opts, "gptq": GptqFormat(bits=4, group_size=32, zero_offset=1)}
             path = Path(tmp) / name / "model.onnx"
-            meta = build_decoder(weights, spec_from_hf_config(config, weights), path,
-                                 GraphOptions(max_len=96, **opts), eora=eora, progress=False)
-            result[name] = {"onnx": digest(path), "data": digest(path.parent / "model.onnx.data"),
-                            "metadata": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()}
+            meta = build_decoder(
+                weights,
+                spec_from_hf_config(config, weights),
+                path,
+                GraphOptions(max_len=96, **opts),
+                eora=eora,
+                progress=False,
+            )
+            result[name] = {
+                "onnx": digest(path),
+                "data": digest(path.parent / "model.onnx.data"),
+                "metadata": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest(),
+            }
             print(name, result[name]["onnx"][:16], result[name]["data"][:16], flush=True)
     Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return 0

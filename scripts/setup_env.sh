@@ -15,5 +15,5 @@ fi
 echo "setting up .venv (first run: about a minute) ..." >&2
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[compress,dev]"
+.venv/bin/python -m pip install --quiet -e ".[compress,serve,dev]"
 echo "$want" > "$stamp"

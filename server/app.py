@@ -4,6 +4,7 @@ runtime.batching.BatchScheduler, plus /health and /v1/bundle (the manifest's rec
 Every 4xx/5xx answers in OpenAI's error shape. Generation runs on the scheduler's thread; its events reach
 the request's coroutine through `loop.call_soon_threadsafe`. A client that disconnects cancels its request
 (the slot is freed at the scheduler's next iteration). No route takes a path from the request."""
+
 from __future__ import annotations
 
 import asyncio
@@ -47,15 +48,19 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
-                           code="invalid_api_key")
+            raise ApiError(
+                401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
 
     authorized = [Depends(check_key)]
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        body = exc.detail if isinstance(exc.detail, dict) and "error" in exc.detail else \
-            error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+        body = (
+            exc.detail
+            if isinstance(exc.detail, dict) and "error" in exc.detail
+            else error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+        )
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -65,8 +70,7 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
         log.exception("request failed")
-        return JSONResponse(error_body("internal server error (see the server's log)", "server_error"),
-                            status_code=500)
+        return JSONResponse(error_body("internal server error (see the server's log)", "server_error"), status_code=500)
 
     @app.get("/health")
     async def health():
@@ -85,15 +89,22 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
     async def bundle_info():
         d = bundle.describe()
         m = bundle.manifest
-        return {"id": model_id, "recipe": m["recipe"], "stages": d["stages"], "size_bytes": d["size_bytes"],
-                "size_text": d["size_text"], "parameters": d["parameters"], "context_length": d["context_length"],
-                "quality": m["quality"], "created_by": d["created_by"]}
+        return {
+            "id": model_id,
+            "recipe": m["recipe"],
+            "stages": d["stages"],
+            "size_bytes": d["size_bytes"],
+            "size_text": d["size_text"],
+            "parameters": d["parameters"],
+            "context_length": d["context_length"],
+            "quality": m["quality"],
+            "created_by": d["created_by"],
+        }
 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_request(body, model_id)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if system_prompt and messages[0]["role"] != "system":  # as `edgepack generate` and `edgepack chat`
             messages.insert(0, {"role": "system", "content": system_prompt})
         for m in messages:
@@ -108,7 +119,9 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionRequest, request: Request):
         check_request(body, model_id)
-        prompt = tokenizer.encode_text(unicode_text(body.prompt_text(), "prompt"), add_special_tokens=True)  # as generate --raw
+        prompt = tokenizer.encode_text(
+            unicode_text(body.prompt_text(), "prompt"), add_special_tokens=True
+        )  # as generate --raw
         settings = sampling(body, defaults, len(prompt), scheduler.context, "prompt")
         return await respond(request, body, prompt, settings, "text")
 
@@ -122,8 +135,13 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
         try:
             handle = scheduler.submit(prompt, settings, on_event)
         except QueueFull as e:
-            raise ApiError(429, f"{e}; retry later", type="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": RETRY_AFTER_S}) from None
+            raise ApiError(
+                429,
+                f"{e}; retry later",
+                type="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": RETRY_AFTER_S},
+            ) from None
         except EdgepackError as e:
             raise ApiError(400, str(e)) from None
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -131,8 +149,11 @@ def create_app(bundle, scheduler: BatchScheduler, config: ServeConfig) -> FastAP
         watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse(handle, watcher, events, ident, model_id, kind, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                sse(handle, watcher, events, ident, model_id, kind, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             while await events.get() is not None:
                 pass
@@ -150,8 +171,9 @@ def check_request(body, model_id: str) -> None:
     check_model(body.model, model_id)
     bad = body.unsupported()
     if bad:
-        raise ApiError(400, f"'{bad}' is not supported by edgepack serve (leave it unset)", param=bad,
-                       code="unsupported_parameter")
+        raise ApiError(
+            400, f"'{bad}' is not supported by edgepack serve (leave it unset)", param=bad, code="unsupported_parameter"
+        )
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "'stream_options' is only allowed with stream=true", param="stream_options")
 
@@ -161,15 +183,23 @@ def unicode_text(text: str, param: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise ApiError(400, f"'{param}' contains text that is not valid Unicode (a lone surrogate)",
-                       param=param, code="invalid_value") from None
+        raise ApiError(
+            400,
+            f"'{param}' contains text that is not valid Unicode (a lone surrogate)",
+            param=param,
+            code="invalid_value",
+        ) from None
     return text
 
 
 def check_model(name: str, model_id: str) -> None:
     if name != model_id:
-        raise ApiError(404, f"The model '{name}' does not exist; this server serves '{model_id}'",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"The model '{name}' does not exist; this server serves '{model_id}'",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def sampling(body, defaults: SamplingSettings, prompt_tokens: int, context: int, what: str) -> SamplingSettings:
@@ -177,15 +207,28 @@ def sampling(body, defaults: SamplingSettings, prompt_tokens: int, context: int,
     requested = body.requested_tokens()
     if prompt_tokens >= context or (requested is not None and prompt_tokens + requested > context):
         asked = prompt_tokens + (requested or 1)
-        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                            f"{asked} tokens ({prompt_tokens} in the {what}, {asked - prompt_tokens} in the "
-                            "completion). Please reduce the length of the prompt or of the completion.",
-                       param=what, code="context_length_exceeded")
-    overrides = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
-                 "repetition_penalty": body.repetition_penalty, "seed": body.seed}
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, you requested "
+            f"{asked} tokens ({prompt_tokens} in the {what}, {asked - prompt_tokens} in the "
+            "completion). Please reduce the length of the prompt or of the completion.",
+            param=what,
+            code="context_length_exceeded",
+        )
+    overrides = {
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k,
+        "repetition_penalty": body.repetition_penalty,
+        "seed": body.seed,
+    }
     max_new = requested if requested is not None else min(defaults.max_new_tokens, context - prompt_tokens)
-    settings = replace(defaults, **{k: v for k, v in overrides.items() if v is not None},
-                       max_new_tokens=max_new, stop_strings=body.stop_strings())
+    settings = replace(
+        defaults,
+        **{k: v for k, v in overrides.items() if v is not None},
+        max_new_tokens=max_new,
+        stop_strings=body.stop_strings(),
+    )
     try:
         settings.check()
     except EdgepackError as e:
@@ -203,8 +246,9 @@ async def cancel_on_disconnect(request: Request, handle) -> None:
             return
 
 
-async def sse(handle, watcher: asyncio.Task, events: asyncio.Queue, ident: str, model_id: str, kind: str,
-              include_usage: bool):
+async def sse(
+    handle, watcher: asyncio.Task, events: asyncio.Queue, ident: str, model_id: str, kind: str, include_usage: bool
+):
     """Server-sent events: one chunk per text delta, a last chunk with finish_reason, optionally a usage
     chunk, then `data: [DONE]`. Closing the stream (a disconnect) cancels the request."""
     created = int(time.time())
@@ -245,21 +289,34 @@ async def sse(handle, watcher: asyncio.Task, events: asyncio.Queue, ident: str, 
 
 
 def usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.new_tokens,
-            "total_tokens": result.prompt_tokens + result.new_tokens}
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.new_tokens,
+        "total_tokens": result.prompt_tokens + result.new_tokens,
+    }
 
 
 def completion_body(result, ident: str, model_id: str, kind: str) -> dict:
     finish = FINISH.get(result.stop_reason, "stop")
     if kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "logprobs": None,
-                  "finish_reason": finish}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": result.text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": ident, "object": obj, "created": int(time.time()), "model": model_id, "choices": [choice],
-            "usage": usage(result)}
+    return {
+        "id": ident,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [choice],
+        "usage": usage(result),
+    }
 
 
 def model_card(model_id: str, created: int) -> dict:
@@ -272,16 +329,19 @@ def validation_body(errors) -> dict:
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "json_invalid":
-        return error_body("We could not parse the JSON body of your request: it must be valid JSON.",
-                          code="invalid_json")
+        return error_body(
+            "We could not parse the JSON body of your request: it must be valid JSON.", code="invalid_json"
+        )
     if first.get("type") == "extra_forbidden":
-        return error_body(f"Unrecognized request argument supplied: {param}", param=param,
-                          code="unknown_parameter")
+        return error_body(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     if first.get("type") == "missing":
         return error_body(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     msg = first.get("msg", "invalid request")
-    return error_body(f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.",
-                      param=param, code="invalid_value")
+    return error_body(
+        f"Invalid value for '{param}': {msg}." if param else f"Invalid request: {msg}.",
+        param=param,
+        code="invalid_value",
+    )
 
 
 class BodyLimit:

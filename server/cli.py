@@ -1,4 +1,5 @@
 """`edgepack serve BUNDLE`: argument parsing only, so registering the command imports no FastAPI."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,11 @@ import sys
 def add_serve_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server for a bundle (concurrent requests batched)")
     p.add_argument("bundle", help="bundle directory or BUNDLE.edgepack archive")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; any other address requires an API key)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other address requires an API key)",
+    )
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $EDGEPACK_API_KEY if set)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: one per physical core)")
@@ -26,13 +30,21 @@ def _cmd_serve(args) -> int:
     from runtime.errors import EdgepackError
     from server.config import ServeConfig
 
-    config = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("EDGEPACK_API_KEY"),
-                         threads=args.threads, parallel=args.parallel, queue=args.queue, context=args.context,
-                         max_body_bytes=args.max_body)
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("EDGEPACK_API_KEY"),
+        threads=args.threads,
+        parallel=args.parallel,
+        queue=args.queue,
+        context=args.context,
+        max_body_bytes=args.max_body,
+    )
     config.check()  # before the bundle is opened: a refused start costs nothing
     try:
         from server.run import serve
     except ImportError as e:
-        raise EdgepackError(f"edgepack serve needs the 'serve' extra ({e.name} is missing): "
-                            "pip install 'edgepack[serve]'") from None
+        raise EdgepackError(
+            f"edgepack serve needs the 'serve' extra ({e.name} is missing): pip install 'edgepack[serve]'"
+        ) from None
     return serve(args.bundle, config, log=lambda m: print(m, file=sys.stderr, flush=True))

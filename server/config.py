@@ -1,4 +1,5 @@
 """The server's one configuration, checked in one place (before the bundle is even opened)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -27,8 +28,10 @@ class ServeConfig:
 
     def check(self) -> None:
         if not is_loopback(self.host) and not self.api_key:
-            raise EdgepackError(f"--host {self.host}: serving beyond this machine needs an API key "
-                                "(--api-key KEY or $EDGEPACK_API_KEY); refusing to start without one")
+            raise EdgepackError(
+                f"--host {self.host}: serving beyond this machine needs an API key "
+                "(--api-key KEY or $EDGEPACK_API_KEY); refusing to start without one"
+            )
         if self.api_key is not None and len(self.api_key) < 8:
             raise EdgepackError("--api-key: use at least 8 characters")
         if not 0 <= self.port <= 65535:

@@ -3,6 +3,7 @@
 Bodies are validated by these models (types, ranges, unknown fields refused). Parameters that the API
 defines but edgepack does not implement are declared too, so that setting one to anything but its neutral
 value gets a 400 naming it (`unsupported`), never a silent ignore."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -14,13 +15,21 @@ from pydantic import BaseModel, ConfigDict, Field
 class ApiError(HTTPException):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(status, detail=error_body(message, type, param, code), headers=headers)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -75,8 +84,14 @@ class _Sampling(BaseModel):
 
     def unsupported(self) -> str | None:
         """The first parameter set to something edgepack does not do, or None."""
-        neutral = {"n": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-                   "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {})}
+        neutral = {
+            "n": (None, 1),
+            "logprobs": (None, False, 0),
+            "top_logprobs": (None, 0),
+            "frequency_penalty": (None, 0),
+            "presence_penalty": (None, 0),
+            "logit_bias": (None, {}),
+        }
         for name, ok in (neutral | self._neutral_extra()).items():
             if getattr(self, name) not in ok:
                 return name
@@ -102,10 +117,18 @@ class ChatCompletionRequest(_Sampling):
     reasoning_effort: Any = None
 
     def _neutral_extra(self) -> dict:
-        return {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-                "function_call": (None, "none"), "parallel_tool_calls": (None,),
-                "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
-                "prediction": (None,), "reasoning_effort": (None,)}
+        return {
+            "tools": (None, []),
+            "tool_choice": (None, "none"),
+            "functions": (None, []),
+            "function_call": (None, "none"),
+            "parallel_tool_calls": (None,),
+            "response_format": (None, {"type": "text"}),
+            "modalities": (None, ["text"]),
+            "audio": (None,),
+            "prediction": (None,),
+            "reasoning_effort": (None,),
+        }
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -125,8 +148,12 @@ class CompletionRequest(_Sampling):
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise ApiError(400, "'prompt': give one prompt per request (batches of prompts are not supported)",
-                           param="prompt", code="unsupported_parameter")
+            raise ApiError(
+                400,
+                "'prompt': give one prompt per request (batches of prompts are not supported)",
+                param="prompt",
+                code="unsupported_parameter",
+            )
         return self.prompt[0]
 
     def requested_tokens(self) -> int | None:

@@ -1,7 +1,8 @@
 """Open the bundle, start the batching scheduler, run uvicorn until interrupted."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import uvicorn
 
@@ -17,11 +18,19 @@ def serve(bundle_path, config: ServeConfig, log: Callable[[str], None] = print) 
     pool = PoolConfig(slots=config.parallel, queue=config.queue, context=config.context)
     with BatchScheduler(decoder, bundle.tokenizer, bundle.stop_ids, pool) as scheduler:
         app = create_app(bundle, scheduler, config)
-        log(f"edgepack serve: {bundle.name} on http://{_url_host(config.host)}:{config.port}/v1 "
+        log(
+            f"edgepack serve: {bundle.name} on http://{_url_host(config.host)}:{config.port}/v1 "
             f"({pool.slots} slots x {scheduler.context} tokens, KV cache {format_bytes(scheduler.cache.nbytes)}, "
-            f"queue {pool.queue}{', API key required' if config.api_key else ''})")
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                    limit_concurrency=pool.slots + pool.queue + 64, timeout_graceful_shutdown=5)
+            f"queue {pool.queue}{', API key required' if config.api_key else ''})"
+        )
+        uvicorn.run(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            limit_concurrency=pool.slots + pool.queue + 64,
+            timeout_graceful_shutdown=5,
+        )
     return 0
 
 

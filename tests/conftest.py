@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random LLaMA models built in the test (seconds, never downloaded)."""
+
 from __future__ import annotations
 
 import os
@@ -62,7 +63,7 @@ def make_tiny_llama(kind: str = "plain", seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = LlamaForCausalLM(tiny_llama_config(kind, **overrides)).float().eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3.0)
     return model

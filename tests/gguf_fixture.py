@@ -1,6 +1,7 @@
 """Write a tiny LLaMA as a GGUF file with the `gguf` package, the way llama.cpp's converter lays it out
 (q/k rows permuted for its rotary kernel, byte-level BPE vocabulary), so `edgepack import` can be tested
 on a real GGUF without downloading anything."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -58,8 +59,10 @@ def write_tiny_llama_gguf(model, path: Path, arch: str = "llama") -> Path:
     w.add_token_merges([])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    w.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
 
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
@@ -67,9 +70,15 @@ def write_tiny_llama_gguf(model, path: Path, arch: str = "llama") -> Path:
     if not cfg.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
     names = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
     }
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():

@@ -1,6 +1,7 @@
 """runtime.batching on a tiny bundle: every request of a continuously batched pool yields exactly what the
 Generator yields for it alone (greedy, seeded sampling, stop strings, context full), slots are reused,
 cancellation frees a slot at once, one request's failure leaves the others alone, a full queue refuses."""
+
 from __future__ import annotations
 
 import threading
@@ -61,10 +62,13 @@ def same(got, want):
 def test_sixteen_concurrent_greedy_requests_equal_solo(bundle, slots):
     """16 requests at once; with 4 slots the other 12 wait and join as slots free (continuous batching).
     Different max_new_tokens make requests finish at different steps."""
-    jobs = [(ids, SamplingSettings(temperature=0.0, repetition_penalty=1.0 + 0.1 * (i % 3), max_new_tokens=8 + 3 * i))
-            for i, ids in enumerate(prompts(bundle, 16))]
-    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        PoolConfig(slots=slots, queue=16)) as scheduler:
+    jobs = [
+        (ids, SamplingSettings(temperature=0.0, repetition_penalty=1.0 + 0.1 * (i % 3), max_new_tokens=8 + 3 * i))
+        for i, ids in enumerate(prompts(bundle, 16))
+    ]
+    with BatchScheduler(
+        bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=slots, queue=16)
+    ) as scheduler:
         results = run_all(scheduler, jobs)
         status = scheduler.status()
     assert status["active"] == 0 and status["waiting"] == 0 and status["completed"] == 16
@@ -82,10 +86,12 @@ def test_chunked_prefill_and_seeded_sampling_equal_solo(bundle):
     text = solo(bundle, fox, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60)).text
     at = next(i for i in range(5, len(text) - 3) if text[i : i + 3].isprintable() and "\ufffd" not in text[i : i + 3])
     stop_text = text[at : at + 3]
-    jobs.append((fox, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60,
-                                       stop_strings=(stop_text,))))
-    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        PoolConfig(slots=3, prefill_chunk=7)) as scheduler:
+    jobs.append(
+        (fox, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60, stop_strings=(stop_text,)))
+    )
+    with BatchScheduler(
+        bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=3, prefill_chunk=7)
+    ) as scheduler:
         results = run_all(scheduler, jobs)
     for (ids, s), got in zip(jobs, results):
         same(got, solo(bundle, ids, s))
@@ -96,8 +102,9 @@ def test_context_full_equals_solo(bundle):
     ids = prompts(bundle, 3)[2]
     s = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=100)
     room = len(ids) + 5
-    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        PoolConfig(slots=2, context=room)) as scheduler:
+    with BatchScheduler(
+        bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=2, context=room)
+    ) as scheduler:
         got = run_all(scheduler, [(ids, s)])[0]
         with pytest.raises(EdgepackError, match="prompt too long"):
             scheduler.submit(list(ids) * 3, s, lambda e: None)
@@ -120,8 +127,7 @@ def test_stream_events_concatenate_to_the_result(bundle):
 def test_cancel_frees_the_slot_within_one_token(bundle):
     ps = prompts(bundle, 3)
     long = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=200)
-    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        PoolConfig(slots=2)) as scheduler:
+    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=2)) as scheduler:
         seen = []
 
         def listener(event):
@@ -141,8 +147,8 @@ def test_cancel_frees_the_slot_within_one_token(bundle):
 
 def test_a_failing_request_leaves_the_others_alone(bundle):
     ps = prompts(bundle, 4)
-    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        PoolConfig(slots=4)) as scheduler:
+    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=4)) as scheduler:
+
         def boom(event):
             if event is not None and event.token_id >= 0:
                 raise RuntimeError("listener crashed")
@@ -162,8 +168,9 @@ def test_a_failing_request_leaves_the_others_alone(bundle):
 def test_full_queue_refuses_and_slots_are_reused(bundle):
     ps = prompts(bundle, 3)
     gate = threading.Event()
-    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        PoolConfig(slots=1, queue=1)) as scheduler:
+    with BatchScheduler(
+        bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=1, queue=1)
+    ) as scheduler:
         first = scheduler.submit(ps[0], GREEDY, lambda e: gate.wait(WAIT))  # holds the scheduler thread
         second = scheduler.submit(ps[1], GREEDY, lambda e: None)
         with pytest.raises(QueueFull, match="busy"):
@@ -176,7 +183,11 @@ def test_full_queue_refuses_and_slots_are_reused(bundle):
 
 def test_pool_config_is_checked(bundle):
     dec = bundle.decoder(threads=1)
-    for bad in (PoolConfig(slots=0), PoolConfig(queue=-1), PoolConfig(context=dec.max_len + 1),
-                PoolConfig(prefill_chunk=0)):
+    for bad in (
+        PoolConfig(slots=0),
+        PoolConfig(queue=-1),
+        PoolConfig(context=dec.max_len + 1),
+        PoolConfig(prefill_chunk=0),
+    ):
         with pytest.raises(EdgepackError):
             BatchScheduler(dec, bundle.tokenizer, bundle.stop_ids, bad)

@@ -1,5 +1,6 @@
 """The decode benchmark's own graph surgery (benchmarks/bench_decode.py), checked with plain onnxruntime:
 onnxruntime-genai and llama.cpp are benchmark-only tools and are not installed for the tests."""
+
 from __future__ import annotations
 
 import json
@@ -41,15 +42,22 @@ def test_genai_view_computes_the_bundle_graph_from_an_attention_mask(good, tmp_p
     ids = np.array([[5, 17, 42, 99, 7, 3]], np.int64)
     t = ids.shape[1]
     base = ort.InferenceSession(str(good / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    want = base.run(["logits"], {"input_ids": ids, "seqlens_k": np.array([t - 1], np.int32),
-                                 "total_sequence_length": np.array(t, np.int32),
-                                 "logits_positions": np.arange(t, dtype=np.int64)[None],
-                                 **_feeds_empty_past(base, 1)})[0]
+    want = base.run(
+        ["logits"],
+        {
+            "input_ids": ids,
+            "seqlens_k": np.array([t - 1], np.int32),
+            "total_sequence_length": np.array(t, np.int32),
+            "logits_positions": np.arange(t, dtype=np.int64)[None],
+            **_feeds_empty_past(base, 1),
+        },
+    )[0]
     wrapped = ort.InferenceSession(str(view / "model.onnx"), providers=["CPUExecutionProvider"])
     assert {i.name for i in wrapped.get_inputs()} >= {"input_ids", "attention_mask"}
     assert not {"seqlens_k", "total_sequence_length", "logits_positions"} & {i.name for i in wrapped.get_inputs()}
-    got = wrapped.run(["logits"], {"input_ids": ids, "attention_mask": np.ones((1, t), np.int64),
-                                   **_feeds_empty_past(wrapped, 1)})[0]
+    got = wrapped.run(
+        ["logits"], {"input_ids": ids, "attention_mask": np.ones((1, t), np.int64), **_feeds_empty_past(wrapped, 1)}
+    )[0]
     assert got.shape == want.shape == (1, t, config["model"]["vocab_size"])
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert (view / "model.onnx.data").stat().st_nlink == 1  # a copy: never a hard link to the bundle's file
@@ -63,8 +71,13 @@ def test_weight_kernels_only_graph(tmp_path):
     model = make_tiny_llama("llama32")
     weights = numpy_state(model)
     path = tmp_path / "bundle" / "onnx" / "model.onnx"
-    build_decoder(weights, spec_from_hf_config(model.config, weights), path,
-                  GraphOptions(max_len=64, projections="int4", lm_head="int8", embedding="int8"), progress=False)
+    build_decoder(
+        weights,
+        spec_from_hf_config(model.config, weights),
+        path,
+        GraphOptions(max_len=64, projections="int4", lm_head="int8", embedding="int8"),
+        progress=False,
+    )
     result = bench_decode.engine_kernels(types.SimpleNamespace(bundle=str(tmp_path / "bundle"), threads=1, repeats=2))
     assert result["kernels"] == model.config.num_hidden_layers * 4 + 1  # q|k|v, o, gate|up, down; the head
     assert 0 < result["decode_tokens_per_s"]["min"] <= result["decode_tokens_per_s"]["max"]

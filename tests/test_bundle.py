@@ -1,4 +1,5 @@
 """Opening bundles: digests before parsing, one clear error per kind of damage, safe archive extraction."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,9 @@ def test_good_bundle_opens_from_directory_and_archive(good, private_cache):
     assert b.manifest["format_version"] == FORMAT_VERSION
     a = Bundle.open(good.parent / "bundle.edgepack")
     assert a.path.parent == private_cache and a.manifest == b.manifest
-    assert sorted(p.relative_to(a.path).as_posix() for p in a.path.rglob("*") if p.is_file()) == \
-        sorted([*b.manifest["files"], "manifest.json"])
+    assert sorted(p.relative_to(a.path).as_posix() for p in a.path.rglob("*") if p.is_file()) == sorted(
+        [*b.manifest["files"], "manifest.json"]
+    )
     assert Bundle.open(good.parent / "bundle.edgepack").path == a.path  # extracted once, reused
     assert a.generator().generate(a.tokenizer.encode("hi"), a.sampling_defaults()).new_tokens > 0
 
@@ -107,13 +109,16 @@ def test_malformed_json_and_onnx_behind_valid_digests(good, tmp_path):
         Bundle.open(d2)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("files", {"../escape.bin": {"size": 1, "sha256": "0" * 64}}, "unsafe path"),
-    ("files", {"/etc/passwd": {"size": 1, "sha256": "0" * 64}}, "unsafe path"),
-    ("files", {"onnx/model.onnx": {"size": 1, "sha256": "xyz"}}, "64 lowercase hex"),
-    ("format", "something.else", "not an edgepack bundle"),
-    ("generation", {"eos_token_ids": "2", "context_length": 512}, "generation.eos_token_ids"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("files", {"../escape.bin": {"size": 1, "sha256": "0" * 64}}, "unsafe path"),
+        ("files", {"/etc/passwd": {"size": 1, "sha256": "0" * 64}}, "unsafe path"),
+        ("files", {"onnx/model.onnx": {"size": 1, "sha256": "xyz"}}, "64 lowercase hex"),
+        ("format", "something.else", "not an edgepack bundle"),
+        ("generation", {"eos_token_ids": "2", "context_length": 512}, "generation.eos_token_ids"),
+    ],
+)
 def test_manifest_validation_names_the_field(good, field, value, message):
     m = manifest_of(good)
     m[field] = value
@@ -131,7 +136,7 @@ def _zip(path, members: dict, symlink: str | None = None):
             zf.writestr(name, data)
         if symlink:
             info = zipfile.ZipInfo(symlink)
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             zf.writestr(info, "/etc/passwd")
     return path
 
@@ -180,12 +185,18 @@ def test_writer_refuses_pickles_and_validates_fields(good, tmp_path):
     m = manifest_of(good)
     fields = {k: m[k] for k in ("model", "recipe", "generation", "quality", "created_by")}
     b = copy_bundle(good, tmp_path / "src")
-    common = dict(onnx_dir=b / "onnx", tokenizer_dir=b / "tokenizer", reference_path=b / "reference" / "reference.safetensors")
+    common = dict(
+        onnx_dir=b / "onnx", tokenizer_dir=b / "tokenizer", reference_path=b / "reference" / "reference.safetensors"
+    )
     with pytest.raises(EdgepackError, match=r"pytorch_model\.bin: not allowed in a bundle"):
         write_bundle(tmp_path / "out", safetensors_dir=st, manifest_fields=fields, **common)
     with pytest.raises(EdgepackError, match="'model.parameters' is missing"):
-        write_bundle(tmp_path / "out", safetensors_dir=None, manifest_fields={**fields, "model": {"name": "x", "source": "y"}},
-                     **common)
+        write_bundle(
+            tmp_path / "out",
+            safetensors_dir=None,
+            manifest_fields={**fields, "model": {"name": "x", "source": "y"}},
+            **common,
+        )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # no half-written bundle
     (st / "pytorch_model.bin").unlink()
     (st / "model.safetensors").write_bytes((good / "reference" / "reference.safetensors").read_bytes())

@@ -1,6 +1,7 @@
 """Structured channel / KV-group pruning: removal equals zeroing in the dense model, scores find dead
 units, and pruned models save, reload (uniform with plain from_pretrained, non-uniform with
 load_channel_pruned) and generate with a KV cache."""
+
 from __future__ import annotations
 
 import copy
@@ -51,7 +52,7 @@ def zero_kv_groups(model, li, groups):
     attn = model.model.layers[li].self_attn
     q_per_kv = attn.num_key_value_groups
     for g in groups:
-        attn.o_proj.weight[:, g * q_per_kv * HEAD_DIM:(g + 1) * q_per_kv * HEAD_DIM] = 0
+        attn.o_proj.weight[:, g * q_per_kv * HEAD_DIM : (g + 1) * q_per_kv * HEAD_DIM] = 0
 
 
 @torch.no_grad()
@@ -102,8 +103,9 @@ def test_removing_kv_group_equals_zeroing_its_o_proj_columns():
 
 
 def test_prune_channels_equals_zeroing_what_the_record_says_was_removed():
-    model = make_tiny_llama("llama32", num_attention_heads=8, num_key_value_heads=4, hidden_size=128,
-                            intermediate_size=128)
+    model = make_tiny_llama(
+        "llama32", num_attention_heads=8, num_key_value_heads=4, hidden_size=128, intermediate_size=128
+    )
     ids = calib()
     dense = copy.deepcopy(model)
     record = prune_channels(model, ids, ffn_keep=0.75, kv_groups_keep=0.5, batch_size=3)

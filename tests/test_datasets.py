@@ -1,4 +1,5 @@
 """Shipped data loaders and user-file loaders."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,9 @@ def test_triviaqa_records():
 
 def test_user_jsonl_and_errors(tmp_path):
     f = tmp_path / "qa.jsonl"
-    f.write_text('{"question": "Q1?", "answer": "A"}\n\n{"question": "Q2?", "answers": ["B", "b"], "context": "B is"}\n')
+    f.write_text(
+        '{"question": "Q1?", "answer": "A"}\n\n{"question": "Q2?", "answers": ["B", "b"], "context": "B is"}\n'
+    )
     recs = datasets.triviaqa_records(f)
     assert [r.answers for r in recs] == [["A"], ["B", "b"]] and recs[1].context == "B is"
     bad = tmp_path / "bad.jsonl"

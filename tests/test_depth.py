@@ -1,5 +1,6 @@
 """Depth pruning: layer removal is exact, survives save/reload and KV-cache generation, and the
 importance score finds a layer that does nothing."""
+
 from __future__ import annotations
 
 import math

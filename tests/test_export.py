@@ -1,5 +1,6 @@
 """Pipeline result -> bundle -> runtime, on a tiny model: the exporter's bundle opens, its int4 ONNX model
 matches the pipeline's own quantized model, and `verify` passes on it."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -11,10 +12,12 @@ from compressor import pipeline
 from compressor.recipe import Calibration, EoraStage, GptqStage, Recipe, WidthStage
 from runtime.harness import EvalLimits
 
-LIMITS = EvalLimits(ctx=32, ppl_windows=3, qa_questions=3, qa_max_new_tokens=3, wikitext="tiny-wikitext",
-                    triviaqa="tiny-triviaqa")
-QUICK = EvalLimits(ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext",
-                   triviaqa="tiny-triviaqa")
+LIMITS = EvalLimits(
+    ctx=32, ppl_windows=3, qa_questions=3, qa_max_new_tokens=3, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+)
+QUICK = EvalLimits(
+    ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +25,18 @@ def exported(tiny_checkpoint, tmp_path_factory):
     from exporter.export import ExportOptions, export_run, shipping_graph
 
     work = tmp_path_factory.mktemp("export")
-    recipe = Recipe(name="tiny-w14-eora", model=str(tiny_checkpoint),
-                    calibration=Calibration(samples=4, seqlen=32, batch_size=2), width=WidthStage(n=1, m=4),
-                    gptq=GptqStage(group_size=32, samples=8, seqlen=64), eora=EoraStage(rank=4, samples=8, seqlen=64))
+    recipe = Recipe(
+        name="tiny-w14-eora",
+        model=str(tiny_checkpoint),
+        calibration=Calibration(samples=4, seqlen=32, batch_size=2),
+        width=WidthStage(n=1, m=4),
+        gptq=GptqStage(group_size=32, samples=8, seqlen=64),
+        eora=EoraStage(rank=4, samples=8, seqlen=64),
+    )
     pipeline.run_pipeline(recipe, work / "run", eval_limits=LIMITS, stage_eval=False, log=lambda m: None)
-    graph = replace(shipping_graph(), embedding="fp32", lm_head="fp32", accuracy_level=1, eora_bits=None,
-                    eora_fuse_a=False)  # exact fp32 EoRA branch: a tight parity test
+    graph = replace(
+        shipping_graph(), embedding="fp32", lm_head="fp32", accuracy_level=1, eora_bits=None, eora_fuse_a=False
+    )  # exact fp32 EoRA branch: a tight parity test
     options = ExportOptions(graph=graph, limits=LIMITS, quick_limits=QUICK)
     bundle = export_run(work / "run", work / "bundle", options, log=lambda m: None)
     return work, bundle
@@ -124,11 +133,21 @@ def test_export_without_gptq(tiny_checkpoint, tmp_path, projections):
     from runtime.bundle import Bundle
     from runtime.verify import verify_bundle
 
-    recipe = Recipe(name="tiny-d1-c50", model=str(tiny_checkpoint), calibration=Calibration(samples=4, seqlen=32),
-                    depth=DepthStage(remove=1), channels=ChannelStage(ffn_keep=0.5, kv_groups_keep=1))
+    recipe = Recipe(
+        name="tiny-d1-c50",
+        model=str(tiny_checkpoint),
+        calibration=Calibration(samples=4, seqlen=32),
+        depth=DepthStage(remove=1),
+        channels=ChannelStage(ffn_keep=0.5, kv_groups_keep=1),
+    )
     summary = pipeline.run_pipeline(recipe, tmp_path / "run", eval_limits=LIMITS, log=lambda m: None)
-    graph = replace(shipping_graph(), embedding="fp32", lm_head="fp32", accuracy_level=1,
-                    projections="keep" if projections == "fp32" else projections)
+    graph = replace(
+        shipping_graph(),
+        embedding="fp32",
+        lm_head="fp32",
+        accuracy_level=1,
+        projections="keep" if projections == "fp32" else projections,
+    )
     options = ExportOptions(graph=graph, limits=LIMITS, quick_limits=QUICK, archive=False)
     path = export_run(tmp_path / "run", tmp_path / "bundle", options, log=lambda m: None)
     bundle = Bundle.open(path)

@@ -9,6 +9,7 @@ crafts its external data and metadata), so one decoder session is shared by ever
 Cases per run: EDGEPACK_FUZZ_EXAMPLES (default 400); the examples are derandomized so CI is reproducible
 (EDGEPACK_FUZZ_RANDOM=1 draws new ones, for longer hunts by hand).
 """
+
 from __future__ import annotations
 
 import io
@@ -64,14 +65,39 @@ def world(tmp_path_factory, tiny_checkpoint):
 # ---------------------------------------------------------------------------------------------------------
 # Mutations
 
-SPECIAL_VALUES = [None, True, -1, 0, 1, 2 ** 31, 2 ** 63, 10 ** 30, 1e308, -1e-300, "", "../../etc/passwd",
-                  "/dev/zero", "~/.ssh/id_ed25519", "a" * 300, "\udcff" if False else "\x00", "<|im_end|>",
-                  "{{ raise_exception('x') }}", [], {}, [[[[[[[[]]]]]]]]]
+SPECIAL_VALUES = [
+    None,
+    True,
+    -1,
+    0,
+    1,
+    2**31,
+    2**63,
+    10**30,
+    1e308,
+    -1e-300,
+    "",
+    "../../etc/passwd",
+    "/dev/zero",
+    "~/.ssh/id_ed25519",
+    "a" * 300,
+    "\udcff" if False else "\x00",
+    "<|im_end|>",
+    "{{ raise_exception('x') }}",
+    [],
+    {},
+    [[[[[[[[]]]]]]]],
+]
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=12) | st.sampled_from(SPECIAL_VALUES),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12)
+    | st.sampled_from(SPECIAL_VALUES),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=6)
+    max_leaves=6,
+)
 
 
 def byte_mutation(data: bytes, draw) -> bytes:
@@ -79,11 +105,11 @@ def byte_mutation(data: bytes, draw) -> bytes:
     n = len(data)
     i = draw(st.integers(0, max(n - 1, 0)))
     if op == "flip" and n:
-        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1:]
+        return data[:i] + bytes([data[i] ^ draw(st.integers(1, 255))]) + data[i + 1 :]
     if op == "insert":
         return data[:i] + draw(st.binary(min_size=1, max_size=16)) + data[i:]
     if op == "delete":
-        return data[:i] + data[i + draw(st.integers(1, 64)):]
+        return data[:i] + data[i + draw(st.integers(1, 64)) :]
     if op == "truncate":
         return data[:i]
     if op == "duplicate":
@@ -126,19 +152,51 @@ def structure_mutation(doc, draw):
     return doc
 
 
-TEMPLATE_PIECES = ["{% for m in messages %}", "{% endfor %}", "{{ m['content'] }}", "{{ m.role }}", "<|im_start|>",
-                   "<|im_end|>", "{% if add_generation_prompt %}", "{% endif %}", "{{ bos_token }}", "{{", "}}", "{%",
-                   "{{ raise_exception('no') }}", "{{ messages[99] }}", "{{ 'x' * 99 }}", "{{ range(10)|list }}",
-                   "{% set x = messages|length %}", "{{ x // 0 }}", "{{ m.content|trim }}", "\n", "text "]
+TEMPLATE_PIECES = [
+    "{% for m in messages %}",
+    "{% endfor %}",
+    "{{ m['content'] }}",
+    "{{ m.role }}",
+    "<|im_start|>",
+    "<|im_end|>",
+    "{% if add_generation_prompt %}",
+    "{% endif %}",
+    "{{ bos_token }}",
+    "{{",
+    "}}",
+    "{%",
+    "{{ raise_exception('no') }}",
+    "{{ messages[99] }}",
+    "{{ 'x' * 99 }}",
+    "{{ range(10)|list }}",
+    "{% set x = messages|length %}",
+    "{{ x // 0 }}",
+    "{{ m.content|trim }}",
+    "\n",
+    "text ",
+]
 
 FILES = ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/generation_config.json"]
 
 
 def mutate(case: Path, draw) -> str:
     """Mutate one part of the bundle at `case` (a copy of the good one); return what was mutated."""
-    target = draw(st.sampled_from(["manifest-bytes", "manifest-struct", "manifest-struct", "file-bytes",
-                                   "file-struct", "file-struct", "template", "reference", "archive-bytes",
-                                   "archive-struct"]))
+    target = draw(
+        st.sampled_from(
+            [
+                "manifest-bytes",
+                "manifest-struct",
+                "manifest-struct",
+                "file-bytes",
+                "file-struct",
+                "file-struct",
+                "template",
+                "reference",
+                "archive-bytes",
+                "archive-struct",
+            ]
+        )
+    )
     mpath = case / "bundle" / "manifest.json"
     if target == "manifest-bytes":
         mpath.write_bytes(byte_mutation(mpath.read_bytes(), draw))
@@ -159,7 +217,9 @@ def mutate(case: Path, draw) -> str:
         refresh_digest(case / "bundle", "tokenizer/chat_template.jinja")
     elif target == "reference":
         p = case / "bundle" / "reference" / "reference.safetensors"
-        p.write_bytes(reference_mutation(p.read_bytes(), draw) if draw(st.booleans()) else byte_mutation(p.read_bytes(), draw))
+        p.write_bytes(
+            reference_mutation(p.read_bytes(), draw) if draw(st.booleans()) else byte_mutation(p.read_bytes(), draw)
+        )
         refresh_digest(case / "bundle", "reference/reference.safetensors")
     elif target == "archive-bytes":
         a = case / "bundle.edgepack"
@@ -182,7 +242,7 @@ def reference_mutation(data: bytes, draw) -> bytes:
         t[name] = np.ascontiguousarray(t[name].reshape(-1)[: draw(st.integers(0, t[name].size))])
     elif op == "value" and t[name].size:
         flat = t[name].reshape(-1).copy()
-        bad = draw(st.sampled_from([-1, 10 ** 6, float("nan"), float("inf"), 2 ** 31 - 1]))
+        bad = draw(st.sampled_from([-1, 10**6, float("nan"), float("inf"), 2**31 - 1]))
         try:
             flat[draw(st.integers(0, flat.size - 1))] = bad
         except (OverflowError, ValueError):
@@ -204,8 +264,11 @@ def archive_mutation(archive: Path, draw) -> None:
             if j == k and op == "drop":
                 continue
             if j == k and op == "rename":
-                info.filename = draw(st.sampled_from(["../x", "/abs", "MANIFEST.JSON", "a\\b", "x" * 300,
-                                                      "onnx", "tokenizer/", "manifest.json"]))
+                info.filename = draw(
+                    st.sampled_from(
+                        ["../x", "/abs", "MANIFEST.JSON", "a\\b", "x" * 300, "onnx", "tokenizer/", "manifest.json"]
+                    )
+                )
             if j == k and op == "compress":
                 info.compress_type = zipfile.ZIP_DEFLATED
             if j == k and op == "symlink":
@@ -243,10 +306,13 @@ def exercise(source: Path, world) -> str:
 
 
 @pytest.mark.filterwarnings("ignore:Duplicate name")  # the archive mutation writes duplicates on purpose
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=os.environ.get("EDGEPACK_FUZZ_RANDOM") != "1",
-          database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=os.environ.get("EDGEPACK_FUZZ_RANDOM") != "1",
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(data=st.data())
 def test_mutated_bundles_work_or_fail_with_one_error(world, data):
     case = Path(tempfile.mkdtemp(dir=world["work"]))
@@ -274,8 +340,13 @@ def test_mutated_bundles_work_or_fail_with_one_error(world, data):
         shutil.rmtree(case, ignore_errors=True)
 
 
-@settings(max_examples=200, deadline=None, derandomize=os.environ.get("EDGEPACK_FUZZ_RANDOM") != "1",
-          database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=os.environ.get("EDGEPACK_FUZZ_RANDOM") != "1",
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_mutated_conversation_files_never_stop_the_chat_store(tmp_path_factory, data):
     """tui.store: whatever a conversation file holds, listing skips it with a warning or loads it."""

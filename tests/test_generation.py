@@ -1,5 +1,6 @@
 """runtime.generation on a tiny bundle: greedy equals Hugging Face token for token, streaming equals
 non-streaming, seeded sampling is reproducible, stop strings are never emitted, context policy."""
+
 from __future__ import annotations
 
 import threading
@@ -34,12 +35,18 @@ def hf(tiny_checkpoint):
 
 def chat_ids(bundle, text="Tell me about the Cotswolds.") -> list[int]:
     return ChatSession(bundle.generator(), bundle.tokenizer, "You are tiny.").build_prompt(
-        [{"role": "user", "content": text}], 16)[0]
+        [{"role": "user", "content": text}], 16
+    )[0]
 
 
 def hf_generate(hf, ids, **kw) -> list[int]:
-    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                      pad_token_id=0, eos_token_id=2, **kw)[0, len(ids):].tolist()
+    out = hf.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        pad_token_id=0,
+        eos_token_id=2,
+        **kw,
+    )[0, len(ids) :].tolist()
     return out[: out.index(2)] if 2 in out else out
 
 
@@ -104,8 +111,14 @@ def test_seeded_sampling_is_reproducible(bundle):
     assert b.cached_tokens == len(ids) - 1
     c = bundle.generator().generate(ids, s)
     assert a.token_ids == b.token_ids == c.token_ids and a.new_tokens > 5
-    others = {tuple(gen.generate(ids, SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, seed=k,
-                                                       max_new_tokens=30)).token_ids) for k in range(4)}
+    others = {
+        tuple(
+            gen.generate(
+                ids, SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, seed=k, max_new_tokens=30)
+            ).token_ids
+        )
+        for k in range(4)
+    }
     assert len(others) > 1  # the seed matters
 
 
@@ -114,20 +127,31 @@ def test_stop_strings_are_never_emitted(bundle):
     ids = bundle.tokenizer.encode("The quick brown fox")
     full = gen.generate(ids, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60))
     text = full.text
-    printable = [i for i in range(5, len(text) - 3) if text[i : i + 3].isprintable() and "\ufffd" not in text[i : i + 3]]
+    printable = [
+        i for i in range(5, len(text) - 3) if text[i : i + 3].isprintable() and "\ufffd" not in text[i : i + 3]
+    ]
     assert printable, text
     stop = text[printable[0] : printable[0] + 3]
     cut = text.index(stop)
-    events = list(gen.stream(ids, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60,
-                                                   stop_strings=("\x00never", stop))))
+    events = list(
+        gen.stream(
+            ids,
+            SamplingSettings(
+                temperature=0.0, repetition_penalty=1.3, max_new_tokens=60, stop_strings=("\x00never", stop)
+            ),
+        )
+    )
     out = "".join(e.text for e in events)
     assert out == text[:cut] == gen.last_result.text
     assert gen.last_result.stop_reason == "stop_string"
     assert all(stop not in e.text for e in events) and stop not in out
     # A stop string that never completes: the held-back start is released, nothing is lost.
     never = stop[:2] + "\x01"
-    events = list(gen.stream(ids, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60,
-                                                   stop_strings=(never,))))
+    events = list(
+        gen.stream(
+            ids, SamplingSettings(temperature=0.0, repetition_penalty=1.3, max_new_tokens=60, stop_strings=(never,))
+        )
+    )
     assert "".join(e.text for e in events) == text
 
 

@@ -2,6 +2,7 @@
 
 The model is widened so every in_features (128, 256) is a multiple of the group size (32); one GPTQ run
 and one EoRA run are shared by all tests in this file (~30 s on 2 cores)."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def save_tiny_tokenizer(path: Path, vocab_size: int = VOCAB) -> None:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                            unk_token="<pad>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>"
+    ).save_pretrained(path)
 
 
 def calibration(n: int, seqlen: int, seed: int) -> list[list[int]]:
@@ -163,6 +165,7 @@ def test_eora_reduces_the_quantization_error(run):
     def keep_input(name):
         def hook(module, args, output):
             inputs[name] = args[0].reshape(-1, args[0].shape[-1])
+
         return hook
 
     hooks = [m.register_forward_hook(keep_input(n)) for n, m in run["model"].named_modules() if n in eora]
@@ -208,7 +211,9 @@ def test_calibration_rows_accept_ids_tensors_and_masked_dicts():
     from compressor.gptq import calibration_rows
 
     ids = list(range(3, 15))
-    rows = calibration_rows([ids, torch.tensor([ids]), {"input_ids": ids + [0, 0], "attention_mask": [1] * 12 + [0, 0]},
-                             [5] * 10], limit=None)
+    rows = calibration_rows(
+        [ids, torch.tensor([ids]), {"input_ids": ids + [0, 0], "attention_mask": [1] * 12 + [0, 0]}, [5] * 10],
+        limit=None,
+    )
     assert rows == [ids, ids, ids]  # the 10-token row is dropped, as gptqmodel would silently do
     assert calibration_rows([ids] * 5, limit=2) == [ids, ids]

@@ -1,4 +1,5 @@
 """`edgepack import` on GGUF files and HF directories written in the test."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """runtime/ and tui/ must never import the heavy stack: a laptop runs a bundle with a small install."""
+
 from __future__ import annotations
 
 import pkgutil

@@ -1,5 +1,6 @@
 """LoRA stage: training lowers the loss, checkpoints resume exactly, and the float merge (with N:M masks
 re-applied or kept dense) equals base + B·A·(alpha/r)."""
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,9 @@ def test_example_helpers():
     assert windows == [([0, 1, 2, 3], [0, 1, 2, 3]), ([4, 5, 6, 7], [4, 5, 6, 7])]  # ragged tail dropped
     ids, labels = L.qa_example([5, 6, 7], [8, 9], eos_id=2)
     assert ids == [5, 6, 7, 8, 9, 2] and labels == [-100, -100, -100, 8, 9, 2]
-    kept, dropped = L.prepare_examples([(ids, labels), ([1, 2], [-100, -100]), ([1] * 9 + [4], [-100] * 9 + [4])], max_len=4)
+    kept, dropped = L.prepare_examples(
+        [(ids, labels), ([1, 2], [-100, -100]), ([1] * 9 + [4], [-100] * 9 + [4])], max_len=4
+    )
     assert dropped == 1 and kept[0] == ([7, 8, 9, 2], [-100, 8, 9, 2]) and kept[1] == ([1, 1, 1, 4], [-100] * 3 + [4])
     batch = L.collate([([1, 2, 3], [1, 2, 3]), ([4], [4])], pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
@@ -56,7 +59,9 @@ def test_schedule_warms_up_then_decays_to_zero():
 def test_training_lowers_train_and_heldout_loss(tmp_path):
     train, held = data()
     model = make_tiny_llama("plain")
-    peft_model, rec = L.train_lora(model, train, held, quick(steps=40, eval_every=20, checkpoint_every=20, lr=1e-2), tmp_path)
+    peft_model, rec = L.train_lora(
+        model, train, held, quick(steps=40, eval_every=20, checkpoint_every=20, lr=1e-2), tmp_path
+    )
     losses = [loss for _, loss in rec["train_loss"]]
     assert len(losses) == 40 and rec["start_step"] == 0 and rec["final_step"] == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
@@ -134,12 +139,18 @@ def randomized_adapter(settings: L.LoraTraining):
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
-            for k, v in peft_model.named_parameters() if "lora_" not in k}
+    base = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v.detach().clone()
+        for k, v in peft_model.named_parameters()
+        if "lora_" not in k
+    }
     ab = {}
     for name, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in module.lora_A:
-            ab[name] = (module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
+            ab[name] = (
+                module.lora_A["default"].weight.detach().clone(),
+                module.lora_B["default"].weight.detach().clone(),
+            )
     return peft_model.eval(), base, ab
 
 
@@ -191,9 +202,12 @@ def test_merge_reapplies_or_keeps_the_width_masks(keep_dense):
     down = merged.get_submodule("model.layers.1.mlp.down_proj").weight.detach()
     assert (down[~masks["model.layers.1.mlp.down_proj"]] == 0).all()
     total = sum(((b @ a) * scaling).pow(2).sum() for a, b in ab.values())
-    assert rec["delta_norm_fraction_on_pruned"] == pytest.approx(float((delta[~masks[q]].pow(2).sum() / total).sqrt()), rel=1e-5)
+    assert rec["delta_norm_fraction_on_pruned"] == pytest.approx(
+        float((delta[~masks[q]].pow(2).sum() / total).sqrt()), rel=1e-5
+    )
     assert rec["delta_norm_fraction_on_pruned_by_module"][q] == pytest.approx(
-        float(delta[~masks[q]].norm() / delta.norm()), rel=1e-5)
+        float(delta[~masks[q]].norm() / delta.norm()), rel=1e-5
+    )
 
 
 def test_merge_rejects_bad_masks():

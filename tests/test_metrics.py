@@ -1,4 +1,5 @@
 """The shared quality harness: metrics checked against independent computations on tiny models."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -110,8 +111,11 @@ def test_reference_round_trips(tmp_path):
     from runtime.reference import Reference
 
     rng = np.random.default_rng(1)
-    ref = Reference(rng.integers(0, 100, (2, 8)), rng.integers(0, 100, (2, 7, 4)).astype(np.int32),
-                    rng.normal(size=(2, 7, 4)).astype(np.float32))
+    ref = Reference(
+        rng.integers(0, 100, (2, 8)),
+        rng.integers(0, 100, (2, 7, 4)).astype(np.int32),
+        rng.normal(size=(2, 7, 4)).astype(np.float32),
+    )
     ref.save(tmp_path / "r.safetensors")
     back = Reference.load(tmp_path / "r.safetensors")
     assert np.array_equal(back.window_ids, ref.window_ids) and np.array_equal(back.top_logp, ref.top_logp)
@@ -124,8 +128,13 @@ def test_triviaqa_harness_runs_on_tiny_model(tiny_checkpoint):
 
     tok = TextTokenizer(tiny_checkpoint)
     backend = TorchBackend.from_pretrained(tiny_checkpoint, pad_id=tok.pad_id)
-    res = eval_triviaqa(backend, tok, EvalLimits(qa_questions=3, qa_max_new_tokens=4, triviaqa="tiny-triviaqa"),
-                        progress=False, return_predictions=True)
+    res = eval_triviaqa(
+        backend,
+        tok,
+        EvalLimits(qa_questions=3, qa_max_new_tokens=4, triviaqa="tiny-triviaqa"),
+        progress=False,
+        return_predictions=True,
+    )
     assert res["closed"]["n"] == res["open"]["n"] == 3
     assert [p["id"] for p in res["closed"]["predictions"]] == [p["id"] for p in res["open"]["predictions"]]
     assert 0.0 <= res["open"]["contains"] <= 1.0

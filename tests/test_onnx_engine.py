@@ -1,5 +1,6 @@
 """runtime.onnx_engine against Hugging Face: prefill + decode logits, greedy generation, log-probs, with the
 KV cache shared in place between past and present."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -68,7 +69,7 @@ def test_chat_continuation_appends_to_the_cache(tmp_path):
     dec.decode(7)
     turn2 = [4, 99, 150, 23]
     got = dec.prefill(turn2, all_logits=True)
-    want = hf_logits(model, np.array([PROMPT + [7] + turn2]))[0, -len(turn2):]
+    want = hf_logits(model, np.array([PROMPT + [7] + turn2]))[0, -len(turn2) :]
     np.testing.assert_allclose(got, want, atol=1e-4)
     dec.reset()
     np.testing.assert_allclose(dec.prefill(turn2), hf_logits(model, np.array([turn2]))[0, -1], atol=1e-4)
@@ -81,7 +82,9 @@ def test_batched_greedy_equals_hf_generate(tmp_path, kind, seed):
     prompts = [RNG.integers(3, 256, n).tolist() for n in (4, 11, 7, 1)]
     got = dec.greedy(prompts, 12, set())
     for p, g in zip(prompts, got):
-        want = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+        want = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, pad_token_id=0)[
+            0, len(p) :
+        ].tolist()
         assert g == want
     assert len({tuple(g) for g in got}) > 1  # rows really differ: padding did not leak between them
 

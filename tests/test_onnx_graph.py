@@ -3,6 +3,7 @@
 Helpers here (pruned reference models, synthetic GPTQ tensors, a one-shot ORT run) are also used by
 tests/test_onnx_engine.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,15 @@ from exporter.onnx_graph import (
 from exporter.rope import cos_sin_cache, rope_from_hf
 from runtime.errors import EdgepackError
 
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJ = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -51,7 +59,11 @@ def hf_with_weights(config, weights: dict[str, np.ndarray]):
 
     model = LlamaForCausalLM(config).float().eval()
     skip = {"lm_head.weight"} if config.tie_word_embeddings else set()  # tied: the head is the embedding
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items() if k in model.state_dict() and k not in skip}
+    sd = {
+        k: torch.from_numpy(np.ascontiguousarray(v))
+        for k, v in weights.items()
+        if k in model.state_dict() and k not in skip
+    }
     model.load_state_dict(sd, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -70,7 +82,7 @@ def depth_pruned(kind: str = "plain", drop=(1, 2)):
         prefix = f"model.layers.{old}."
         for k, v in sd.items():
             if k.startswith(prefix):
-                out[f"model.layers.{new}." + k[len(prefix):]] = v
+                out[f"model.layers.{new}." + k[len(prefix) :]] = v
     config = full.config.__class__(**{**full.config.to_dict(), "num_hidden_layers": len(keep)})
     ref = LlamaForCausalLM(config).float().eval()
     ref.load_state_dict({k: torch.from_numpy(v) for k, v in out.items()}, strict=False)
@@ -173,7 +185,9 @@ def gptq_weights(weights: dict, group: int, rng, act_order=False, sym=False):
             prefix = name[: -len(".weight")]
             qw, qz, sc, gi = fake_gptq(weights[name], group, rng, act_order=act_order, sym=sym)
             del quant[name]
-            quant.update({f"{prefix}.qweight": qw, f"{prefix}.qzeros": qz, f"{prefix}.scales": sc, f"{prefix}.g_idx": gi})
+            quant.update(
+                {f"{prefix}.qweight": qw, f"{prefix}.qzeros": qz, f"{prefix}.scales": sc, f"{prefix}.g_idx": gi}
+            )
             deq[name] = dequantize_gptq(qw, qz, sc, gi, bits=4, zero_offset=1)
     return quant, deq
 
@@ -182,9 +196,12 @@ def run_graph(path, meta, ids: np.ndarray) -> np.ndarray:
     """All-position logits of one cache-less forward pass of a built graph."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     b, t = ids.shape
-    feeds = {"input_ids": ids.astype(np.int64), "seqlens_k": np.full(b, t - 1, np.int32),
-             "total_sequence_length": np.array(t, np.int32),
-             "logits_positions": np.tile(np.arange(t, dtype=np.int64), (b, 1))}
+    feeds = {
+        "input_ids": ids.astype(np.int64),
+        "seqlens_k": np.full(b, t - 1, np.int32),
+        "total_sequence_length": np.array(t, np.int32),
+        "logits_positions": np.tile(np.arange(t, dtype=np.int64), (b, 1)),
+    }
     for kv in meta["kv_cache"]:
         feeds[kv["past_key"]] = feeds[kv["past_value"]] = np.zeros((b, kv["kv_heads"], 0, meta["head_dim"]), np.float32)
     return sess.run(["logits"], feeds)[0]
@@ -199,7 +216,9 @@ def build(tmp_path, weights, config, name="model", **opts):
     spec = spec_from_hf_config(config, weights)
     eora = opts.pop("eora", None)
     path = tmp_path / name / "model.onnx"
-    meta = build_decoder(weights, spec, path, GraphOptions(max_len=opts.pop("max_len", 96), **opts), eora=eora, progress=False)
+    meta = build_decoder(
+        weights, spec, path, GraphOptions(max_len=opts.pop("max_len", 96), **opts), eora=eora, progress=False
+    )
     return path, meta
 
 
@@ -250,13 +269,20 @@ def test_gptq_zero_of_sixteen_uses_float_zero_points():
     scales = np.full((1, 16), 0.01, np.float16)
     nb = gptq_to_matmulnbits(qweight, pack_gptq_int32(stored, 1), scales, np.zeros(32, np.int64), group_size=32)
     assert nb.zero_points.dtype == np.float32 and (nb.zero_points == 16).all()
-    np.testing.assert_array_equal(dequantize_matmulnbits(nb), dequantize_gptq(qweight, pack_gptq_int32(stored, 1), scales, np.zeros(32)))
+    np.testing.assert_array_equal(
+        dequantize_matmulnbits(nb), dequantize_gptq(qweight, pack_gptq_int32(stored, 1), scales, np.zeros(32))
+    )
 
 
 def test_gptq_conversion_refuses_non_group_g_idx():
     with pytest.raises(EdgepackError, match="g_idx"):
-        gptq_to_matmulnbits(np.zeros((4, 8), np.int32), np.zeros((2, 1), np.int32), np.ones((2, 8), np.float16),
-                            np.array([0] * 20 + [1] * 12), group_size=16)  # groups of 20 and 12 rows
+        gptq_to_matmulnbits(
+            np.zeros((4, 8), np.int32),
+            np.zeros((2, 1), np.int32),
+            np.ones((2, 8), np.float16),
+            np.array([0] * 20 + [1] * 12),
+            group_size=16,
+        )  # groups of 20 and 12 rows
 
 
 def _one_node_session(lin: Linear, k: int, accuracy_level: int = 1, fuse_a: bool = False):
@@ -265,9 +291,16 @@ def _one_node_session(lin: Linear, k: int, accuracy_level: int = 1, fuse_a: bool
     g = GraphWriter()
     y = g.linear("x", lin, "proj", accuracy_level, fuse_a=fuse_a)
     g.node("Identity", [y], outputs=["y"])
-    graph = helper.make_graph(g.nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", lin.n])], g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10)
+    graph = helper.make_graph(
+        g.nodes,
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", lin.n])],
+        g.initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)], ir_version=10
+    )
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -356,8 +389,12 @@ def test_rope_cache_matches_hf_rotary_embedding(kind):
 def test_spec_reads_pruned_shapes_from_weights():
     _, weights, config = channel_pruned("llama32")
     spec = spec_from_hf_config(config, weights)
-    assert [(l.num_attention_heads, l.num_key_value_heads, l.intermediate_size) for l in spec.layers] == \
-        [(4, 2, 96), (2, 1, 64), (4, 2, 128), (2, 1, 48)]
+    assert [(l.num_attention_heads, l.num_key_value_heads, l.intermediate_size) for l in spec.layers] == [
+        (4, 2, 96),
+        (2, 1, 64),
+        (4, 2, 128),
+        (2, 1, 48),
+    ]
     assert spec.tie_word_embeddings and spec.rope.kind == "llama3" and spec.head_dim == 16
     _, weights, config = depth_pruned("plain")
     assert spec_from_hf_config(config, weights).n_layers == 2
@@ -374,8 +411,11 @@ def test_fp32_graph_matches_hf(tmp_path, kind):
     np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(model, IDS), atol=1e-4)
     assert (path.parent / "model.onnx.data").exists()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    stored = json.loads(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-                        .get_modelmeta().custom_metadata_map["edgepack"])
+    stored = json.loads(
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        .get_modelmeta()
+        .custom_metadata_map["edgepack"]
+    )
     assert stored == json.loads(json.dumps(meta))
     assert [kv["kv_heads"] for kv in meta["kv_cache"]] == [2, 2, 2, 2] and meta["max_len"] == 96
 
@@ -410,8 +450,11 @@ def test_layer_without_attention_or_mlp(tmp_path):
             getattr(model.model.layers[1].self_attn, name).weight.zero_()
         for name in ("gate_proj", "up_proj", "down_proj"):
             getattr(model.model.layers[2].mlp, name).weight.zero_()
-    weights = {k: v for k, v in weights.items()
-               if not k.startswith("model.layers.1.self_attn.") and not k.startswith("model.layers.2.mlp.")}
+    weights = {
+        k: v
+        for k, v in weights.items()
+        if not k.startswith("model.layers.1.self_attn.") and not k.startswith("model.layers.2.mlp.")
+    }
     path, meta = build(tmp_path, weights, model.config)
     assert [kv["layer"] for kv in meta["kv_cache"]] == [0, 2, 3]
     np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(model, IDS), atol=1e-4)
@@ -473,8 +516,9 @@ def test_eora_graph_equals_dequantized_plus_low_rank(tmp_path, fuse_a):
             eora[name] = (a, b)
             a_used = dequantize_matmulnbits(quantize_rtn(a, 4, 64, symmetric=False)) if fuse_a else a
             corrected[f"{name}.weight"] = deq[f"{name}.weight"] + b @ a_used
-    path, meta = build(tmp_path, quant, model.config, gptq=GptqFormat(group_size=64), accuracy_level=1, eora=eora,
-                       eora_fuse_a=fuse_a)
+    path, meta = build(
+        tmp_path, quant, model.config, gptq=GptqFormat(group_size=64), accuracy_level=1, eora=eora, eora_fuse_a=fuse_a
+    )
     assert meta["weights"]["eora_modules"] == len(eora) and meta["weights"]["eora_fuse_a"] == fuse_a
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
     branches = model.config.num_hidden_layers * 4  # q|k|v, o, gate|up, down
@@ -490,13 +534,19 @@ def test_eora_graph_equals_dequantized_plus_low_rank(tmp_path, fuse_a):
 def test_quantized_embedding_and_head(tmp_path, kind, table):
     model = make_tiny_llama(kind)
     weights = numpy_state(model)
-    path, meta = build(tmp_path, weights, model.config, embedding=table, lm_head=table, head_block_size=32, accuracy_level=1)
+    path, meta = build(
+        tmp_path, weights, model.config, embedding=table, lm_head=table, head_block_size=32, accuracy_level=1
+    )
     bits = {"int8": 8, "int4": 4}[table]
     deq = dict(weights)
-    deq["model.embed_tokens.weight"] = dequantize_matmulnbits(quantize_rtn(weights["model.embed_tokens.weight"], bits, 32))
+    deq["model.embed_tokens.weight"] = dequantize_matmulnbits(
+        quantize_rtn(weights["model.embed_tokens.weight"], bits, 32)
+    )
     if not model.config.tie_word_embeddings:
         deq["lm_head.weight"] = dequantize_matmulnbits(quantize_rtn(weights["lm_head.weight"], bits, 32))
-    np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(hf_with_weights(model.config, deq), IDS), atol=2e-4)
+    np.testing.assert_allclose(
+        run_graph(path, meta, IDS), hf_logits(hf_with_weights(model.config, deq), IDS), atol=2e-4
+    )
     if model.config.tie_word_embeddings:  # one packed table serves both the lookup and the LM head
         import onnx
 
@@ -510,9 +560,14 @@ def test_int8_eora_branch_is_close_to_exact(tmp_path):
     model = make_tiny_llama("plain")
     weights = numpy_state(model)
     rng = np.random.default_rng(2)
-    eora = {f"model.layers.{i}.self_attn.{m}": ((rng.standard_normal((8, 64)) * 0.2).astype(np.float32),
-                                                (rng.standard_normal((64, 8)) * 0.2).astype(np.float32))
-            for i in range(4) for m in ("q_proj", "o_proj")}
+    eora = {
+        f"model.layers.{i}.self_attn.{m}": (
+            (rng.standard_normal((8, 64)) * 0.2).astype(np.float32),
+            (rng.standard_normal((64, 8)) * 0.2).astype(np.float32),
+        )
+        for i in range(4)
+        for m in ("q_proj", "o_proj")
+    }
     p8, m8 = build(tmp_path, weights, model.config, name="e8", eora=eora, eora_bits=8, accuracy_level=1)
     p32, m32 = build(tmp_path, weights, model.config, name="e32", eora=eora, accuracy_level=1)
     deq = dict(weights)
@@ -534,7 +589,9 @@ def test_tied_fp32_head_shares_the_embedding(tmp_path):
     assert sum(1 for t in graph.initializer if tuple(t.dims) == (256, 64)) == 1
     ops = [n.op_type for n in graph.node]
     assert ops.count("GroupQueryAttention") == 4 and ops.count("SkipSimplifiedLayerNormalization") == 8
-    assert ops.count("SimplifiedLayerNormalization") == 1 and ops.count("MatMul") == 16  # 4 layers x (qkv, o, gate|up, down)
+    assert (
+        ops.count("SimplifiedLayerNormalization") == 1 and ops.count("MatMul") == 16
+    )  # 4 layers x (qkv, o, gate|up, down)
 
 
 def test_gptq_weights_without_format_are_refused(tmp_path):
@@ -561,16 +618,23 @@ def test_real_gptqmodel_checkpoint_matches_torch_dequant(tmp_path):
     model = make_tiny_llama("llama32", hidden_size=128, intermediate_size=256, head_dim=32)
     model.save_pretrained(base)
     save_tiny_tokenizer(base)
-    quantize_gptq(base, calibration(16, 48, seed=2), tmp_path / "gptq",
-                  GptqStage(group_size=32, desc_act=True, samples=16, damp=0.05))
+    quantize_gptq(
+        base,
+        calibration(16, 48, seed=2),
+        tmp_path / "gptq",
+        GptqStage(group_size=32, desc_act=True, samples=16, damp=0.05),
+    )
     cfg = read_quantize_config(tmp_path / "gptq")
     tensors = {}
     for f in sorted((tmp_path / "gptq").glob("model*.safetensors")):
         tensors.update(load_file(f))
     g_idx = tensors["model.layers.0.self_attn.q_proj.g_idx"]
     assert not np.array_equal(g_idx, np.arange(g_idx.size) // 32)  # really act-order
-    fmt = GptqFormat(bits=cfg["bits"], group_size=cfg["group_size"],
-                     zero_offset=1 if cfg.get("checkpoint_format", cfg.get("format", "gptq")) == "gptq" else 0)
+    fmt = GptqFormat(
+        bits=cfg["bits"],
+        group_size=cfg["group_size"],
+        zero_offset=1 if cfg.get("checkpoint_format", cfg.get("format", "gptq")) == "gptq" else 0,
+    )
     path, meta = build(tmp_path, tensors, model.config, gptq=fmt, accuracy_level=1)
     ref = load_quantized(tmp_path / "gptq")
     np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(ref, IDS), atol=2e-4)

@@ -1,4 +1,5 @@
 """Recipes and the resumable pipeline, on a tiny imported model."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,15 @@ from compressor.recipe import Calibration, DepthStage, Recipe, WidthStage, load_
 from runtime.errors import EdgepackError
 from runtime.harness import EvalLimits
 
-TINY_LIMITS = EvalLimits(ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext",
-                         triviaqa="tiny-triviaqa")
+TINY_LIMITS = EvalLimits(
+    ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+)
 
 
 def tiny_recipe(model_dir, **stages_) -> Recipe:
-    return Recipe(name="t", model=str(model_dir), calibration=Calibration(samples=4, seqlen=32, batch_size=2),
-                  **stages_)
+    return Recipe(
+        name="t", model=str(model_dir), calibration=Calibration(samples=4, seqlen=32, batch_size=2), **stages_
+    )
 
 
 def test_presets_parse_with_seed_notation():
@@ -54,6 +57,7 @@ def test_pipeline_resumes_after_interrupt_without_redoing_stages(tiny_checkpoint
             if fail:
                 raise KeyboardInterrupt
             return real[name](ctx, src, out)
+
         return run
 
     recipe = tiny_recipe(tiny_checkpoint, depth=DepthStage(remove=1), width=WidthStage(n=1, m=4))
@@ -112,9 +116,12 @@ def test_full_pipeline_lora_gptq_eora_records_each_stage(tiny_checkpoint, tmp_pa
     from compressor.torch_backend import load_causal_lm
 
     recipe = tiny_recipe(
-        tiny_checkpoint, depth=DepthStage(remove=1), width=WidthStage(n=1, m=4),
+        tiny_checkpoint,
+        depth=DepthStage(remove=1),
+        width=WidthStage(n=1, m=4),
         lora=LoraStage(dataset="triviaqa", samples=16, batch_size=4, seqlen=128),
-        gptq=GptqStage(group_size=32, samples=8, seqlen=64), eora=EoraStage(rank=4, samples=8, seqlen=64),
+        gptq=GptqStage(group_size=32, samples=8, seqlen=64),
+        eora=EoraStage(rank=4, samples=8, seqlen=64),
     )
     summary = pipeline.run_pipeline(recipe, tmp_path / "w", eval_limits=TINY_LIMITS, log=lambda m: None)
     stages_ = {s["stage"]: s for s in summary["stages"]}

@@ -1,6 +1,7 @@
 """Config validation: every bad recipe (or graph) value gets one error line, and the same line whichever way
 the recipe arrives (dataclass, preset string, TOML recipe file, sweep grid), because the check lives in one
 place (runtime.settings.Settings.__post_init__, via the Literal choices and each class's check())."""
+
 from __future__ import annotations
 
 import re
@@ -84,7 +85,7 @@ def test_recipe_level_rules_are_checked_once_whichever_way_the_recipe_arrives(tm
     f.write_text("[eora]\nrank = 8\n")
     with pytest.raises(EdgepackError, match=f"^{re.escape(str(f))}: {eora_alone}"):
         load_recipe(f)
-    assert load_recipe(f.parent / _write(f, '[gptq]\n[eora]\nrank = 8\n')).eora.rank == 8
+    assert load_recipe(f.parent / _write(f, "[gptq]\n[eora]\nrank = 8\n")).eora.rank == 8
 
 
 def _write(path, text):
@@ -116,21 +117,44 @@ def test_valid_values_pass_and_keep_their_fingerprints():
     """Validation adds no field: the stage settings (and so the pipeline's fingerprints) are unchanged."""
     from dataclasses import asdict
 
-    assert asdict(GptqStage()) == {"bits": 4, "group_size": 128, "sym": True, "desc_act": False, "damp": 0.01,
-                                   "samples": 32, "seqlen": 512, "dataset": "wikitext"}
-    assert set(asdict(LoraStage())) == {"dataset", "triviaqa_mode", "rank", "alpha", "dropout", "targets", "samples",
-                                        "batch_size", "grad_accum", "lr", "seqlen", "keep_dense"}
+    assert asdict(GptqStage()) == {
+        "bits": 4,
+        "group_size": 128,
+        "sym": True,
+        "desc_act": False,
+        "damp": 0.01,
+        "samples": 32,
+        "seqlen": 512,
+        "dataset": "wikitext",
+    }
+    assert set(asdict(LoraStage())) == {
+        "dataset",
+        "triviaqa_mode",
+        "rank",
+        "alpha",
+        "dropout",
+        "targets",
+        "samples",
+        "batch_size",
+        "grad_accum",
+        "lr",
+        "seqlen",
+        "keep_dense",
+    }
     assert ChannelStage(ffn_keep=1, kv_groups_keep=None).ffn_keep == 1
     assert DepthStage(method="iterative").method == "iterative" and WidthStage(n=12, m=16).sparsity == 0.75
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"embedding": "int2"}, "GraphOptions.embedding='int2': expected 'fp32' or 'int8' or 'int4'"),
-    ({"lm_head": "bf16"}, "GraphOptions.lm_head='bf16': expected 'fp32' or 'int8' or 'int4'"),
-    ({"projections": "fp16"}, "GraphOptions.projections='fp16': expected 'keep' or 'int4'"),
-    ({"eora_bits": 2}, "GraphOptions.eora_bits=2: expected 8 or 4 or None"),
-    ({"accuracy_level": 7}, "GraphOptions.accuracy_level=7: expected 0 or 1 or 2 or 3 or 4"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"embedding": "int2"}, "GraphOptions.embedding='int2': expected 'fp32' or 'int8' or 'int4'"),
+        ({"lm_head": "bf16"}, "GraphOptions.lm_head='bf16': expected 'fp32' or 'int8' or 'int4'"),
+        ({"projections": "fp16"}, "GraphOptions.projections='fp16': expected 'keep' or 'int4'"),
+        ({"eora_bits": 2}, "GraphOptions.eora_bits=2: expected 8 or 4 or None"),
+        ({"accuracy_level": 7}, "GraphOptions.accuracy_level=7: expected 0 or 1 or 2 or 3 or 4"),
+    ],
+)
 def test_graph_options_are_checked_on_construction(kwargs, message):
     with pytest.raises(EdgepackError, match=f"^{re.escape(message)}$"):
         GraphOptions(**kwargs)

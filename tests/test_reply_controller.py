@@ -3,6 +3,7 @@ a dataclass; the stream's final event carries its result; the chat's onnxruntime
 
 Runs the runtime's real Generator and ChatSession over tests/test_tui.py's scripted decoder (each step's
 logits point at the next byte of a fixed reply), so every outcome is deterministic."""
+
 from __future__ import annotations
 
 import subprocess
@@ -152,11 +153,19 @@ def test_progress_and_context_estimate_of_a_loaded_chat():
 def test_chat_message_round_trips_the_store_layout():
     m = ChatMessage("assistant", "hi", partial=True)
     assert m.to_dict() == {"role": "assistant", "content": "hi", "partial": True}
-    full = {"role": "assistant", "content": "x", "stop_reason": "max_tokens", "stats": {"new_tokens": 3},
-            "dropped": 2, "error": "E"}
+    full = {
+        "role": "assistant",
+        "content": "x",
+        "stop_reason": "max_tokens",
+        "stats": {"new_tokens": 3},
+        "dropped": 2,
+        "error": "E",
+    }
     assert ChatMessage.from_dict(full).to_dict() == full
-    assert reply_note(ChatMessage("assistant", partial=True)) == ("■ interrupted (the app stopped while writing)",
-                                                                 "warning")
+    assert reply_note(ChatMessage("assistant", partial=True)) == (
+        "■ interrupted (the app stopped while writing)",
+        "warning",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 raw httpx where the client would hide the wire): models, chat and completions (streaming and not), greedy
 equal to `edgepack generate`, 16 concurrent streams equal to their solo results, disconnect frees the slot,
 every bad request gets its 4xx in OpenAI's error shape, API keys, a full queue answers 429."""
+
 from __future__ import annotations
 
 import asyncio
@@ -50,9 +51,14 @@ def running_server(bundle_dir, *args: str):
     port = free_port()
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     env.pop("EDGEPACK_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "edgepack", "serve", str(bundle_dir), "--port", str(port),
-                             "--threads", "1", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgepack", "serve", str(bundle_dir), "--port", str(port), "--threads", "1", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + START_S
@@ -134,10 +140,28 @@ def test_models_health_and_bundle_info(server, bundle):
 def test_chat_greedy_equals_edgepack_generate(server, bundle, bundle_dir):
     prompt = "Tell me about the Cotswolds."
     reply = client(server).chat.completions.create(
-        model=bundle.name, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=20)
-    cli = subprocess.run([sys.executable, "-m", "edgepack", "generate", str(bundle_dir), prompt, "--temperature", "0",
-                          "--max-new-tokens", "20", "--threads", "1"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=WAIT_S)
+        model=bundle.name, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=20
+    )
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgepack",
+            "generate",
+            str(bundle_dir),
+            prompt,
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "20",
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert cli.returncode == 0, cli.stderr
     text = reply.choices[0].message.content
     assert cli.stdout == text + "\n"
@@ -152,9 +176,27 @@ def test_chat_greedy_equals_edgepack_generate(server, bundle, bundle_dir):
 def test_completion_greedy_equals_edgepack_generate_raw(server, bundle, bundle_dir):
     prompt = "The quick brown fox"
     reply = client(server).completions.create(model=bundle.name, prompt=prompt, temperature=0, max_tokens=24)
-    cli = subprocess.run([sys.executable, "-m", "edgepack", "generate", str(bundle_dir), prompt, "--raw",
-                          "--temperature", "0", "--max-new-tokens", "24", "--threads", "1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=WAIT_S)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgepack",
+            "generate",
+            str(bundle_dir),
+            prompt,
+            "--raw",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == reply.choices[0].text + "\n"
     assert reply.usage.completion_tokens == solo_completion(bundle, prompt, greedy(bundle, 24)).new_tokens
@@ -162,9 +204,15 @@ def test_completion_greedy_equals_edgepack_generate_raw(server, bundle, bundle_d
 
 def test_streaming_equals_non_streaming(server, bundle):
     c = client(server)
-    kw = dict(model=bundle.name, messages=[{"role": "system", "content": "Be brief."},
-                                           {"role": "user", "content": "Name a colour."}],
-              temperature=0.8, top_p=0.95, seed=11, max_completion_tokens=30, stop=["zz", "qq"])
+    kw = dict(
+        model=bundle.name,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+        temperature=0.8,
+        top_p=0.95,
+        seed=11,
+        max_completion_tokens=30,
+        stop=["zz", "qq"],
+    )
     whole = c.chat.completions.create(**kw)
     chunks = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -174,12 +222,16 @@ def test_streaming_equals_non_streaming(server, bundle):
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     # The wire: server-sent events ending with [DONE]; completions stream too.
-    with httpx.stream("POST", f"{server}/v1/completions", timeout=WAIT_S,
-                      json={"model": bundle.name, "prompt": "Once", "max_tokens": 5, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/completions",
+        timeout=WAIT_S,
+        json={"model": bundle.name, "prompt": "Once", "max_tokens": 5, "stream": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in r.iter_lines() if line]
     assert lines[-1] == "data: [DONE]"
-    events = [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    events = [json.loads(line[len("data: ") :]) for line in lines[:-1]]
     assert all(e["object"] == "text_completion" for e in events)
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -190,8 +242,13 @@ def test_sixteen_concurrent_greedy_streams_equal_solo(server, bundle):
 
     async def one(i, text, n):
         if i % 2:  # half through chat, half through completions
-            stream = await ac.chat.completions.create(model=bundle.name, messages=[{"role": "user", "content": text}],
-                                                      temperature=0, max_tokens=n, stream=True)
+            stream = await ac.chat.completions.create(
+                model=bundle.name,
+                messages=[{"role": "user", "content": text}],
+                temperature=0,
+                max_tokens=n,
+                stream=True,
+            )
             return "".join([ch.choices[0].delta.content or "" async for ch in stream if ch.choices])
         stream = await ac.completions.create(model=bundle.name, prompt=text, temperature=0, max_tokens=n, stream=True)
         return "".join([ch.choices[0].text async for ch in stream if ch.choices])
@@ -233,24 +290,38 @@ def test_bad_requests_get_openai_errors(server, bundle):
     assert_error_shape(post(content=b'{"model": ', headers={"content-type": "application/json"}), 400, "invalid_json")
     assert assert_error_shape(post(ok | {"temperature": "hot"}), 400)["param"] == "temperature"
     assert assert_error_shape(post(ok | {"max_tokens": 0}), 400)["param"] == "max_tokens"
-    assert assert_error_shape(post(ok | {"messages": [{"role": "robot", "content": "x"}]}), 400)["param"].startswith("messages")
+    assert assert_error_shape(post(ok | {"messages": [{"role": "robot", "content": "x"}]}), 400)["param"].startswith(
+        "messages"
+    )
     assert assert_error_shape(post(ok | {"bogus": 1}), 400, "unknown_parameter")["param"] == "bogus"
     assert_error_shape(post({"messages": ok["messages"]}), 400, "missing_required_parameter")
     assert_error_shape(post(ok | {"model": "gpt-4o"}), 404, "model_not_found")
-    for bad in ({"n": 2}, {"tools": [{"type": "function", "function": {"name": "f"}}]},
-                {"response_format": {"type": "json_object"}}, {"logprobs": True}, {"presence_penalty": 0.5}):
+    for bad in (
+        {"n": 2},
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"response_format": {"type": "json_object"}},
+        {"logprobs": True},
+        {"presence_penalty": 0.5},
+    ):
         err = assert_error_shape(post(ok | bad), 400, "unsupported_parameter")
         assert err["param"] == next(iter(bad))
     long = {"role": "user", "content": "word " * 600}
     assert_error_shape(post(ok | {"messages": [long]}), 400, "context_length_exceeded")
     assert_error_shape(post(ok | {"max_tokens": 100_000}), 400, "context_length_exceeded")
     assert_error_shape(post(content=b"x" * ((1 << 20) + 1), headers={"content-type": "application/json"}), 413)
-    assert_error_shape(post({"model": bundle.name, "prompt": ["a", "b"]}, path=f"{server}/v1/completions"), 400,
-                       "unsupported_parameter")
+    assert_error_shape(
+        post({"model": bundle.name, "prompt": ["a", "b"]}, path=f"{server}/v1/completions"),
+        400,
+        "unsupported_parameter",
+    )
     assert_error_shape(httpx.get(f"{server}/v1/files/etc/passwd", timeout=10), 404)
     surrogate = b'{"model": "%s", "prompt": "hi \\ud800", "max_tokens": 2}' % bundle.name.encode()
-    assert assert_error_shape(post(content=surrogate, path=f"{server}/v1/completions",
-                                   headers={"content-type": "application/json"}), 400)["param"] == "prompt"
+    assert (
+        assert_error_shape(
+            post(content=surrogate, path=f"{server}/v1/completions", headers={"content-type": "application/json"}), 400
+        )["param"]
+        == "prompt"
+    )
     # The official client raises its typed errors from these bodies.
     c = client(server)
     with pytest.raises(openai.BadRequestError) as e:
@@ -277,9 +348,14 @@ def test_api_key_required_and_checked(bundle_dir, bundle):
 def test_refuses_to_listen_beyond_loopback_without_a_key(bundle_dir):
     env = dict(os.environ)
     env.pop("EDGEPACK_API_KEY", None)
-    out = subprocess.run([sys.executable, "-m", "edgepack", "serve", str(bundle_dir), "--host", "0.0.0.0",
-                          "--port", str(free_port())], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=WAIT_S)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgepack", "serve", str(bundle_dir), "--host", "0.0.0.0", "--port", str(free_port())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "API key" in lines[0] and lines[0].startswith("edgepack: error:")

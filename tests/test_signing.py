@@ -1,4 +1,5 @@
 """Signed bundles: Ed25519 signatures over the manifest's bytes, checked offline before anything is parsed."""
+
 from __future__ import annotations
 
 import json
@@ -90,13 +91,16 @@ def test_a_manifest_changed_after_signing_is_refused(signed, alice):
         Bundle.open(signed, trust=TrustPolicy.from_args([str(alice[1])], False))
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("flip a signature byte", "bad signature"),
-    ("someone else's key", "bad signature"),
-    ("not json", "malformed JSON"),
-    ("wrong algorithm", "not an edgepack Ed25519 signature"),
-    ("short key", "malformed public key"),
-])
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("flip a signature byte", "bad signature"),
+        ("someone else's key", "bad signature"),
+        ("not json", "malformed JSON"),
+        ("wrong algorithm", "not an edgepack Ed25519 signature"),
+        ("short key", "malformed public key"),
+    ],
+)
 def test_bad_signatures_are_refused_even_without_trust(signed, tmp_path, damage, message):
     import base64
 

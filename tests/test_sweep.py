@@ -1,4 +1,5 @@
 """Study mode: grids, prefix sharing between grid points, the sweep's tables and plots, resuming."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ from compressor.recipe import PRUNED_PRESETS, Calibration, DepthStage, Recipe, W
 from runtime.errors import EdgepackError
 from runtime.harness import EvalLimits
 
-TINY_LIMITS = EvalLimits(ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext",
-                         triviaqa="tiny-triviaqa")
+TINY_LIMITS = EvalLimits(
+    ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUIET = lambda m: None  # noqa: E731
 
@@ -23,8 +25,9 @@ QUIET = lambda m: None  # noqa: E731
 def tiny_grid(tmp_path, model, presets) -> Path:
     runs = "".join(f'[[run]]\npreset = "{p}"\n' for p in presets)
     path = tmp_path / "tiny-grid.toml"
-    path.write_text(f'name = "tiny"\nmodel = "{model}"\n[calibration]\nsamples = 4\nseqlen = 32\nbatch_size = 2\n'
-                    + runs)
+    path.write_text(
+        f'name = "tiny"\nmodel = "{model}"\n[calibration]\nsamples = 4\nseqlen = 32\nbatch_size = 2\n' + runs
+    )
     return path
 
 
@@ -32,9 +35,11 @@ def counting_stages(monkeypatch, names=("depth", "width")) -> dict:
     calls = {n: 0 for n in names}
     real = dict(stages.STAGE_FUNCTIONS)
     for name in names:
+
         def run(ctx, src, out, _name=name):
             calls[_name] += 1
             return real[_name](ctx, src, out)
+
         monkeypatch.setitem(stages.STAGE_FUNCTIONS, name, run)
     return calls
 
@@ -52,17 +57,20 @@ def test_named_grids_and_grid_files(tmp_path):
     pairs = {}
     for r in order[1:]:
         d = r.to_dict()
-        pairs.setdefault(json.dumps({k: v for k, v in d.items() if k not in ("name", "order")}, sort_keys=True),
-                         set()).add(r.order)
+        pairs.setdefault(
+            json.dumps({k: v for k, v in d.items() if k not in ("name", "order")}, sort_keys=True), set()
+        ).add(r.order)
     assert pairs and all(v == {"DWL", "DLW"} for v in pairs.values())
 
     # TOML: top-level defaults, a preset run, a run built from sections, a section that only tunes existing stages
     f = tmp_path / "g.toml"
-    f.write_text('model = "m"\n[calibration]\nsamples = 8\n[lora]\nsamples = 16\ndataset = "triviaqa"\n'
-                 '[width]\nn = 2\nm = 4\nmethod = "wanda"\n'
-                 '[[run]]\npreset = "D2 lora=triviaqa"\n'
-                 '[[run]]\nname = "w"\n[run.width]\nn = 1\nm = 8\n[run.calibration]\nseqlen = 64\n'
-                 '[[run]]\npreset = "W1:8 lora=wikitext"\n')
+    f.write_text(
+        'model = "m"\n[calibration]\nsamples = 8\n[lora]\nsamples = 16\ndataset = "triviaqa"\n'
+        '[width]\nn = 2\nm = 4\nmethod = "wanda"\n'
+        '[[run]]\npreset = "D2 lora=triviaqa"\n'
+        '[[run]]\nname = "w"\n[run.width]\nn = 1\nm = 8\n[run.calibration]\nseqlen = 64\n'
+        '[[run]]\npreset = "W1:8 lora=wikitext"\n'
+    )
     name, recipes = sweep.load_grid(str(f), model="other")
     assert name == "g" and [r.name for r in recipes] == ["baseline", "D2 lora=triviaqa", "w", "W1:8 lora=wikitext"]
     d2, w, w18 = recipes[1:]
@@ -70,17 +78,25 @@ def test_named_grids_and_grid_files(tmp_path):
     assert (w18.width.n, w18.width.m) == (1, 8) and w18.lora.dataset == "wikitext" and w18.lora.samples == 16
     assert d2.model == "other" and d2.depth.remove == 2 and d2.calibration.samples == 8
     assert d2.lora.dataset == "triviaqa" and d2.lora.samples == 16  # preset's dataset kept, grid's samples applied
-    assert w.lora is None and (w.width.n, w.width.m) == (1, 8) and (w.calibration.samples, w.calibration.seqlen) == (8, 64)
+    assert (
+        w.lora is None and (w.width.n, w.width.m) == (1, 8) and (w.calibration.samples, w.calibration.seqlen) == (8, 64)
+    )
     assert sweep.labels(parse_preset("D2+W2:4 lora=wikitext order=DLW")) == {
-        "config": "D2+W2:4", "lora": "wikitext", "quant": "none", "order": "D→L→W"}
+        "config": "D2+W2:4",
+        "lora": "wikitext",
+        "quant": "none",
+        "order": "D→L→W",
+    }
     assert sweep.labels(parse_preset("W2:4 lora=wikitext"))["order"] == "W→L"
 
-    for text, msg in (('[[run]]\npreset = "D2"\nfoo = 1\n', "unknown key"),
-                      ('[[run]]\n[run.width]\nn = 1\n', "needs preset"),
-                      ('[[run]]\nname = "a"\npreset = "D2"\n[[run]]\nname = "a"\npreset = "D4"\n', "two different runs"),
-                      ('name = "x"\n', "no \\[\\[run\\]\\]"),
-                      ('orde = "DLW"\n[[run]]\npreset = "D2"\n', "unknown top-level key"),
-                      ('[[run]]\npreset = "D2"\n[run.width]\nnn = 1\n', "unknown setting")):
+    for text, msg in (
+        ('[[run]]\npreset = "D2"\nfoo = 1\n', "unknown key"),
+        ("[[run]]\n[run.width]\nn = 1\n", "needs preset"),
+        ('[[run]]\nname = "a"\npreset = "D2"\n[[run]]\nname = "a"\npreset = "D4"\n', "two different runs"),
+        ('name = "x"\n', "no \\[\\[run\\]\\]"),
+        ('orde = "DLW"\n[[run]]\npreset = "D2"\n', "unknown top-level key"),
+        ('[[run]]\npreset = "D2"\n[run.width]\nnn = 1\n', "unknown setting"),
+    ):
         f.write_text(text)
         with pytest.raises(EdgepackError, match=msg):
             sweep.load_grid(str(f))
@@ -95,14 +111,20 @@ def test_pareto_front_and_order_pairs():
 
 def test_share_prefix_links_finished_stages(tiny_checkpoint, tmp_path, monkeypatch):
     cal = Calibration(samples=4, seqlen=32, batch_size=2)
-    a = Recipe(name="a", model=str(tiny_checkpoint), calibration=cal, depth=DepthStage(remove=1),
-               width=WidthStage(n=1, m=4))
+    a = Recipe(
+        name="a", model=str(tiny_checkpoint), calibration=cal, depth=DepthStage(remove=1), width=WidthStage(n=1, m=4)
+    )
     pipeline.run_pipeline(a, tmp_path / "a", final_eval=False, log=QUIET)
 
-    b = Recipe(name="b", model=str(tiny_checkpoint), calibration=cal, depth=DepthStage(remove=1),
-               width=WidthStage(n=2, m=4))
-    other_calibration = Recipe(name="c", model=str(tiny_checkpoint), calibration=Calibration(samples=4, seqlen=32, seed=1),
-                               depth=DepthStage(remove=1))
+    b = Recipe(
+        name="b", model=str(tiny_checkpoint), calibration=cal, depth=DepthStage(remove=1), width=WidthStage(n=2, m=4)
+    )
+    other_calibration = Recipe(
+        name="c",
+        model=str(tiny_checkpoint),
+        calibration=Calibration(samples=4, seqlen=32, seed=1),
+        depth=DepthStage(remove=1),
+    )
     assert sweep.share_prefix(other_calibration, tmp_path / "c", [tmp_path / "a"]) == []  # fingerprint differs
     assert sweep.share_prefix(b, tmp_path / "b", [tmp_path / "missing", tmp_path / "a"]) == ["01-depth"]
     src, dst = tmp_path / "a/01-depth/model/model.safetensors", tmp_path / "b/01-depth/model/model.safetensors"
@@ -179,6 +201,7 @@ def test_sweep_end_to_end_tables_plots_and_resume(tiny_checkpoint, tmp_path, mon
     # resuming reruns nothing: no stage, no evaluation, no generation
     def boom(*a, **k):
         raise AssertionError("resumed sweep recomputed something")
+
     for name in stages.STAGE_FUNCTIONS:
         monkeypatch.setitem(stages.STAGE_FUNCTIONS, name, boom)
     monkeypatch.setattr(pipeline, "evaluate", boom)
@@ -193,8 +216,21 @@ def test_sweep_command_dry_run_and_ray_error(tiny_checkpoint, tmp_path, monkeypa
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     sweep.add_sweep_command(sub)
-    args = parser.parse_args(["sweep", "optimized", "--model", str(tiny_checkpoint), "--runs-dir", str(tmp_path),
-                              "--dry-run", "--jobs", "2", "--windows", "3"])
+    args = parser.parse_args(
+        [
+            "sweep",
+            "optimized",
+            "--model",
+            str(tiny_checkpoint),
+            "--runs-dir",
+            str(tmp_path),
+            "--dry-run",
+            "--jobs",
+            "2",
+            "--windows",
+            "3",
+        ]
+    )
     assert args.func(args) == 0
     err = capsys.readouterr().err
     assert "13 points in" in err and "windows=3" in err
@@ -222,7 +258,10 @@ def test_sweep_in_worker_processes(tiny_checkpoint, tmp_path):
     rows = {r.name: r for r in result["rows"]}
     assert list(rows) == ["baseline", "D1", "D1+W1:4"]
     d1, combo = Path(rows["D1"].workdir), Path(rows["D1+W1:4"].workdir)
-    assert os.stat(d1 / "01-depth/model/model.safetensors").st_ino == os.stat(combo / "01-depth/model/model.safetensors").st_ino
+    assert (
+        os.stat(d1 / "01-depth/model/model.safetensors").st_ino
+        == os.stat(combo / "01-depth/model/model.safetensors").st_ino
+    )
     assert rows["D1+W1:4"].shared == ["01-depth"]
     assert (tmp_path / "out/pareto.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -232,8 +271,9 @@ def test_sweep_as_ray_tasks(tiny_checkpoint, tmp_path):
     grid = tiny_grid(tmp_path, tiny_checkpoint, ["D1"])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # the 2 families in parallel
     try:
-        result = sweep.run_sweep(str(grid), tmp_path / "out", TINY_LIMITS, use_ray=True, runs_dir=tmp_path / "runs",
-                                 log=QUIET)
+        result = sweep.run_sweep(
+            str(grid), tmp_path / "out", TINY_LIMITS, use_ray=True, runs_dir=tmp_path / "runs", log=QUIET
+        )
     finally:
         ray.shutdown()
     rows = {r.name: r for r in result["rows"]}

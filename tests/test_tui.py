@@ -5,6 +5,7 @@ point at the next byte of a fixed reply; `delay` seconds per step), so streaming
 context policy are deterministic. The end-to-end tests use the real tiny bundle (ONNX model, tokenizer,
 chat template, quality claims) built in the test by tests/tiny_bundle.py.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,10 @@ from runtime.generation import Generator, SamplingSettings
 
 EOS = 3
 VOCAB = 256
-REPLY = ("Sure. Here is the idea in **two** steps:\n\n1. Read the file.\n2. Count the words.\n\n"
-         "```python\nwords = open('a.txt').read().split()\nprint(len(words))\n```\n")
+REPLY = (
+    "Sure. Here is the idea in **two** steps:\n\n1. Read the file.\n2. Count the words.\n\n"
+    "```python\nwords = open('a.txt').read().split()\nprint(len(words))\n```\n"
+)
 
 
 class ByteTokenizer:
@@ -85,19 +88,24 @@ class FakeBundle:
         return Generator(ScriptedDecoder(self.reply, self.max_len, self.delay), self.tokenizer)
 
     def sampling_defaults(self) -> SamplingSettings:
-        return SamplingSettings(temperature=0.0, top_p=0.9, repetition_penalty=1.0,
-                                max_new_tokens=self.max_new_tokens)
+        return SamplingSettings(temperature=0.0, top_p=0.9, repetition_penalty=1.0, max_new_tokens=self.max_new_tokens)
 
     def describe(self) -> dict:
         return {
-            "name": "SmolLM2-135M-Instruct D2+W1:8", "path": "/models/bundles/smollm2-d2-w1-8",
-            "source": "/models/bundles/smollm2-d2-w1-8", "recipe": "D2+W1:8",
+            "name": "SmolLM2-135M-Instruct D2+W1:8",
+            "path": "/models/bundles/smollm2-d2-w1-8",
+            "source": "/models/bundles/smollm2-d2-w1-8",
+            "recipe": "D2+W1:8",
             "stages": ["depth: removed=2", "width: n=1, m=8", "gptq: bits=4, group_size=128"],
-            "size_bytes": 91_000_000, "size_text": "86.8 MiB", "parameters": 119_000_000,
-            "context_length": self.max_len, "created_by": "edgepack 0.1.0",
-            "quality": [{"metric": "ppl", "label": "WikiText-2 perplexity", "value": 21.3, "text": "21.30", "n": 4088},
-                        {"metric": "top1", "label": "top-1 agreement vs reference", "value": 0.81,
-                         "text": "81.0 %", "n": 4088}],
+            "size_bytes": 91_000_000,
+            "size_text": "86.8 MiB",
+            "parameters": 119_000_000,
+            "context_length": self.max_len,
+            "created_by": "edgepack 0.1.0",
+            "quality": [
+                {"metric": "ppl", "label": "WikiText-2 perplexity", "value": 21.3, "text": "21.30", "n": 4088},
+                {"metric": "top1", "label": "top-1 agreement vs reference", "value": 0.81, "text": "81.0 %", "n": 4088},
+            ],
         }
 
 
@@ -105,9 +113,10 @@ def fake_checks(passed: bool = True):
     """What runtime.verify.verify_bundle returns, for a verify_fn stand-in."""
     from runtime.verify import MetricCheck
 
-    return [MetricCheck("ppl", 21.3, 21.31 if passed else 30.2, 0.426, passed, "relative 2 %; 1024 tokens, ctx=512"),
-            MetricCheck("top1", 0.81, 0.80, 0.05, True, "absolute; 1024 tokens, ctx=512")]
-
+    return [
+        MetricCheck("ppl", 21.3, 21.31 if passed else 30.2, 0.426, passed, "relative 2 %; 1024 tokens, ctx=512"),
+        MetricCheck("top1", 0.81, 0.80, 0.05, True, "absolute; 1024 tokens, ctx=512"),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,7 +146,9 @@ async def send(pilot, text: str, wait: bool = True) -> None:
     app.prompt_input.load_text(text)
     await pilot.press("enter")
     if wait:
-        await wait_for(pilot, lambda: app.job is None and sum(m["role"] == "assistant" for m in app.conv.messages) > replies)
+        await wait_for(
+            pilot, lambda: app.job is None and sum(m["role"] == "assistant" for m in app.conv.messages) > replies
+        )
         await pilot.pause()
     else:
         await wait_for(pilot, lambda: app.job is not None)
@@ -191,8 +202,9 @@ def test_reply_streams_into_the_log_and_is_saved(tmp_path, monkeypatch):
             await wait_for(pilot, lambda: 10 < len(view.widget.source) < len(REPLY) - 10)
             partial = view.widget.source
             assert REPLY.startswith(partial)  # drawn while streaming, a prefix of the reply
-            await wait_for(pilot, lambda: len(saved(tmp_path)[0]["messages"]) == 2
-                           and saved(tmp_path)[0]["messages"][1]["content"])
+            await wait_for(
+                pilot, lambda: len(saved(tmp_path)[0]["messages"]) == 2 and saved(tmp_path)[0]["messages"][1]["content"]
+            )
             disk = saved(tmp_path)[0]["messages"][1]
             assert disk["partial"] is True and REPLY.startswith(disk["content"])  # partial reply saved
             await wait_for(pilot, lambda: app.job is None)
@@ -207,6 +219,7 @@ def test_reply_streams_into_the_log_and_is_saved(tmp_path, monkeypatch):
             assert "tok/s" in status and f"/{app.generator.context_length:,}" in status
             # code block rendered by the Markdown widget as a fence
             from textual.widgets._markdown import MarkdownFence
+
             assert app.log_view.query(MarkdownFence)
 
     asyncio.run(run())
@@ -248,10 +261,16 @@ def test_conversation_and_prompt_history_survive_a_restart(tmp_path):
         async with app.run_test(size=(80, 24)) as pilot:
             await pilot.pause()
             # the most recent conversation is open again, with every turn
-            assert log_texts(app) == [("user", "First question"), ("assistant", REPLY),
-                                      ("user", "Second question"), ("assistant", REPLY)]
+            assert log_texts(app) == [
+                ("user", "First question"),
+                ("assistant", REPLY),
+                ("user", "Second question"),
+                ("assistant", REPLY),
+            ]
             sidebar = app.query_one("#chats")
-            assert len(sidebar.children) == 1 and "First question" in str(sidebar.children[0].query_one("Label").render())
+            assert len(sidebar.children) == 1 and "First question" in str(
+                sidebar.children[0].query_one("Label").render()
+            )
             assert "tok/s" in text_of(app.query_one("#status"))  # the last reply's numbers
             # Up recalls the prompts, newest first; Down comes back to the draft
             app.prompt_input.focus()
@@ -269,16 +288,21 @@ def test_conversation_and_prompt_history_survive_a_restart(tmp_path):
 def test_a_reply_cut_by_a_crash_reopens_marked_interrupted(tmp_path):
     from tui.store import Conversation, ConversationStore
 
-    conv = Conversation(title="Crashed", messages=[{"role": "user", "content": "Q"},
-                                                   {"role": "assistant", "content": "Half an ans", "partial": True}])
+    conv = Conversation(
+        title="Crashed",
+        messages=[{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Half an ans", "partial": True}],
+    )
     ConversationStore(tmp_path / "data").save(conv)
 
     async def run():
         app = make_app(tmp_path)
         async with app.run_test(size=(80, 24)) as pilot:
             await pilot.pause()
-            assert log_texts(app) == [("user", "Q"), ("assistant", "Half an ans"),
-                                      ("note", "■ interrupted (the app stopped while writing)")]
+            assert log_texts(app) == [
+                ("user", "Q"),
+                ("assistant", "Half an ans"),
+                ("note", "■ interrupted (the app stopped while writing)"),
+            ]
             await send(pilot, "Again?")  # the conversation goes on
             assert [m["role"] for m in saved(tmp_path)[0]["messages"]] == ["user", "assistant", "user", "assistant"]
 
@@ -488,7 +512,9 @@ def test_model_panel_verifies_the_bundle_in_the_background(tmp_path, tiny):
             assert state.error is None and state.checks and all(c.passed for c in state.checks)
             table = text_of(app.screen.query_one("#checks"))
             assert "✓ pass" in table and "Measured" in table
-            assert f"all {len(state.checks)} metrics within tolerance" in text_of(app.screen.query_one("#verify-status"))
+            assert f"all {len(state.checks)} metrics within tolerance" in text_of(
+                app.screen.query_one("#verify-status")
+            )
             assert "✓ verified" in text_of(app.query_one("#status"))
 
     asyncio.run(run())
@@ -517,12 +543,25 @@ def snapshot_app(tmp_path):
     from tui.store import Conversation, ConversationStore
 
     store = ConversationStore(tmp_path / "data")
-    stats = {"ttft_s": 0.12, "tokens_per_s": 48.5, "new_tokens": 120, "prompt_tokens": 40, "cached_tokens": 0,
-             "context_used": 160, "context_length": 4096}
+    stats = {
+        "ttft_s": 0.12,
+        "tokens_per_s": 48.5,
+        "new_tokens": 120,
+        "prompt_tokens": 40,
+        "cached_tokens": 0,
+        "context_used": 160,
+        "context_length": 4096,
+    }
     for i, title in enumerate(("Word count in Python", "Trip to the Cotswolds")):
-        conv = Conversation(id=f"2024010{i}-120000-abcdef", title=title, created="2024-01-01T12:00:00+00:00",
-                            messages=[{"role": "user", "content": "How do I count words in a file?"},
-                                      {"role": "assistant", "content": REPLY, "stop_reason": "eos", "stats": stats}])
+        conv = Conversation(
+            id=f"2024010{i}-120000-abcdef",
+            title=title,
+            created="2024-01-01T12:00:00+00:00",
+            messages=[
+                {"role": "user", "content": "How do I count words in a file?"},
+                {"role": "assistant", "content": REPLY, "stop_reason": "eos", "stats": stats},
+            ],
+        )
         store.save(conv)
         conv.updated = f"2024-01-0{i + 1}T12:00:00+00:00"
         store.save(conv, touch=False)

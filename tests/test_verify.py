@@ -1,5 +1,6 @@
 """`verify` re-measures the manifest's claims; perturbed weights with forged digests fail the quality
 check. Also the runtime CLI commands (generate, verify, bench) end to end on the tiny bundle."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,9 @@ def test_tolerance_rules():
     assert tolerance_for("ppl", 20.0, 1000) == {"kind": "relative", "value": 0.02, "rule": "relative 2 %"}
     assert tolerance_for("kld", 0.5, 1000)["value"] == pytest.approx(0.025)
     assert tolerance_for("kld", 0.01, 1000)["value"] == 0.01
-    assert tolerance_for("triviaqa_closed_contains", 0.25, 400)["value"] == pytest.approx(2 * (0.25 * 0.75 / 400) ** 0.5, abs=1e-6)
+    assert tolerance_for("triviaqa_closed_contains", 0.25, 400)["value"] == pytest.approx(
+        2 * (0.25 * 0.75 / 400) ** 0.5, abs=1e-6
+    )
     assert tolerance_for("top1", 1.0, 100)["value"] == pytest.approx(0.02)
     claim = {"value": 10.0, "n": 50, "limits": {"ctx": 512}, "tolerance": tolerance_for("ppl", 10.0, 50)}
     assert compare("ppl", claim, {"value": 10.19, "n": 50}).passed
@@ -73,14 +76,29 @@ def test_cli_verify_exit_codes_and_json(good, perturbed, capsys):
 
 
 def test_cli_generate_streams_the_same_text_as_the_api(good, capsys):
-    assert run_cli("generate", good, "The quick brown fox", "--raw", "--temperature", "0",
-                   "--repetition-penalty", "1.3", "--max-new-tokens", "20") == 0
+    assert (
+        run_cli(
+            "generate",
+            good,
+            "The quick brown fox",
+            "--raw",
+            "--temperature",
+            "0",
+            "--repetition-penalty",
+            "1.3",
+            "--max-new-tokens",
+            "20",
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     b = Bundle.open(good)
     from runtime.generation import SamplingSettings
 
-    want = b.generator().generate(b.tokenizer.encode("The quick brown fox"),
-                                  SamplingSettings(temperature=0, repetition_penalty=1.3, max_new_tokens=20))
+    want = b.generator().generate(
+        b.tokenizer.encode("The quick brown fox"),
+        SamplingSettings(temperature=0, repetition_penalty=1.3, max_new_tokens=20),
+    )
     assert out == want.text + "\n"
     assert run_cli("generate", good, "hello", "--seed", "1", "--max-new-tokens", "5", "--stats") == 0
     assert "prompt +" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """WANDA N:M width pruning (N pruned of every M): mask structure, WANDA vs magnitude, norms against a
 hand computation, mask files, parameter counting against the seed study's Llama-3.2-1B figures."""
+
 from __future__ import annotations
 
 import pytest
@@ -70,9 +71,19 @@ def test_input_norms_match_hand_computation():
     model = make_tiny_llama("llama32")
     ids = calib()
     norms = collect_input_norms(model, ids, batch_size=3)
-    assert set(norms) == {f"model.layers.{i}.{p}" for i in range(4) for p in
-                          ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+    assert set(norms) == {
+        f"model.layers.{i}.{p}"
+        for i in range(4)
+        for p in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+    }
     layer0 = model.model.layers[0]
     x = layer0.input_layernorm(model.model.embed_tokens(ids))  # input of q/k/v in layer 0
     torch.testing.assert_close(norms["model.layers.0.self_attn.q_proj"], x.reshape(-1, 64).norm(dim=0))
@@ -85,8 +96,9 @@ def test_input_norms_match_hand_computation():
     attn, _ = layer0.self_attn(layer0.input_layernorm(emb), position_embeddings=cos_sin, attention_mask=mask)
     h = layer0.post_attention_layernorm(emb + attn)
     inner = layer0.mlp.act_fn(layer0.mlp.gate_proj(h)) * layer0.mlp.up_proj(h)
-    torch.testing.assert_close(norms["model.layers.0.mlp.down_proj"], inner.reshape(-1, 128).norm(dim=0),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        norms["model.layers.0.mlp.down_proj"], inner.reshape(-1, 128).norm(dim=0), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_apply_pruning_on_llama32_zeroes_weights_and_model_runs():
@@ -184,8 +196,16 @@ def test_sequential_wanda():
 def llama32_1b_on_meta():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         return LlamaForCausalLM(config)
 

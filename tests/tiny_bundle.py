@@ -4,6 +4,7 @@ decoder via exporter.onnx_graph.build_decoder → reference top-k log-probs from
 claims measured on the ONNX model with runtime.verify.measure_quality → exporter.bundle_writer.write_bundle.
 
 Built once per test session (module-level cache); tests that modify a bundle work on `copy_bundle`."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,24 @@ import numpy as np
 
 from runtime.harness import EvalLimits
 
-FULL = EvalLimits(ctx=64, ppl_windows=4, qa_questions=4, qa_max_new_tokens=4, batch_size=4,
-                  wikitext="tiny-wikitext", triviaqa="tiny-triviaqa")
-QUICK = EvalLimits(ctx=64, ppl_windows=2, qa_questions=2, qa_max_new_tokens=4, batch_size=4,
-                   wikitext="tiny-wikitext", triviaqa="tiny-triviaqa")
+FULL = EvalLimits(
+    ctx=64,
+    ppl_windows=4,
+    qa_questions=4,
+    qa_max_new_tokens=4,
+    batch_size=4,
+    wikitext="tiny-wikitext",
+    triviaqa="tiny-triviaqa",
+)
+QUICK = EvalLimits(
+    ctx=64,
+    ppl_windows=2,
+    qa_questions=2,
+    qa_max_new_tokens=4,
+    batch_size=4,
+    wikitext="tiny-wikitext",
+    triviaqa="tiny-triviaqa",
+)
 TASKS = ("ppl", "closed")  # open book passages do not fit the tiny model's 512-token context
 MAX_LEN = 512
 
@@ -38,8 +53,9 @@ def make_reference(model, tokenizer, limits: EvalLimits, k: int = 16):
     from runtime.datasets import wikitext_eval_text
     from runtime.reference import Reference
 
-    windows = metrics.perplexity_windows(tokenizer.encode(wikitext_eval_text(limits.wikitext)), limits.ctx,
-                                         limits.ppl_windows)
+    windows = metrics.perplexity_windows(
+        tokenizer.encode(wikitext_eval_text(limits.wikitext)), limits.ctx, limits.ppl_windows
+    )
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.from_numpy(windows)).logits.float(), -1).numpy()[:, :-1]
     ids, lp = metrics.topk_reference(logp.reshape(-1, logp.shape[-1]), k)
@@ -63,22 +79,48 @@ def build_tiny_bundle(checkpoint: Path, work: Path, archive: bool = True) -> Pat
     reference = make_reference(model, tokenizer, FULL)
     ref_path = work / "reference.safetensors"
     reference.save(ref_path)
-    quality = measure_quality(OnnxDecoder(onnx_dir / "model.onnx", threads=1), tokenizer, reference,
-                              {"full": FULL, "quick": QUICK}, tasks=TASKS, progress=False)
+    quality = measure_quality(
+        OnnxDecoder(onnx_dir / "model.onnx", threads=1),
+        tokenizer,
+        reference,
+        {"full": FULL, "quick": QUICK},
+        tasks=TASKS,
+        progress=False,
+    )
     fields = {
-        "model": {"name": "tiny-llama-test", "source": str(checkpoint), "architecture": "llama",
-                  "parameters": int(sum(v.size for v in weights.values())), "vocab_size": spec.vocab_size,
-                  "layers": spec.n_layers},
+        "model": {
+            "name": "tiny-llama-test",
+            "source": str(checkpoint),
+            "architecture": "llama",
+            "parameters": int(sum(v.size for v in weights.values())),
+            "vocab_size": spec.vocab_size,
+            "layers": spec.n_layers,
+        },
         "recipe": {"name": "none", "stages": [{"stage": "export", "projections": "fp32"}]},
-        "generation": {"eos_token_ids": list(meta["eos_token_ids"]), "bos_token_id": meta["bos_token_id"],
-                       "context_length": MAX_LEN, "temperature": 0.7, "top_k": 50, "top_p": 0.9,
-                       "repetition_penalty": 1.1, "max_new_tokens": 64, "system_prompt": "You are tiny."},
+        "generation": {
+            "eos_token_ids": list(meta["eos_token_ids"]),
+            "bos_token_id": meta["bos_token_id"],
+            "context_length": MAX_LEN,
+            "temperature": 0.7,
+            "top_k": 50,
+            "top_p": 0.9,
+            "repetition_penalty": 1.1,
+            "max_new_tokens": 64,
+            "system_prompt": "You are tiny.",
+        },
         "quality": quality,
         "runtime": {"accuracy_level": meta["weights"]["accuracy_level"]},
         "created_by": "edgepack tests",
     }
-    return write_bundle(work / "bundle", onnx_dir=onnx_dir, tokenizer_dir=checkpoint, reference_path=ref_path,
-                        safetensors_dir=None, manifest_fields=fields, archive=archive)
+    return write_bundle(
+        work / "bundle",
+        onnx_dir=onnx_dir,
+        tokenizer_dir=checkpoint,
+        reference_path=ref_path,
+        safetensors_dir=None,
+        manifest_fields=fields,
+        archive=archive,
+    )
 
 
 def tiny_bundle(tmp_path_factory, checkpoint: Path) -> Path:

@@ -12,6 +12,7 @@ Durability: the user's message is saved before generation starts, the partial re
 streams, and the final reply (or what was written when stopped) at the end. Files are written atomically
 (tui.store), so a crash or power loss costs at most the last second of a reply.
 """
+
 from __future__ import annotations
 
 import os
@@ -78,8 +79,10 @@ class VerifyState:
         if not self.checks:
             return Text("the bundle claims no quality metrics to check", style="yellow")
         if self.failed:
-            return Text(f"✗ {self.failed} of {len(self.checks)} metrics outside tolerance "
-                        f"({self.seconds:.0f} s)", style="bold red")
+            return Text(
+                f"✗ {self.failed} of {len(self.checks)} metrics outside tolerance ({self.seconds:.0f} s)",
+                style="bold red",
+            )
         return Text(f"✓ all {len(self.checks)} metrics within tolerance ({self.seconds:.0f} s)", style="bold green")
 
     def badge(self) -> Text:
@@ -125,8 +128,7 @@ class ChatApp(App[int]):
         Binding("f8", "delete", "Delete", show=False),
     ]
 
-    def __init__(self, bundle, store: ConversationStore, generator=None, threads: int | None = None,
-                 verify_fn=None):
+    def __init__(self, bundle, store: ConversationStore, generator=None, threads: int | None = None, verify_fn=None):
         super().__init__()
         self.bundle, self.store, self.verify_fn = bundle, store, verify_fn
         self.info = bundle.describe()
@@ -155,8 +157,11 @@ class ChatApp(App[int]):
                 yield Static("No saved chats yet: the first message you send starts one.", id="no-chats")
             with Vertical(id="main"):
                 yield VerticalScroll(id="log")
-                yield PromptInput(history=self.store.load_history(), id="prompt",
-                                  placeholder="Message · Enter send · Ctrl+J new line · F1 keys")
+                yield PromptInput(
+                    history=self.store.load_history(),
+                    id="prompt",
+                    placeholder="Message · Enter send · Ctrl+J new line · F1 keys",
+                )
         yield StatusBar(id="status")
         yield Footer()
 
@@ -240,8 +245,10 @@ class ChatApp(App[int]):
                     parts.append(Text(f"{progress.tokens_per_s:.1f} tok/s"))
             used = self.replies.context_used + progress.tokens
         else:
-            stats = next((m.get("stats") for m in reversed(self.conv.messages)
-                          if m["role"] == "assistant" and m.get("stats")), None)
+            stats = next(
+                (m.get("stats") for m in reversed(self.conv.messages) if m["role"] == "assistant" and m.get("stats")),
+                None,
+            )
             if stats:
                 parts.append(Text(f"TTFT {stats.get('ttft_s', 0):.2f} s"))
                 parts.append(Text(f"{stats.get('tokens_per_s', 0):.1f} tok/s"))
@@ -350,8 +357,9 @@ class ChatApp(App[int]):
     async def _draw_reply_notes(self, job: Reply, view: ReplyView) -> None:
         if job.message.dropped and not view.dropped_note:
             view.dropped_note = True
-            await self.log_view.mount(Note(dropped_text(job.message.dropped, self.generator.context_length), "warning"),
-                                      before=view.widget)
+            await self.log_view.mount(
+                Note(dropped_text(job.message.dropped, self.generator.context_length), "warning"), before=view.widget
+            )
         note = reply_note(job.message)
         if note:
             await self.log_view.mount(Note(*note), after=view.widget)
@@ -414,7 +422,7 @@ class ChatApp(App[int]):
             # remove the last reply's widgets (the reply and its notes after the last user message)
             children = list(self.log_view.children)
             last_user = max(i for i, w in enumerate(children) if isinstance(w, UserMessage))
-            for w in children[last_user + 1:]:
+            for w in children[last_user + 1 :]:
                 await w.remove()
         await self._start_reply(user_text=None)
 
@@ -464,8 +472,10 @@ class ChatApp(App[int]):
             self._say("Settings saved for this conversation.")
             self._update_status()
 
-        self.push_screen(SettingsScreen(self._system_prompt(conv), self._settings(conv), self.defaults,
-                                        self.default_system_prompt), apply)
+        self.push_screen(
+            SettingsScreen(self._system_prompt(conv), self._settings(conv), self.defaults, self.default_system_prompt),
+            apply,
+        )
 
     def _target(self) -> Conversation | None:
         """The conversation an action applies to: the highlighted one while the list has focus."""
@@ -568,8 +578,12 @@ class ChatApp(App[int]):
     @on(VerifyDone)
     def _verify_done(self) -> None:
         state = self.verify_state
-        self._say(state.summary().plain, title="Verification",
-                    severity="error" if state.error or state.failed else "information", timeout=10)
+        self._say(
+            state.summary().plain,
+            title="Verification",
+            severity="error" if state.error or state.failed else "information",
+            timeout=10,
+        )
         self._update_status()
 
     # ------------------------------------------------------------------------------------------------
@@ -605,8 +619,10 @@ class ChatApp(App[int]):
 
 
 def _welcome(info: dict) -> str:
-    return (f"Chatting with {info.get('name', 'the model')}, offline. Type below and press Enter. "
-            "Ctrl+O shows what this model is and verifies it; F1 lists the keys.")
+    return (
+        f"Chatting with {info.get('name', 'the model')}, offline. Type below and press Enter. "
+        "Ctrl+O shows what this model is and verifies it; F1 lists the keys."
+    )
 
 
 def chat_generator(bundle, threads: int | None = None, draft: str = "none"):
@@ -616,8 +632,9 @@ def chat_generator(bundle, threads: int | None = None, draft: str = "none"):
     return bundle.generator(threads=threads, spin=False, draft=draft)
 
 
-def run_chat(bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None,
-             draft: str = "none") -> int:
+def run_chat(
+    bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None, draft: str = "none"
+) -> int:
     """Open the bundle (digests checked), load the model, run the chat. Returns the exit code."""
     from runtime.bundle import Bundle
 

@@ -1,4 +1,5 @@
 """`edgepack chat BUNDLE`: argument parsing only, so registering the command imports no Textual."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,10 @@ def add_chat_command(subparsers) -> argparse.ArgumentParser:
     """Register `chat BUNDLE [--data-dir DIR] [--threads N]` on the CLI's subparsers."""
     p = subparsers.add_parser("chat", help="private offline chat with a bundle, in the terminal")
     p.add_argument("bundle", help="bundle directory or BUNDLE.edgepack archive")
-    p.add_argument("--data-dir", help="where conversations are kept (default: $EDGEPACK_DATA_DIR, "
-                                      "else the user data directory for edgepack)")
+    p.add_argument(
+        "--data-dir",
+        help="where conversations are kept (default: $EDGEPACK_DATA_DIR, else the user data directory for edgepack)",
+    )
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per physical core)")
     from runtime.cli_commands import DRAFT_CHOICES, DRAFT_HELP, add_trust_args
 

@@ -6,6 +6,7 @@ Threading: `ReplyController.run` is the worker thread's whole body. It touches o
 text and counters under `reply.lock`, the rest once, before `reply.done` is set. Everything else (start,
 finish, the conversation's messages) runs on the UI thread.
 """
+
 from __future__ import annotations
 
 import threading
@@ -41,9 +42,15 @@ class ChatMessage:
 
     @classmethod
     def from_dict(cls, d: dict) -> ChatMessage:
-        return cls(role=d["role"], content=d.get("content", ""), partial=bool(d.get("partial")),
-                   stop_reason=d.get("stop_reason"), stats=d.get("stats"), dropped=int(d.get("dropped") or 0),
-                   error=d.get("error"))
+        return cls(
+            role=d["role"],
+            content=d.get("content", ""),
+            partial=bool(d.get("partial")),
+            stop_reason=d.get("stop_reason"),
+            stats=d.get("stats"),
+            dropped=int(d.get("dropped") or 0),
+            error=d.get("error"),
+        )
 
 
 @dataclass
@@ -116,8 +123,9 @@ class ReplyController:
     def context_length(self) -> int:
         return self.session.context_length
 
-    def start(self, conv: Conversation, settings: SamplingSettings, system_prompt: str | None,
-              user_text: str | None) -> Reply:
+    def start(
+        self, conv: Conversation, settings: SamplingSettings, system_prompt: str | None, user_text: str | None
+    ) -> Reply:
         """Append the (empty, partial) assistant message to `conv` and hand the history to the session.
         `user_text`: the user's message, already the last one in `conv`; None regenerates."""
         history = conv.chat_messages()

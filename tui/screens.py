@@ -1,4 +1,5 @@
 """Modal screens: help, per-conversation settings, rename, confirm, and the model panel with verification."""
+
 from __future__ import annotations
 
 from rich.table import Table
@@ -121,8 +122,13 @@ class SettingsScreen(ModalScreen[dict | None]):
 
     BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
 
-    def __init__(self, system_prompt: str | None, settings: SamplingSettings, defaults: SamplingSettings,
-                 default_system_prompt: str | None):
+    def __init__(
+        self,
+        system_prompt: str | None,
+        settings: SamplingSettings,
+        defaults: SamplingSettings,
+        default_system_prompt: str | None,
+    ):
         super().__init__()
         self.system_prompt, self.settings = system_prompt, settings
         self.defaults, self.default_system_prompt = defaults, default_system_prompt
@@ -135,15 +141,22 @@ class SettingsScreen(ModalScreen[dict | None]):
             yield Label("System prompt (empty = none)")
             yield TextArea(self.system_prompt or "", id="system", soft_wrap=True, compact=True)
             with Horizontal(id="sampling"):
-                for wid, label, value in (("temperature", "Temperature", s.temperature),
-                                          ("top_p", "Top-p", s.top_p),
-                                          ("max_new_tokens", "Max new tokens", s.max_new_tokens)):
+                for wid, label, value in (
+                    ("temperature", "Temperature", s.temperature),
+                    ("top_p", "Top-p", s.top_p),
+                    ("max_new_tokens", "Max new tokens", s.max_new_tokens),
+                ):
                     with Vertical():
                         yield Label(label)
                         yield Input(f"{value:g}", id=wid, compact=True)
             d = self.defaults
-            yield Static(Text(f"temperature 0 = greedy, top-p 1 = no cut; bundle defaults {d.temperature:g} / "
-                              f"{d.top_p:g} / {d.max_new_tokens}", style="dim"))
+            yield Static(
+                Text(
+                    f"temperature 0 = greedy, top-p 1 = no cut; bundle defaults {d.temperature:g} / "
+                    f"{d.top_p:g} / {d.max_new_tokens}",
+                    style="dim",
+                )
+            )
             yield Label("", id="settings-error")
             with Horizontal(classes="buttons"):
                 yield Button("Save", variant="primary", id="save", compact=True)
@@ -256,8 +269,11 @@ def claims_table(info: dict) -> Table:
     table.add_column("Sample", justify="right", no_wrap=True)
     for q in info.get("quality") or []:
         metric = q.get("metric")
-        table.add_row(Text(q.get("label") or str(metric)), q.get("text") or fmt_metric(metric, q.get("value")),
-                      f"n={q['n']:,}" if q.get("n") else "")
+        table.add_row(
+            Text(q.get("label") or str(metric)),
+            q.get("text") or fmt_metric(metric, q.get("value")),
+            f"n={q['n']:,}" if q.get("n") else "",
+        )
     if not table.row_count:
         table.add_row(Text("the bundle claims no quality", style="dim"), "", "")
     return table
@@ -275,8 +291,13 @@ def checks_table(checks: list) -> Table:
     for c in checks:
         verdict = Text("✓ pass", style="bold green") if c.passed else Text("✗ FAIL", style="bold red")
         measured = fmt_metric(c.name, c.measured) if c.measured is not None else "—"
-        table.add_row(Text(getattr(c, "label", c.name)), fmt_metric(c.name, c.claimed), measured,
-                      fmt_tolerance(c.name, c.tolerance), verdict)
+        table.add_row(
+            Text(getattr(c, "label", c.name)),
+            fmt_metric(c.name, c.claimed),
+            measured,
+            fmt_tolerance(c.name, c.tolerance),
+            verdict,
+        )
     return table
 
 

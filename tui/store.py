@@ -12,6 +12,7 @@ and left on disk untouched (`list_with_warnings`); a write that fails (full disk
 reported through `on_error` when the app sets it (else raised as one EdgepackError), and the conversation
 stays in memory, to be written with its next change.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,10 @@ import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
-from typing import Callable
+from collections.abc import Callable
 
 from runtime.errors import EdgepackError
 from runtime.fileio import atomic_write_json, atomic_write_text, read_json
@@ -44,7 +45,7 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    return datetime.now(UTC).astimezone().isoformat(timespec="seconds")
 
 
 def new_id() -> str:
@@ -78,24 +79,38 @@ class Conversation:
     messages: list[dict] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Conversation":
+    def from_dict(cls, d: dict) -> Conversation:
         """A conversation from its JSON; a field of the wrong type raises ValueError (the file is skipped)."""
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        for key, types in (("id", str), ("title", str), ("created", str), ("updated", str), ("titled_by_user", bool),
-                           ("system_prompt", (str, type(None))), ("settings", dict), ("bundle", str),
-                           ("messages", list)):
+        for key, types in (
+            ("id", str),
+            ("title", str),
+            ("created", str),
+            ("updated", str),
+            ("titled_by_user", bool),
+            ("system_prompt", (str, type(None))),
+            ("settings", dict),
+            ("bundle", str),
+            ("messages", list),
+        ):
             if key in known and not isinstance(known[key], types):
                 raise ValueError(f"field {key!r} has the wrong type")
         if "id" in known and not re.fullmatch(r"[A-Za-z0-9_.-]+", known["id"]):
             raise ValueError("field 'id' is not a valid file name")
         if "settings" in known:  # sampling overrides: numbers only (anything else would fail at generation)
-            known["settings"] = {k: v for k, v in known["settings"].items()
-                                 if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+            known["settings"] = {
+                k: v
+                for k, v in known["settings"].items()
+                if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+            }
         conv = cls(**known)
-        conv.messages = [m for m in conv.messages if isinstance(m, dict) and m.get("role") in ("user", "assistant")
-                         and isinstance(m.get("content", ""), str)]
+        conv.messages = [
+            m
+            for m in conv.messages
+            if isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content", ""), str)
+        ]
         return conv
 
     def to_dict(self) -> dict:

@@ -1,4 +1,5 @@
 """The chat screen's widgets: prompt box, message views, sidebar, status line."""
+
 from __future__ import annotations
 
 from rich.text import Text
@@ -19,7 +20,7 @@ class PromptInput(TextArea):
     line and Down on the last line walk the prompt history (the draft being typed is kept)."""
 
     class Submitted(Message):
-        def __init__(self, prompt_input: "PromptInput", text: str):
+        def __init__(self, prompt_input: PromptInput, text: str):
             super().__init__()
             self.prompt_input, self.text = prompt_input, text
 

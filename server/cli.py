@@ -22,6 +22,9 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot; beyond: 429")
     p.add_argument("--context", type=int, help="KV positions per slot (default: the model's context)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    from runtime.cli_commands import add_trust_args
+
+    add_trust_args(p)
     p.set_defaults(func=_cmd_serve)
     return p
 
@@ -47,4 +50,6 @@ def _cmd_serve(args) -> int:
         raise EdgepackError(
             f"edgepack serve needs the 'serve' extra ({e.name} is missing): pip install 'edgepack[serve]'"
         ) from None
-    return serve(args.bundle, config, log=lambda m: print(m, file=sys.stderr, flush=True))
+    from runtime.cli_commands import trust_policy
+
+    return serve(args.bundle, config, log=lambda m: print(m, file=sys.stderr, flush=True), trust=trust_policy(args))

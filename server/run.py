@@ -12,8 +12,10 @@ from server.app import create_app
 from server.config import ServeConfig
 
 
-def serve(bundle_path, config: ServeConfig, log: Callable[[str], None] = print) -> int:
-    bundle = Bundle.open(bundle_path)
+def serve(bundle_path, config: ServeConfig, log: Callable[[str], None] = print, trust=None) -> int:
+    """trust: runtime.signing.TrustPolicy (None: the user's trust file, unsigned bundles allowed with a warning)."""
+    bundle = Bundle.open(bundle_path, trust=trust)
+    log(f"edgepack: {bundle.signature.message(bundle.name)}")
     decoder = bundle.decoder(config.threads)
     pool = PoolConfig(slots=config.parallel, queue=config.queue, context=config.context)
     with BatchScheduler(decoder, bundle.tokenizer, bundle.stop_ids, pool) as scheduler:

@@ -157,3 +157,17 @@ def test_chat_takes_the_same_trust_flags(good, signed, alice, capsys, monkeypatc
     monkeypatch.setattr(tui.app.ChatApp, "run", lambda self: started.append(self.bundle.signature))
     assert main(["chat", str(signed), "--trust", str(alice[1]), "--require-signature"]) == 0
     assert started[0].status == "trusted" and "signed by alice" in capsys.readouterr().err
+
+
+def test_serve_takes_the_same_trust_flags(good, signed, alice, capsys, monkeypatch):
+    """`edgepack serve` refuses an unsigned bundle with --require-signature before binding a port, and
+    says who signed a trusted one."""
+    assert main(["serve", str(good), "--require-signature"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("edgepack: error: ") and "unsigned" in err
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(kw["port"]))
+    assert main(["serve", str(signed), "--trust", str(alice[1]), "--require-signature", "--port", "8099"]) == 0
+    assert started == [8099] and "signed by alice" in capsys.readouterr().err

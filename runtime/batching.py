@@ -20,8 +20,11 @@ A cancelled request (a client that went away) leaves at the next iteration, so i
 token. An exception in one request's token handling (or its listener) fails that request only; an
 exception in a batched run fails the requests in that run; the scheduler thread keeps going.
 
-Under greedy sampling every request yields what `Generator` yields for it alone, token for token (tests
-check it): the same kernels, each row seeing only its own positions.
+Under greedy sampling every request yields what `Generator` yields for it alone, token for token, wherever
+the graph's kernels compute a row the same whatever the batch (fp32 and RTN-int4 graphs; tests check it):
+each row sees only its own positions. MatMulNBits with int8 activations on the GPTQ main bundle rounds a
+one-row step differently from a several-row step (logits up to ~0.7 apart, measured), so there a batched
+greedy reply can take the other branch at a near-tie; the scheduler cannot change that arithmetic.
 """
 
 from __future__ import annotations

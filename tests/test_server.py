@@ -113,6 +113,15 @@ def solo_completion(bundle, prompt: str, settings):
     return gen.generate(bundle.tokenizer.encode(prompt, add_special_tokens=True), settings)
 
 
+def edgepack_generate(bundle_dir, prompt: str, max_new_tokens: int, *extra: str) -> subprocess.CompletedProcess:
+    """`edgepack generate` greedy, one thread, in its own process: the reference an HTTP reply must equal."""
+    args = ["generate", str(bundle_dir), prompt, *extra, "--temperature", "0"]
+    args += ["--max-new-tokens", str(max_new_tokens), "--threads", "1"]
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], cwd=ROOT, capture_output=True, text=True, timeout=WAIT_S
+    )
+
+
 def assert_error_shape(response: httpx.Response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
@@ -142,26 +151,7 @@ def test_chat_greedy_equals_edgepack_generate(server, bundle, bundle_dir):
     reply = client(server).chat.completions.create(
         model=bundle.name, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=20
     )
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgepack",
-            "generate",
-            str(bundle_dir),
-            prompt,
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "20",
-            "--threads",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-    )
+    cli = edgepack_generate(bundle_dir, prompt, 20)
     assert cli.returncode == 0, cli.stderr
     text = reply.choices[0].message.content
     assert cli.stdout == text + "\n"
@@ -176,27 +166,7 @@ def test_chat_greedy_equals_edgepack_generate(server, bundle, bundle_dir):
 def test_completion_greedy_equals_edgepack_generate_raw(server, bundle, bundle_dir):
     prompt = "The quick brown fox"
     reply = client(server).completions.create(model=bundle.name, prompt=prompt, temperature=0, max_tokens=24)
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "edgepack",
-            "generate",
-            str(bundle_dir),
-            prompt,
-            "--raw",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "24",
-            "--threads",
-            "1",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-    )
+    cli = edgepack_generate(bundle_dir, prompt, 24, "--raw")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == reply.choices[0].text + "\n"
     assert reply.usage.completion_tokens == solo_completion(bundle, prompt, greedy(bundle, 24)).new_tokens

@@ -5,6 +5,7 @@ Shipped files (see runtime/data/PROVENANCE.md for sources and licences):
 - WikiText-2 raw test: evaluation only (perplexity).
 - WikiText-2 valid (tokenized release, with `<unk>`): calibration and LoRA text, never evaluation.
 - TriviaQA: 1,000 questions with all aliases, 728 with a Wikipedia passage for open book.
+- Chat instructions: 202 human-written self-instruct user tasks, the prompts of the chat fidelity metric.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ WIKITEXT_VALID = DATA_DIR / "wikitext-2-v1" / "valid.txt"
 TRIVIAQA = DATA_DIR / "triviaqa" / "triviaqa_test1k.jsonl"
 TINY_WIKITEXT = DATA_DIR / "tiny" / "wiki.test.raw.first200lines"
 TINY_TRIVIAQA = DATA_DIR / "tiny" / "triviaqa_tiny20.jsonl"
+CHAT_INSTRUCTIONS = DATA_DIR / "chat" / "user_oriented_instructions_202.jsonl"
 
 # Names a user may give instead of a path.
 NAMED = {
@@ -30,6 +32,7 @@ NAMED = {
     "triviaqa": TRIVIAQA,
     "tiny-wikitext": TINY_WIKITEXT,
     "tiny-triviaqa": TINY_TRIVIAQA,
+    "chat-instructions": CHAT_INSTRUCTIONS,
 }
 
 
@@ -41,6 +44,7 @@ SHIPPED_SHA256 = {
     TRIVIAQA: "2f9352c0977f1389da5827bdaa06430bbcfd550bb644bfa47eb3ad784142e897",
     TINY_WIKITEXT: "425a7b371d0c38bf0e1da121954e8c4519a257a7f5f3d6793843961c9d3dd877",
     TINY_TRIVIAQA: "91ccd1c24184d6c5753a41acf27ecfd94ce96cc1ce1a6a461e8ebae716e54171",
+    CHAT_INSTRUCTIONS: "6bd0ac69806fc4f90baafb6f2e5ac72df730811d045c24f0eae677c81798fdfd",
 }
 _CHECKED: set[Path] = set()
 MAX_DATA_BYTES = 1 << 30
@@ -159,6 +163,45 @@ def triviaqa_records(name_or_path: str | Path = "triviaqa", with_context_only: b
     if not records:
         raise EdgepackError(f"{path}: no usable TriviaQA records")
     return records
+
+
+def chat_turns(name_or_path: str | Path = "chat-instructions") -> list[str]:
+    """User turns for chat evaluation, one per JSONL line, in file order. A line is either a self-instruct
+    record {"instruction", "instances": [{"input"}, ...]} (user turn = the instruction, plus the first
+    instance's input as its own paragraph when non-empty) or {"prompt": "..."} (used as it is)."""
+    path = _resolve(name_or_path)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise EdgepackError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+    turns = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            turns.append(_chat_turn(row))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            raise EdgepackError(
+                f"{path}:{lineno}: expected JSON with 'instruction' (and optional 'instances'/'input') or 'prompt' ({e})"
+            ) from None
+    if not turns:
+        raise EdgepackError(f"{path}: no chat instructions")
+    return turns
+
+
+def _chat_turn(row: dict) -> str:
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise TypeError("'prompt' must be a non-empty string")
+        return row["prompt"]
+    instruction = row["instruction"]
+    instances = row.get("instances") or [{}]
+    extra = row.get("input", instances[0].get("input", ""))
+    if not isinstance(instruction, str) or not instruction.strip() or not isinstance(extra, str):
+        raise TypeError("'instruction' and 'input' must be strings")
+    extra = extra.strip()
+    return instruction.strip() + (f"\n\n{extra}" if extra else "")
 
 
 def hf_dataset_text(name: str, config: str, split: str) -> str:  # pragma: no cover - needs network

@@ -5,6 +5,10 @@
 
 The torch backend (compressor.torch_backend) and the ONNX engine (runtime.onnx_engine) both implement them,
 so `edgepack eval` on a checkpoint and `edgepack verify` on a bundle measure with the same code.
+
+Tasks: "ppl" (WikiText perplexity; with a reference also KL and top-1 against the source), "closed" and
+"open" (TriviaQA), and "chat" (chat fidelity against the source's greedy replies stored in a reference, see
+`eval_chat`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Protocol
 import numpy as np
 
 from runtime import metrics
-from runtime.datasets import triviaqa_records, wikitext_eval_text
+from runtime.datasets import chat_turns, triviaqa_records, wikitext_eval_text
+from runtime.errors import EdgepackError
 from runtime.progress import progress_bar
 from runtime.prompts import closed_book_prompt, open_book_prompt
 from runtime.tokenizer import TextTokenizer
@@ -39,16 +44,27 @@ class EvalLimits:
     batch_size: int = 4
     wikitext: str = "wikitext2-test"
     triviaqa: str = "triviaqa"
+    chat_prompts: int | None = None  # chat fidelity replies scored; None = all the reference holds
+    chat_max_new_tokens: int = 128  # source reply length cap (tokens scored per reply)
+    chat_prompt_tokens: int = 384  # prompts longer than this (template included) are skipped
+    chat: str = "chat-instructions"  # the instructions the source's replies answer
 
     def describe(self) -> str:
         w = "all" if self.ppl_windows is None else self.ppl_windows
         q = "all" if self.qa_questions is None else self.qa_questions
-        return f"ctx={self.ctx}, ppl windows={w}, TriviaQA questions={q}, max new tokens={self.qa_max_new_tokens}"
+        c = "all" if self.chat_prompts is None else self.chat_prompts
+        return (
+            f"ctx={self.ctx}, ppl windows={w}, TriviaQA questions={q}, max new tokens={self.qa_max_new_tokens}, "
+            f"chat replies={c} × ≤{self.chat_max_new_tokens} tokens"
+        )
 
 
+# Chat sizes: teacher-forced scoring costs one forward pass of prompt + reply (~250 tokens for SmolLM2) per
+# reply, and the source's replies are generated once per work directory; 32 replies keep a standard export
+# within about a minute of chat work on 2 cores while the match share moves in steps of 3 points.
 PRESETS = {
-    "quick": EvalLimits(ppl_windows=8, qa_questions=40),
-    "standard": EvalLimits(ppl_windows=40, qa_questions=200),
+    "quick": EvalLimits(ppl_windows=8, qa_questions=40, chat_prompts=8),
+    "standard": EvalLimits(ppl_windows=40, qa_questions=200, chat_prompts=32),
     "full": EvalLimits(),
 }
 
@@ -64,6 +80,66 @@ def newline_stop_ids(tokenizer: TextTokenizer) -> set[int]:
     if tokenizer.eos_id is not None:
         stops.add(tokenizer.eos_id)
     return stops
+
+
+def chat_prompt_ids(tokenizer: TextTokenizer, limits: EvalLimits) -> list[list[int]]:
+    """The chat fidelity prompts: the first `chat_prompts` user turns of `limits.chat` (all when None) whose
+    rendering through the model's chat template (a lone user turn, generation prompt added) fits in
+    `chat_prompt_tokens`."""
+    out = []
+    for turn in chat_turns(limits.chat):
+        if limits.chat_prompts is not None and len(out) >= limits.chat_prompts:
+            break
+        ids = tokenizer.encode_chat([{"role": "user", "content": turn}], add_generation_prompt=True)
+        if len(ids) <= limits.chat_prompt_tokens:
+            out.append(ids)
+    return out
+
+
+def eval_chat(backend: Backend, limits: EvalLimits, chat, progress: bool = True) -> dict:
+    """Chat fidelity against a runtime.reference.ChatReference: each of the first `chat_prompts` stored
+    prompts is followed by the source's greedy reply (first `chat_max_new_tokens` tokens), scored teacher-forced
+    in one forward pass: KL(source || model) and top-1 agreement per reply token, and the share of replies
+    whose first 32 tokens the model's greedy decoding reproduces exactly (metrics.chat_reply_scores)."""
+    n = chat.count if limits.chat_prompts is None else limits.chat_prompts
+    if n > chat.count:
+        raise EdgepackError(f"chat fidelity: {n} replies asked, the reference holds {chat.count}")
+    kl_sum = top1_sum = 0.0
+    tokens = matched = 0
+    t0 = time.perf_counter()
+    with progress_bar(f"chat fidelity ({n} replies)", n, progress) as advance:
+        for start in range(0, n, limits.batch_size):
+            rows = range(start, min(n, start + limits.batch_size))
+            lens = {
+                i: (int(chat.prompt_lens[i]), min(int(chat.reply_lens[i]), limits.chat_max_new_tokens)) for i in rows
+            }
+            width = max(p + r - 1 for p, r in lens.values())
+            ids = np.zeros((len(rows), width), np.int64)  # right padding: causal rows never see it
+            for b, i in enumerate(rows):
+                p, r = lens[i]
+                ids[b, : p + r - 1] = chat.tokens[i, : p + r - 1]
+            logp = backend.log_probs(ids)
+            for b, i in enumerate(rows):
+                p, r = lens[i]
+                kl, agree, match = metrics.chat_reply_scores(
+                    logp[b, p - 1 : p - 1 + r], chat.tokens[i, p : p + r], chat.top_ids[i, :r], chat.top_logp[i, :r]
+                )
+                kl_sum, top1_sum, tokens, matched = (
+                    kl_sum + kl.sum(),
+                    top1_sum + agree.sum(),
+                    tokens + r,
+                    matched + match,
+                )
+            advance(len(rows))
+    return {
+        "kld": float(kl_sum / tokens),
+        "top1": float(top1_sum / tokens),
+        "match32": matched / n,
+        "replies": n,
+        "tokens": tokens,
+        "reference_k": chat.k,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def eval_perplexity(
@@ -151,12 +227,19 @@ def evaluate(
     backend: Backend,
     tokenizer: TextTokenizer,
     limits: EvalLimits,
-    tasks=("ppl", "closed", "open"),
+    tasks=None,
     progress: bool = True,
     reference=None,
 ) -> dict:
-    """Run the chosen tasks and return one flat record (limits included, so every number carries them)."""
+    """Run the chosen tasks and return one flat record (limits included, so every number carries them).
+    tasks=None: ppl, closed, open, and chat when the reference holds a chat reference."""
+    if tasks is None:
+        tasks = ("ppl", "closed", "open") + (("chat",) if reference is not None and reference.chat else ())
     out: dict = {"limits": asdict(limits)}
+    if "chat" in tasks:
+        if reference is None or reference.chat is None:
+            raise EdgepackError("chat fidelity needs a reference with the source's chat replies")
+        out["chat"] = eval_chat(backend, limits, reference.chat, progress)
     if "ppl" in tasks:
         out["wikitext"] = eval_perplexity(backend, tokenizer, limits, progress, reference)
     modes = [m for m in ("closed", "open") if m in tasks]
@@ -179,6 +262,12 @@ def format_summary(result: dict) -> str:
         if "kld" in w:
             line += f"\nKL divergence {w['kld']:.4f}  top-1 agreement {100 * w['top1']:.1f} %  (vs reference, top-{w['reference_k']})"
         lines.append(line)
+    if "chat" in result:
+        c = result["chat"]
+        lines.append(
+            f"Chat fidelity: first-32-token match {100 * c['match32']:.1f} %  KL {c['kld']:.4f}  "
+            f"top-1 {100 * c['top1']:.1f} %  ({c['replies']} source replies, {c['tokens']} tokens, top-{c['reference_k']})"
+        )
     for mode in ("closed", "open"):
         k = f"triviaqa_{mode}"
         if k in result:
@@ -196,15 +285,21 @@ def add_limit_args(parser) -> None:
         "--limits",
         default="quick",
         choices=list(PRESETS),
-        help="evaluation size: quick (8 PPL windows, 40 questions), standard (40, 200), full (all)",
+        help="evaluation size: quick (8 PPL windows, 40 questions, 8 chat replies), standard (40, 200, 32), full (all)",
     )
     parser.add_argument("--ctx", type=int, help="perplexity window length (default 512)")
     parser.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
     parser.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
     parser.add_argument("--batch-size", type=int, help="windows / questions per forward pass (default 4)")
+    parser.add_argument("--chat-prompts", type=int, help="number of chat fidelity replies (overrides --limits)")
 
 
 def limits_from_args(args) -> EvalLimits:
     return limits_from(
-        args.limits, ctx=args.ctx, ppl_windows=args.windows, qa_questions=args.questions, batch_size=args.batch_size
+        args.limits,
+        ctx=args.ctx,
+        ppl_windows=args.windows,
+        qa_questions=args.questions,
+        batch_size=args.batch_size,
+        chat_prompts=getattr(args, "chat_prompts", None),
     )

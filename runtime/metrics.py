@@ -114,3 +114,26 @@ def topk_kl(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: np.ndarray) -> np.n
 
 def top1_agreement(ref_top1: np.ndarray, logq: np.ndarray) -> np.ndarray:
     return (logq.argmax(-1) == ref_top1).astype(np.float64)
+
+
+# ------------------------------------------------------------ chat fidelity
+CHAT_MATCH_TOKENS = 32  # a reply "matches" when its first 32 greedy tokens equal the source's
+
+
+def chat_reply_scores(
+    logq: np.ndarray,
+    reply: np.ndarray,
+    ref_ids: np.ndarray,
+    ref_logp: np.ndarray,
+    match_tokens: int = CHAT_MATCH_TOKENS,
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Teacher-forced scores of one reply: logq [R, V] are the model's log-probs at the positions that
+    predict reply tokens [R] (prompt and the source's earlier reply tokens as the prefix); ref_ids/ref_logp
+    [R, k] the source's top-k there. Returns per-token KL (top-k coarsened, see topk_kl), per-token top-1
+    agreement with the source's greedy token, and whether the first `match_tokens` tokens all agree.
+
+    The last is exactly "free greedy decoding reproduces the source's first 32 tokens": greedy follows the
+    source as long as every argmax equals the source's token, and then its prefix is the teacher-forced one."""
+    kl = topk_kl(ref_ids, ref_logp, logq)
+    agree = top1_agreement(reply, logq)
+    return kl, agree, bool(agree[:match_tokens].all())

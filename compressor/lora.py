@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compressor.device import pick_device
@@ -158,19 +157,135 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+LOSS_CHUNK = 256  # positions per LM-head chunk: peak loss memory is ~3 x LOSS_CHUNK x vocab floats
+
+
+def causal_parts(model):
+    """(decoder, LM head) of a plain or peft-wrapped transformers causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def labelled_hidden(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final hidden states [N, H] of the N positions that predict a label, and those labels [N]. The LM head
+    is not applied here: the losses below run it chunk by chunk."""
+    decoder, _ = causal_parts(model)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE
+    return hidden.last_hidden_state[:, :-1][keep], targets[keep]
+
+
+def _chunks(n: int, chunk: int):
+    return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
+
+
+def _head_log_probs(head, h: torch.Tensor) -> torch.Tensor:
+    """log_softmax of one chunk's logits in float32, normalised in place (one [chunk, V] buffer)."""
+    z = head(h).float()
+    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Summed loss of LM head + softmax over positions, computed chunk by chunk, with d loss / d hidden made in
+    the same pass: dz = softmax - target distribution, d hidden = dz @ W. So neither the forward nor the
+    backward ever holds more than one chunk's [chunk, vocab] logits, and no chunk is recomputed (a
+    checkpointed chunk would run the head matmul three times instead of two). Written by hand: the fused
+    chunked cross-entropy kernels that exist (Liger, Cut Cross-Entropy) are GPU/Triton only. The head must be
+    frozen (LoRA never trains it), so no weight gradient is made.
+
+    `target(s, e, logp)` returns the chunk's loss sum and a function that turns the student's softmax into
+    d loss / d logits in place."""
+
+    @staticmethod
+    def forward(ctx, h, head, chunk, target, need_grad):
+        weight = head.weight
+        if need_grad and weight.requires_grad:
+            raise EdgepackError("chunked loss: the LM head must be frozen (LoRA does not train it)")
+        grad = torch.empty_like(h) if need_grad else h.new_empty(0)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s, e in _chunks(h.shape[0], chunk):
+            logp = _head_log_probs(head, h[s:e])
+            loss, to_grad = target(s, e, logp)
+            total += loss
+            if need_grad:
+                dz = logp.exp_()  # the student's softmax, in place of its log
+                to_grad(dz)
+                grad[s:e] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out.to(grad.dtype), None, None, None, None
+
+
+def _apply_chunked(h: torch.Tensor, head, target) -> torch.Tensor:
+    need_grad = torch.is_grad_enabled() and h.requires_grad
+    return _ChunkedHeadLoss.apply(h, head, LOSS_CHUNK, target, need_grad)
+
+
+class _CrossEntropyTarget:
+    def __init__(self, labels: torch.Tensor):
+        self.labels = labels
+
+    def __call__(self, s: int, e: int, logp: torch.Tensor):
+        labels = self.labels[s:e]
+        rows = torch.arange(e - s, device=logp.device)
+
+        def to_grad(p: torch.Tensor) -> None:  # softmax - one-hot
+            p[rows, labels] -= 1.0
+
+        return -logp[rows, labels].sum(), to_grad
+
+
+class _TeacherTarget:
+    """KL(teacher || student) per chunk, the teacher's log-probabilities made from its hidden states chunk by
+    chunk (never the whole [N, V] at once)."""
+
+    def __init__(self, teacher_head, teacher_hidden: torch.Tensor):
+        self.head, self.hidden = teacher_head, teacher_hidden
+
+    def __call__(self, s: int, e: int, logp: torch.Tensor):
+        with torch.no_grad():
+            logp_t = _head_log_probs(self.head, self.hidden[s:e])
+            p_t = logp_t.exp()
+            kl = torch.dot(p_t.view(-1), logp_t.sub_(logp).view(-1))  # sum p_t (log p_t - log p_s)
+
+        def to_grad(p: torch.Tensor) -> None:  # softmax_student - softmax_teacher
+            p.sub_(p_t)
+
+        return kl, to_grad
+
+
 def nll_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL over labelled positions and their count (token-weighted, unlike HF's loss,
-    so held-out numbers do not depend on how examples fall into batches)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return nll, int((targets != IGNORE).sum())
+    so held-out numbers do not depend on how examples fall into batches). The LM head and softmax run
+    LOSS_CHUNK positions at a time, so no full [batch, length, vocab] logits tensor is ever made."""
+    h, labels = labelled_hidden(model, batch)
+    _, head = causal_parts(model)
+    return _apply_chunked(h, head, _CrossEntropyTarget(labels)), int(labels.numel())
+
+
+def kl_sum(model, teacher, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed KL(teacher || student) of the next-token distributions over labelled positions, and their count.
+    The teacher runs under no_grad; both heads run chunk by chunk."""
+    h, labels = labelled_hidden(model, batch)
+    with torch.no_grad():
+        h_t, _ = labelled_hidden(teacher, batch)
+    _, head = causal_parts(model)
+    _, head_t = causal_parts(teacher)
+    return _apply_chunked(h, head, _TeacherTarget(head_t, h_t)), int(labels.numel())
+
+
+def batch_loss_sum(model, batch: dict[str, torch.Tensor], teacher=None) -> tuple[torch.Tensor, int]:
+    """The training objective's summed loss and token count: NLL, or KL from `teacher` when one is given."""
+    return nll_sum(model, batch) if teacher is None else kl_sum(model, teacher, batch)
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[Example], settings: LoraTraining, device) -> float | None:
+def heldout_loss(model, examples: list[Example], settings: LoraTraining, device, teacher=None) -> float | None:
     if not examples:
         return None
     was_training = model.training
@@ -181,7 +296,7 @@ def heldout_loss(model, examples: list[Example], settings: LoraTraining, device)
             k: v.to(device)
             for k, v in collate(examples[start : start + settings.stage.batch_size], settings.pad_id).items()
         }
-        s, c = nll_sum(model, batch)
+        s, c = batch_loss_sum(model, batch, teacher)
         total, count = total + float(s), count + c
     model.train(was_training)
     return total / max(count, 1)
@@ -336,10 +451,17 @@ def load_checkpoint(out_dir: Path) -> tuple[Path, dict] | None:
 
 
 def train_lora(
-    model, train_examples: list[Example], heldout_examples: list[Example], settings: LoraTraining, out_dir
+    model,
+    train_examples: list[Example],
+    heldout_examples: list[Example],
+    settings: LoraTraining,
+    out_dir,
+    teacher=None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapters on `model` (a plain transformers model, left frozen) and return
     (peft_model, record). Resumes from `out_dir`'s last checkpoint when there is one for the same run.
+    The objective is the next-token NLL of the labels, or, with `teacher` (the stage's objective "distill"),
+    KL(teacher || student) at the labelled positions; the teacher stays frozen and resident beside the student.
 
     The final adapter is written to `out_dir/adapter/` (PEFT layout) and the record to
     `out_dir/lora_record.json`; merge with `merge_lora(peft_model, masks)`."""
@@ -351,10 +473,14 @@ def train_lora(
     heldout, _ = prepare_examples(heldout_examples, settings.max_len)
     if not train:
         raise EdgepackError("lora: no training example has a token to learn (all labels are -100)")
+    if (teacher is not None) != (settings.stage.objective == "distill"):
+        raise EdgepackError(f"lora: objective={settings.stage.objective} needs a teacher model exactly when 'distill'")
     fingerprint = data_fingerprint(train)
 
     device = pick_device()
     peft_model = attach_lora(model, settings).to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.stage.lr, weight_decay=settings.weight_decay)
 
@@ -371,12 +497,12 @@ def train_lora(
     t0 = time.perf_counter()
     peft_model.train()
     if start_step == 0 and heldout:
-        history["heldout_loss"].append([0, heldout_loss(peft_model, heldout, settings, device)])
+        history["heldout_loss"].append([0, heldout_loss(peft_model, heldout, settings, device, teacher)])
     bar = tqdm(total=settings.steps, initial=start_step, desc="LoRA", unit="step", dynamic_ncols=True)
     for step in range(start_step, settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = settings.stage.lr * lr_factor(step, settings.warmup_steps, settings.steps)
-        step_loss = _accumulate_gradients(peft_model, train, settings, step, device)
+        step_loss = _accumulate_gradients(peft_model, train, settings, step, device, teacher)
         if settings.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
@@ -386,7 +512,7 @@ def train_lora(
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if heldout and (done % settings.eval_every == 0 or done == settings.steps):
-            h = heldout_loss(peft_model, heldout, settings, device)
+            h = heldout_loss(peft_model, heldout, settings, device, teacher)
             history["heldout_loss"].append([done, h])
             bar.write(f"step {done}: held-out loss {h:.4f}")
         if done % settings.checkpoint_every == 0 or done == settings.steps:
@@ -434,14 +560,16 @@ def _resume(out_dir: Path, peft_model, optimizer, settings: LoraTraining, finger
     return state["step"], state["seconds"], state["history"]
 
 
-def _accumulate_gradients(peft_model, train: list[Example], settings: LoraTraining, step: int, device) -> float:
+def _accumulate_gradients(
+    peft_model, train: list[Example], settings: LoraTraining, step: int, device, teacher=None
+) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's mean loss."""
     step_loss, accum = 0.0, settings.stage.grad_accum
     for micro in range(accum):
         idx = micro_batch(len(train), settings.stage.batch_size, settings.seed, step * accum + micro)
         batch = {k: v.to(device) for k, v in collate([train[i] for i in idx], settings.pad_id).items()}
-        nll, count = nll_sum(peft_model, batch)
-        loss = nll / max(count, 1)
+        total, count = batch_loss_sum(peft_model, batch, teacher)
+        loss = total / max(count, 1)
         (loss / accum).backward()
         step_loss += float(loss.detach()) / accum
     return step_loss

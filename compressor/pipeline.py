@@ -52,7 +52,11 @@ def source_fingerprint(model_dir: Path) -> str:
 
 
 def stage_fingerprint(recipe: Recipe, stage: str, previous: str) -> str:
-    settings = dataclasses.asdict(getattr(recipe, stage))
+    section = getattr(recipe, stage)
+    settings = dataclasses.asdict(section)
+    for key, value in getattr(section, "added_later", {}).items():  # at their default: same run as before
+        if settings.get(key) == value:
+            del settings[key]
     calib = dataclasses.asdict(recipe.calibration) if stage in USES_CALIBRATION else None
     return settings_hash({"stage": stage, "settings": settings, "calibration": calib, "input": previous})
 

@@ -114,7 +114,14 @@ class ChannelStage(Settings):
 @dataclass
 class LoraStage(Settings):
     section: ClassVar[str] = "lora"
-    dataset: Literal["wikitext", "triviaqa"] = "wikitext"  # causal LM on packed text, or answer-only loss
+    # settings added after work directories existed: left out of the stage fingerprint at these defaults
+    added_later: ClassVar[dict] = {"objective": "lm"}
+    # wikitext: packed text; triviaqa: answer-only loss; chat: the self-instruct seed tasks through the chat
+    # template with the source's own greedy replies (loss on the replies); mix: half chat, half wikitext
+    dataset: Literal["wikitext", "triviaqa", "chat", "mix"] = "wikitext"
+    # lm: next-token NLL of the data's tokens; distill: KL(source || student) on the source's logits at the
+    # same positions (the teacher is the recipe's pre-compression source model, resident beside the student)
+    objective: Literal["lm", "distill"] = "lm"
     triviaqa_mode: Literal["closed", "open"] = "closed"  # prompts for TriviaQA training
     rank: int = 8
     alpha: float = 16
@@ -145,6 +152,9 @@ class GptqStage(Settings):
     samples: int = 32
     seqlen: int = 512
     dataset: QuantData = "wikitext"
+    # projections already on a 4-bit block grid (an imported Q4_0/Q4_1/Q4_K GGUF no stage moved) are kept
+    # exact (exported block 32, exporter.int4.find_block_grid) and GPTQ / EoRA only act on the others
+    keep_grid: bool = True
 
     def check(self) -> None:
         self.at_least(1, "group_size", "samples", "seqlen")
@@ -206,7 +216,8 @@ class Recipe(Settings):
                 s += f" and {c.kv_groups_keep} KV groups per layer"
             parts.append(s)
         if self.lora:
-            parts.append(f"LoRA r{self.lora.rank} on {self.lora.dataset} ({self.lora.samples} samples)")
+            how = " distilled from the source" if self.lora.objective == "distill" else ""
+            parts.append(f"LoRA r{self.lora.rank} on {self.lora.dataset}{how} ({self.lora.samples} samples)")
         if self.gptq:
             parts.append(f"GPTQ {self.gptq.bits}-bit g{self.gptq.group_size}")
         if self.eora:
@@ -294,8 +305,10 @@ def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
         fields_.update(_preset_part(part, text) for part in tokens[0].split("+"))
     for opt in tokens[1:]:
         key, _, value = opt.partition("=")
-        if key == "lora":
-            fields_["lora"] = LoraStage(dataset=value)
+        if key == "lora":  # lora=<dataset>, or lora=distill (KL from the source on the chat + wikitext mix)
+            fields_["lora"] = (
+                LoraStage(dataset="mix", objective="distill") if value == "distill" else LoraStage(dataset=value)
+            )
         elif key == "quant":
             if value not in ("gptq", "eora", "none"):
                 raise EdgepackError(f"quant={value}: expected gptq, eora or none")

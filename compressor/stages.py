@@ -151,17 +151,15 @@ def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
     """Train LoRA (checkpoints in out/train, so an interrupted run resumes), then merge it in float32;
     after N:M width pruning the merge re-applies the mask unless the recipe keeps the merge dense."""
     from compressor.lora import LoraTraining, merge_lora, train_lora
-    from compressor.training_data import triviaqa_examples, wikitext_examples
 
     s = ctx.recipe.lora
-    if s.dataset == "wikitext":
-        train, held, data = wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)
-    else:  # "triviaqa" (LoraStage checks the choice)
-        train, held, data = triviaqa_examples(ctx.tokenizer, s.triviaqa_mode)
-        train = train[: s.samples]
+    train, held, data = _lora_examples(ctx)
     settings = LoraTraining.for_examples(s, len(train), ctx.tokenizer.pad_id)
     model = load_causal_lm(src).to(ctx.device)
-    peft_model, train_record = train_lora(model, train, held, settings, out / "train")
+    # distill: the teacher is the recipe's source (before any stage), resident beside the student
+    teacher = load_causal_lm(ctx.source_dir) if s.objective == "distill" else None
+    peft_model, train_record = train_lora(model, train, held, settings, out / "train", teacher=teacher)
+    del teacher
     masks = None
     if ctx.masks_path is not None and ctx.masks_path.exists():
         from compressor.width import load_masks
@@ -175,6 +173,23 @@ def run_lora(ctx: StageContext, src: Path, out: Path) -> dict:
         "merge": merge_record,
         "params": parameter_counts(merged),
     }
+
+
+def _lora_examples(ctx: StageContext) -> tuple[list, list, dict]:
+    """(train, heldout, data record) of the recipe's LoRA dataset (LoraStage checks the choice)."""
+    from compressor.training_data import chat_examples, mixed_examples, triviaqa_examples, wikitext_examples
+
+    s = ctx.recipe.lora
+    if s.dataset == "triviaqa":
+        train, held, data = triviaqa_examples(ctx.tokenizer, s.triviaqa_mode)
+        return train[: s.samples], held, data
+    if s.dataset == "wikitext":
+        return wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)
+    chat = chat_examples(ctx.tokenizer, ctx.source_dir, ctx.workdir / "lora-chat-replies.json")
+    if s.dataset == "chat":
+        return chat[0][: s.samples], chat[1], chat[2]
+    text = wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)
+    return mixed_examples(chat, text, s.samples)  # "mix"
 
 
 def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:

@@ -111,3 +111,82 @@ def quant_calibration_rows(
                 cur = []
         return (packed or [cur])[:samples]
     raise EdgepackError(f"calibration dataset {dataset!r}: expected wikitext or triviaqa")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chat samples for LoRA recovery (dataset "chat" / "mix"): the source's own greedy replies
+
+CHAT_SEED_TASKS = "chat/self_instruct_seed_tasks.jsonl"  # under runtime/data (175 self-instruct seed tasks)
+CHAT_REPLY_TOKENS = 128
+HELDOUT_CHAT = 15  # seed tasks kept for the held-out loss (the last ones of the file)
+
+
+def source_chat_replies(
+    source_dir, tokenizer: TextTokenizer, prompts: list[list[int]], cache_path, max_new_tokens: int = CHAT_REPLY_TOKENS
+) -> list[list[int]]:
+    """The source model's greedy replies (token ids, stop token excluded) to chat-template prompts, made with
+    batched transformers generation and cached in `cache_path` (JSON keyed by source, prompts and length), so a
+    rerun or a later stage that needs the same replies pays nothing."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from compressor.pipeline import source_fingerprint
+    from compressor.torch_backend import TorchBackend
+    from runtime.fileio import atomic_write_json, read_json
+
+    key = hashlib.sha256(
+        json.dumps([source_fingerprint(Path(source_dir)), prompts, max_new_tokens]).encode()
+    ).hexdigest()
+    cache_path = Path(cache_path)
+    if cache_path.exists():
+        cached = read_json(cache_path)
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached["replies"]
+    backend = TorchBackend.from_pretrained(source_dir, pad_id=tokenizer.pad_id)
+    stop = {tokenizer.eos_id} | set(_as_list(getattr(backend.model.generation_config, "eos_token_id", None)))
+    stop.discard(None)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    replies: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), 16):
+        idx = order[start : start + 16]
+        for i, reply in zip(idx, backend.greedy([prompts[i] for i in idx], max_new_tokens, stop)):
+            replies[i] = reply
+    atomic_write_json(cache_path, {"key": key, "max_new_tokens": max_new_tokens, "replies": replies})
+    return replies
+
+
+def _as_list(x) -> list:
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+def chat_examples(tokenizer: TextTokenizer, source_dir, cache_path, path: str | None = None):
+    """(train, heldout, record): each seed task's user turn through the chat template, followed by the
+    source's greedy reply and the end-of-turn token; labels only on the reply (and its end)."""
+    from compressor.lora import IGNORE
+    from runtime.datasets import DATA_DIR, chat_turns
+
+    turns = chat_turns(path or DATA_DIR / CHAT_SEED_TASKS)
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in turns]
+    replies = source_chat_replies(source_dir, tokenizer, prompts, cache_path)
+    end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    examples = [(p + r + end, [IGNORE] * len(p) + r + end) for p, r in zip(prompts, replies)]
+    cut = len(examples) - min(HELDOUT_CHAT, len(examples) // 4)
+    record = {
+        "tasks": len(turns),
+        "train": cut,
+        "heldout": len(examples) - cut,
+        "reply_tokens": sum(len(r) for r in replies),
+        "max_new_tokens": CHAT_REPLY_TOKENS,
+    }
+    return examples[:cut], examples[cut:], record
+
+
+def mixed_examples(chat: tuple, text: tuple, samples: int):
+    """Half chat (as many as exist, up to samples/2), the rest WikiText windows, interleaved; held-out sets
+    joined. `chat` and `text` are (train, heldout, record) triples."""
+    n_chat = min(len(chat[0]), samples // 2)
+    c, t = chat[0][:n_chat], text[0][: samples - n_chat]
+    train = [x for pair in zip(c, t) for x in pair] + c[len(t) :] + t[len(c) :]
+    record = {"chat": dict(chat[2], train=len(c)), "wikitext": dict(text[2], train=len(t))}
+    return train, chat[1] + text[1], record

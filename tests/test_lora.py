@@ -50,6 +50,63 @@ def test_example_helpers():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def full_logits_losses(student, teacher, batch):
+    """The unchunked reference: full [B, T, V] logits, HF-style shift, summed NLL and KL(teacher || student)."""
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    keep = targets != L.IGNORE
+    nll = torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logp, logp_t = logits[keep].log_softmax(-1), t_logits[keep].log_softmax(-1)
+    kl = (logp_t.exp() * (logp_t - logp)).sum()
+    return nll, kl, int(keep.sum())
+
+
+@pytest.mark.parametrize("kind", ["plain", "llama32"])  # untied and tied (Llama-3.2) LM heads
+def test_chunked_losses_and_gradients_equal_the_full_logits_ones(monkeypatch, kind):
+    """Chunks of 5 positions over 3 ragged examples (padding and prompt labels masked) give the same NLL, KL
+    and LoRA gradients as full-vocabulary logits."""
+    monkeypatch.setattr(L, "LOSS_CHUNK", 5)
+    examples = [
+        ([5, 6, 7, 8, 9, 10, 11], [-100, -100, 7, 8, 9, 10, 11]),
+        ([3, 4, 5], [3, 4, 5]),
+        (list(range(20, 33)),) * 2,
+    ]
+    batch = L.collate(examples, pad_id=0)
+    teacher = make_tiny_llama(kind, seed=1)
+    settings = L.LoraTraining()
+    student, _, _ = randomized_adapter(settings, kind)
+    lora = [p for n, p in student.named_parameters() if "lora_" in n]
+    for name, chunked in [
+        ("nll", lambda: L.nll_sum(student, batch)),
+        ("kl", lambda: L.kl_sum(student, teacher, batch)),
+    ]:
+        ref_nll, ref_kl, ref_count = full_logits_losses(student, teacher, batch)
+        ref = ref_nll if name == "nll" else ref_kl
+        ref_grads = torch.autograd.grad(ref, lora)
+        got, count = chunked()
+        grads = torch.autograd.grad(got, lora)
+        assert count == ref_count == 5 + 2 + 12
+        assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-5), name
+        for g, r in zip(grads, ref_grads):
+            assert torch.allclose(g, r, rtol=1e-4, atol=1e-6), name
+    with torch.no_grad():  # evaluation: same value, no gradient buffers
+        assert float(L.nll_sum(student, batch)[0]) == pytest.approx(float(ref_nll), rel=1e-5)
+
+
+def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
+    """A few distillation steps lower the held-out KL to the teacher; a run without its teacher is refused."""
+    train, held = data()
+    settings = quick(steps=20, eval_every=10, checkpoint_every=10, lr=1e-2, objective="distill")
+    teacher = make_tiny_llama("plain", seed=1)
+    _, rec = L.train_lora(make_tiny_llama("plain"), train, held, settings, tmp_path / "d", teacher=teacher)
+    assert [s for s, _ in rec["heldout_loss"]] == [0, 10, 20]
+    assert rec["heldout_loss"][-1][1] < 0.8 * rec["heldout_loss"][0][1], rec["heldout_loss"]
+    with pytest.raises(EdgepackError, match="needs a teacher"):
+        L.train_lora(make_tiny_llama("plain"), train, held, settings, tmp_path / "e")
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     f = [L.lr_factor(s, 4, 20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0
@@ -131,9 +188,9 @@ def test_load_lora_restores_the_trained_adapter(tmp_path):
         assert torch.equal(trained(input_ids=x).logits, reloaded.eval()(input_ids=x).logits)
 
 
-def randomized_adapter(settings: L.LoraTraining):
+def randomized_adapter(settings: L.LoraTraining, kind: str = "plain"):
     """A tiny model with a LoRA adapter whose A and B are both random (B starts at zero in peft)."""
-    peft_model = L.attach_lora(make_tiny_llama("plain"), settings)
+    peft_model = L.attach_lora(make_tiny_llama(kind), settings)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

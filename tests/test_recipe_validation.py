@@ -32,7 +32,14 @@ BAD_VALUES = [
     ("width", "n", "8", 8, "width.n=8: N:M needs 0 < N < M"),
     ("width", "targets", '["qkv"]', ["qkv"], "width.targets=['qkv']: expected some of q_proj"),
     ("channels", "ffn_keep", "1.5", 1.5, "channels.ffn_keep=1.5: keeps a fraction in (0, 1]"),
-    ("lora", "dataset", '"books"', "books", "lora.dataset='books': expected 'wikitext' or 'triviaqa'"),
+    (
+        "lora",
+        "dataset",
+        '"books"',
+        "books",
+        "lora.dataset='books': expected 'wikitext' or 'triviaqa' or 'chat' or 'mix'",
+    ),
+    ("lora", "objective", '"sft"', "sft", "lora.objective='sft': expected 'lm' or 'distill'"),
     ("lora", "triviaqa_mode", '"half"', "half", "lora.triviaqa_mode='half': expected 'closed' or 'open'"),
     ("lora", "rank", '"8"', "8", "lora.rank='8': expected a whole number"),
     ("lora", "keep_dense", "1", 1, "lora.keep_dense=1: expected true or false"),
@@ -140,7 +147,18 @@ def test_valid_values_pass_and_keep_their_fingerprints():
         "lr",
         "seqlen",
         "keep_dense",
+        "objective",
     }
+    # objective came later: at its default ("lm") it is left out of the fingerprint, so older work dirs resume
+    from compressor.pipeline import stage_fingerprint
+    from compressor.recipe import parse_preset, settings_hash
+
+    recipe = parse_preset("W1:8 lora=wikitext")
+    old = {k: v for k, v in asdict(recipe.lora).items() if k != "objective"}
+    assert stage_fingerprint(recipe, "lora", "x") == settings_hash(
+        {"stage": "lora", "settings": old, "calibration": None, "input": "x"}
+    )
+    assert stage_fingerprint(parse_preset("W1:8 lora=distill"), "lora", "x") != stage_fingerprint(recipe, "lora", "x")
     assert ChannelStage(ffn_keep=1, kv_groups_keep=None).ffn_keep == 1
     assert DepthStage(method="iterative").method == "iterative" and WidthStage(n=12, m=16).sparsity == 0.75
 

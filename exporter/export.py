@@ -7,7 +7,8 @@
                          (or the float checkpoint, for recipes without stage 4)
       tokenizer/         tokenizer.json, tokenizer_config.json, chat template
       reference/         top-k log-probabilities of the *source* (uncompressed) model on the evaluation
-                         windows, so `edgepack verify` computes KL divergence with no torch and no source
+                         windows, so `edgepack verify` computes KL divergence with no torch and no source;
+                         and the source's greedy chat replies with its top-k log-probs on them (chat fidelity)
 
 LoRA is already merged by the pipeline (in float, before GPTQ, mask-aware); EoRA cannot be merged into int4
 weights and ships as its own low-rank pair per projection. The quality block of the manifest is measured
@@ -175,6 +176,11 @@ def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions 
         reference = reference_for(source, workdir, limits, tokenizer, log=log, k=options.reference_k)
         ref_path = stage_dir / "reference" / "reference.safetensors"
         ref_path.parent.mkdir()
+        if wants_chat(limits, tokenizer):
+            from compressor.chat_reference import chat_reference_for
+
+            log(f"greedy chat replies of the source model ({limits.chat_prompts or 'all'} prompts, cached)")
+            reference.chat = chat_reference_for(source, workdir, limits, tokenizer, k=options.reference_k, log=log)
         reference.save(ref_path)
         log(f"measuring the ONNX model ({limits.describe()})")
         decoder = OnnxDecoder(stage_dir / "onnx" / "model.onnx", pad_id=tokenizer.pad_id)
@@ -193,6 +199,12 @@ def export_run(workdir: str | Path, out_dir: str | Path, options: ExportOptions 
     finally:
         shutil.rmtree(stage_dir, ignore_errors=True)
     return bundle
+
+
+def wants_chat(limits: EvalLimits, tokenizer: TextTokenizer) -> bool:
+    """Chat fidelity claims need a chat template; --chat-prompts 0 turns them off (limits made before the
+    chat metric existed carry no chat sizes and count as off)."""
+    return bool(tokenizer.chat_template) and getattr(limits, "chat_prompts", 0) != 0
 
 
 def manifest_fields(
@@ -215,7 +227,7 @@ def manifest_fields(
         "model": {
             "name": summary["recipe"].get("name"),
             "source": source_info,
-            "architecture": "LlamaForCausalLM",
+            "architecture": graph.get("architecture", "LlamaForCausalLM"),  # exporter.families
             "parameters": dense,
             "parameters_nonzero": int(nonzero) if nonzero is not None else None,
             "vocab_size": graph.get("vocab_size"),

@@ -65,8 +65,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from exporter.int4 import NBitsWeight, concat_nbits, gptq_to_matmulnbits, quantize_rtn
-from exporter.rope import RopeSpec, cos_sin_cache, rope_from_hf
+from exporter.families import FULL, SLIDING, GraphFamily, family_from_hf_config
+from exporter.int4 import NBitsWeight, concat_nbits, find_block_grid, gptq_to_matmulnbits, quantize_rtn
+from exporter.rope import RopeSpec, cos_sin_cache
 from runtime.contract import (
     FORMAT,
     FORMAT_VERSION,
@@ -97,6 +98,7 @@ class LayerSpec:
     num_attention_heads: int  # 0 = attention removed from this layer
     num_key_value_heads: int
     intermediate_size: int  # 0 = MLP removed from this layer
+    attention_type: str = FULL  # FULL or SLIDING (exporter.families): which window and RoPE the layer uses
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class DecoderSpec:
     tie_word_embeddings: bool
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    family: GraphFamily = GraphFamily()  # LLaMA unless the config says otherwise (exporter.families)
+    rope_local: RopeSpec | None = None  # RoPE of sliding-window layers, when the family has them
 
     @property
     def n_layers(self) -> int:
@@ -135,6 +139,9 @@ class GraphOptions(Settings):
     gptq: GptqFormat | None = None  # needed when `weights` holds GPTQ tensors
     projections: Literal["keep", "int4"] = "keep"  # "keep": float stays fp32, GPTQ stays int4; "int4": RTN float ones
     rtn_block_size: int = 32
+    # float projections already on a 4-bit block grid (an imported Q4_0/Q4_1/Q4_K GGUF that no stage moved) are
+    # stored exactly (exporter.int4.find_block_grid) whenever the graph quantizes: projections="int4" or GPTQ
+    grid_exact: bool = True
     embedding: Literal["fp32", "int8", "int4"] = "fp32"  # int8/int4: GatherBlockQuantized
     lm_head: Literal["fp32", "int8", "int4"] = "fp32"  # int8/int4: MatMulNBits
     head_block_size: int = 32  # block of the quantized embedding / LM head
@@ -183,13 +190,20 @@ def spec_from_hf_config(config, state_dict) -> DecoderSpec:
     Per-layer head counts and MLP widths are read from the weights, not the config, so depth-pruned
     (layers removed and renumbered) and channel-pruned (heads / KV groups / MLP rows removed per layer)
     checkpoints need nothing special. The head size comes from the config (`head_dim`, or the original
-    hidden_size / num_attention_heads), since pruning removes whole heads and never changes it."""
+    hidden_size / num_attention_heads), since pruning removes whole heads and never changes it. The family
+    (exporter.families) and each layer's attention type come from the config, whose per-layer lists the
+    depth stage keeps in step with the layers that remain."""
+    fc = family_from_hf_config(config)
     if "model.embed_tokens.weight" not in state_dict:
         raise EdgepackError("weights: no model.embed_tokens.weight")
     vocab, hidden = _shape(state_dict["model.embed_tokens.weight"])
     head_dim = _get(config, "head_dim") or (_get(config, "hidden_size") // _get(config, "num_attention_heads"))
     layers = []
-    for i in layer_indices(state_dict):
+    indices = layer_indices(state_dict)
+    types = fc.layer_types or (FULL,) * len(indices)
+    if len(types) != len(indices):
+        raise EdgepackError(f"config lists {len(types)} layer types, the weights have {len(indices)} layers")
+    for i in indices:
         p = f"model.layers.{i}"
         has_attn = any(k.startswith(f"{p}.self_attn.q_proj.") for k in state_dict)
         has_mlp = any(k.startswith(f"{p}.mlp.gate_proj.") for k in state_dict)
@@ -198,7 +212,7 @@ def spec_from_hf_config(config, state_dict) -> DecoderSpec:
         inter = _out_features(state_dict, f"{p}.mlp.gate_proj") if has_mlp else 0
         if has_attn and (nkv == 0 or nq % nkv):
             raise EdgepackError(f"layer {i}: {nq} query heads cannot be grouped over {nkv} KV heads")
-        layers.append(LayerSpec(nq, nkv, inter))
+        layers.append(LayerSpec(nq, nkv, inter, types[i]))
     eos = _get(config, "eos_token_id")
     eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
     tied = bool(_get(config, "tie_word_embeddings", False))
@@ -210,11 +224,13 @@ def spec_from_hf_config(config, state_dict) -> DecoderSpec:
         head_dim=int(head_dim),
         layers=tuple(layers),
         rms_norm_eps=float(_get(config, "rms_norm_eps", 1e-5)),
-        rope=rope_from_hf(config),
+        rope=fc.ropes[FULL],
         max_position_embeddings=int(_get(config, "max_position_embeddings", 2048) or 2048),
         tie_word_embeddings=tied,
         bos_token_id=_get(config, "bos_token_id"),
         eos_token_ids=eos_ids,
+        family=fc.family,
+        rope_local=fc.ropes.get(SLIDING) if any(l.attention_type == SLIDING for l in layers) else None,
     )
 
 
@@ -240,6 +256,7 @@ class Linear:
     nbits: NBitsWeight | None = None
     bias: np.ndarray | None = None
     eora: tuple[np.ndarray, np.ndarray] | None = None  # A [r, K], B [N, r]
+    grid_exact: bool = False  # float weight that was already on a 4-bit block grid, stored exactly
 
     @property
     def n(self) -> int:
@@ -271,7 +288,11 @@ def load_linear(weights, prefix: str, options: GraphOptions, eora=None) -> Linea
         lin = Linear(nbits=nb)
     elif f"{prefix}.weight" in weights:
         w = as_numpy(weights[f"{prefix}.weight"]).astype(np.float32)
-        if options.projections == "int4":
+        quantizing = options.projections == "int4" or options.gptq is not None
+        grid = find_block_grid(w) if options.grid_exact and quantizing else None
+        if grid is not None:
+            lin = Linear(nbits=grid, grid_exact=True)
+        elif options.projections == "int4":
             lin = Linear(nbits=quantize_rtn(w, bits=4, block_size=options.rtn_block_size))
         else:  # "keep" (GraphOptions checks the choice)
             lin = Linear(float_weight=w)
@@ -398,6 +419,8 @@ class GraphWriter:
                 self.const(f"{name}.bias", lin.bias) if lin.bias is not None else "",
             ]
             y = self.matmul_nbits(xin, nb, consts, name, accuracy_level)
+            if nb.offsets is not None:
+                y = self.block_offsets(xin, y, nb, name)
         if eora is None:
             return y
         a, b = eora
@@ -414,6 +437,16 @@ class GraphWriter:
             t = self.linear(x, factor(a), f"{name}.eora_A", accuracy_level)
         u = self.linear(t, factor(b), f"{name}.eora_B", accuracy_level)
         return self.node("Add", [y, u], name=f"{name}/EoRA_Add")[0]
+
+    def block_offsets(self, x: str, y: str, nb: NBitsWeight, name: str) -> str:
+        """y + (sum of x over each K block) @ offsets^T: the non-integer part of a grid-exact weight's zero
+        points (exporter.int4.find_block_grid), a float matmul only K / block_size deep."""
+        shape = self.const(f"{name}.block_shape", np.array([0, 0, nb.n_blocks, nb.block_size], np.int64))
+        blocks = self.node("Reshape", [x, shape], name=f"{name}/BlockRows")[0]
+        axes = self.const(f"{name}.block_axis", np.array([-1], np.int64))
+        sums = self.node("ReduceSum", [blocks, axes], keepdims=0, name=f"{name}/BlockSums")[0]
+        offs = self.node("MatMul", [sums, self.const(f"{name}.offsets_t", nb.offsets.T.copy())], name=f"{name}/Offsets")
+        return self.node("Add", [y, offs[0]], name=f"{name}/OffsetAdd")[0]
 
     def matmul_nbits(self, x: str, nb: NBitsWeight, consts: list[str], name: str, accuracy_level: int) -> str:
         """MatMulNBits over already-registered initializers [B, scales, zero_points or "", bias or ""]."""
@@ -517,6 +550,7 @@ class DecoderBuilder:
         self.embed_table: np.ndarray | None = None
         self.embed_name: str | None = None  # the fp32 embedding initializer, shared by a tied fp32 head
         self.shared_table = None  # (NBitsWeight, consts) of a quantized embedding the tied head reads too
+        self.grid_exact: list[str] = []  # projections stored grid-exact (GraphOptions.grid_exact)
 
     # -- helpers
     def const_f32(self, key: str) -> str:
@@ -526,20 +560,39 @@ class DecoderBuilder:
         return self.g.linear(x, lin, name, self.o.accuracy_level, self.o.eora_bits, self.o.eora_fuse_a)
 
     def load(self, prefix: str) -> Linear:
-        return load_linear(self.w, prefix, self.o, _eora_for(self.eora, prefix))
+        lin = load_linear(self.w, prefix, self.o, _eora_for(self.eora, prefix))
+        if lin.grid_exact:
+            self.grid_exact.append(prefix)
+        return lin
+
+    def norm_weight(self, key: str) -> str:
+        """An RMSNorm weight as the kernel multiplies it (Gemma's stored w is applied as 1 + w)."""
+        offset = np.float32(self.spec.family.norm_weight_offset)
+        return self.g.const(key, as_numpy(self.w[key]).astype(np.float32) + offset)
+
+    def rms(self, x: str, weight_key: str, name: str) -> str:
+        """A plain RMSNorm over the last axis of `x` (no residual involved)."""
+        return self.g.node(
+            "SimplifiedLayerNormalization",
+            [x, self.norm_weight(weight_key)],
+            name=f"{name}/SimplifiedLayerNorm",
+            axis=-1,
+            epsilon=float(self.spec.rms_norm_eps),
+            stash_type=1,
+        )[0]
+
+    def head_rms(self, x: str, weight_key: str, name: str) -> str:
+        """RMSNorm of every head of a [batch, seq, heads * head_dim] projection (Gemma's q/k norm)."""
+        g = self.g
+        heads = g.node("Reshape", [x, self.heads_shape], name=f"{name}/ToHeads")[0]
+        y = self.rms(heads, weight_key, name)
+        return g.node("Reshape", [y, self.flat_heads_shape], name=f"{name}/FromHeads")[0]
 
     def norm(self, weight_key: str, name: str) -> str:
         """RMSNorm of the residual stream; adds the pending block output to it first (one fused kernel)."""
-        w, eps = self.const_f32(weight_key), float(self.spec.rms_norm_eps)
         if self.pending is None:
-            return self.g.node(
-                "SimplifiedLayerNormalization",
-                [self.residual, w],
-                name=f"{name}/SimplifiedLayerNorm",
-                axis=-1,
-                epsilon=eps,
-                stash_type=1,
-            )[0]
+            return self.rms(self.residual, weight_key, name)
+        w, eps = self.norm_weight(weight_key), float(self.spec.rms_norm_eps)
         # outputs 1 and 2 (mean, inv_std_var) are training outputs: left unnamed
         y, _, _, summed = self.g.node(
             "SkipSimplifiedLayerNormalization",
@@ -584,8 +637,18 @@ class DecoderBuilder:
                 gather_axis=0,
                 quantize_axis=1,
             )[0]
-        cos, sin = cos_sin_cache(self.spec.rope, self.spec.head_dim, self.max_len)
-        self.cos, self.sin = self.g.const("cos_cache", cos), self.g.const("sin_cache", sin)
+        if self.spec.family.embedding_scale is not None:
+            scale = g.const("embed_scale", np.array(self.spec.family.embedding_scale, np.float32))
+            self.residual = g.node("Mul", [self.residual, scale], name="embed_tokens/Scale")[0]
+        self.rope_caches = {}
+        ropes = {FULL: self.spec.rope, SLIDING: self.spec.rope_local}
+        for kind, rope in ropes.items():
+            if rope is not None:
+                cos, sin = cos_sin_cache(rope, self.spec.head_dim, self.max_len)
+                suffix = "" if kind == FULL else "_local"
+                self.rope_caches[kind] = (g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin))
+        self.heads_shape = g.const("heads_shape", np.array([0, 0, -1, self.spec.head_dim], np.int64))
+        self.flat_heads_shape = g.const("flat_heads_shape", np.array([0, 0, -1], np.int64))
 
     def layer(self, i: int) -> None:
         if self.spec.layers[i].num_attention_heads:
@@ -593,19 +656,44 @@ class DecoderBuilder:
         if self.spec.layers[i].intermediate_size:
             self.mlp(i)
 
-    def attention(self, i: int) -> None:
+    def qkv(self, i: int, h: str) -> list[str]:
+        """GQA's first three inputs: packed QKV (third and second ""), or q, k, v each [batch, seq, n]. With
+        the family's q/k norm, a fused projection is split so each head of q and k is normalized first."""
         ls, hd, p = self.spec.layers[i], self.spec.head_dim, f"model.layers.{i}.self_attn"
-        h = self.norm(f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
         q, k, v = (self.load(f"{p}.{m}") for m in ("q_proj", "k_proj", "v_proj"))
         if (q.n, k.n, v.n) != (ls.num_attention_heads * hd, ls.num_key_value_heads * hd, ls.num_key_value_heads * hd):
             raise EdgepackError(f"layer {i}: q/k/v shapes {q.n}/{k.n}/{v.n} disagree with the spec")
         fused = fuse_linears([q, k, v]) if self.o.fuse_qkv else None
         if fused is not None:
-            qkv = [self.linear(h, fused, f"layers.{i}.attn.qkv_proj"), "", ""]
+            packed = self.linear(h, fused, f"layers.{i}.attn.qkv_proj")
+            if not self.spec.family.qk_norm:
+                return [packed, "", ""]
+            split = self.g.const(f"layers.{i}.attn.split", np.array([q.n, k.n, v.n], np.int64))
+            outs = self.g.node("Split", [packed, split], n_out=3, axis=-1, name=f"layers.{i}/attn/Split")
         else:
-            qkv = [
+            outs = [
                 self.linear(h, lin, f"layers.{i}.attn.{m}") for lin, m in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"))
             ]
+        if self.spec.family.qk_norm:
+            outs[0] = self.head_rms(outs[0], f"{p}.q_norm.weight", f"layers.{i}/attn/q_norm")
+            outs[1] = self.head_rms(outs[1], f"{p}.k_norm.weight", f"layers.{i}/attn/k_norm")
+        return list(outs)
+
+    def attention(self, i: int) -> None:
+        ls, hd, p, fam = self.spec.layers[i], self.spec.head_dim, f"model.layers.{i}.self_attn", self.spec.family
+        h = self.norm(f"model.layers.{i}.input_layernorm.weight", f"layers.{i}/input_layernorm")
+        qkv = self.qkv(i, h)
+        if ls.attention_type not in self.rope_caches:
+            raise EdgepackError(f"layer {i}: attention type {ls.attention_type!r} has no RoPE settings")
+        cos, sin = self.rope_caches[ls.attention_type]
+        # GQA's local_window_size and HF's sliding_window both count the current token (checked by the
+        # parity tests: a window one smaller or larger changes the logits from position WINDOW on)
+        window = fam.sliding_window if ls.attention_type == SLIDING and fam.sliding_window else -1
+        extra = {}
+        if fam.attention_scale is not None:
+            extra["scale"] = float(fam.attention_scale)
+        if fam.attention_softcap is not None:
+            extra["softcap"] = float(fam.attention_softcap)
         names = {"layer": i, "kv_heads": ls.num_key_value_heads, **kv_names(i)}
         self.kv_layers.append(names)
         shape = ["batch_size", ls.num_key_value_heads, "past_sequence_length", hd]
@@ -618,7 +706,7 @@ class DecoderBuilder:
         ]
         attn = self.g.node(
             "GroupQueryAttention",
-            qkv + [names["past_key"], names["past_value"], SEQLENS_K, TOTAL_SEQUENCE_LENGTH, self.cos, self.sin],
+            qkv + [names["past_key"], names["past_value"], SEQLENS_K, TOTAL_SEQUENCE_LENGTH, cos, sin],
             domain=MS,
             name=f"layers.{i}/GroupQueryAttention",
             outputs=[self.g.unique(f"layers.{i}/attn/out"), names["present_key"], names["present_value"]],
@@ -626,13 +714,17 @@ class DecoderBuilder:
             kv_num_heads=ls.num_key_value_heads,
             do_rotary=1,
             rotary_interleaved=0,
-            local_window_size=-1,
+            local_window_size=window,
+            **extra,
         )[0]
-        self.pending = self.linear(attn, self.load(f"{p}.o_proj"), f"layers.{i}.attn.o_proj")
+        out = self.linear(attn, self.load(f"{p}.o_proj"), f"layers.{i}.attn.o_proj")
+        if fam.post_attention_norm:
+            out = self.rms(out, f"model.layers.{i}.{fam.post_attention_norm}.weight", f"layers.{i}/post_attn_norm")
+        self.pending = out
 
     def mlp(self, i: int) -> None:
-        g, p = self.g, f"model.layers.{i}.mlp"
-        h = self.norm(f"model.layers.{i}.post_attention_layernorm.weight", f"layers.{i}/post_attention_layernorm")
+        g, p, fam = self.g, f"model.layers.{i}.mlp", self.spec.family
+        h = self.norm(f"model.layers.{i}.{fam.pre_mlp_norm}.weight", f"layers.{i}/{fam.pre_mlp_norm}")
         gate, up = self.load(f"{p}.gate_proj"), self.load(f"{p}.up_proj")
         fused = fuse_linears([gate, up]) if self.o.fuse_gate_up else None
         if fused is not None:
@@ -642,10 +734,18 @@ class DecoderBuilder:
         else:
             gate_out = self.linear(h, gate, f"layers.{i}.mlp.gate_proj")
             up_out = self.linear(h, up, f"layers.{i}.mlp.up_proj")
-        sig = g.node("Sigmoid", [gate_out], name=f"layers.{i}/mlp/Sigmoid")[0]
-        silu = g.node("Mul", [gate_out, sig], name=f"layers.{i}/mlp/SiLU")[0]
-        act = g.node("Mul", [silu, up_out], name=f"layers.{i}/mlp/GateMul")[0]
-        self.pending = self.linear(act, self.load(f"{p}.down_proj"), f"layers.{i}.mlp.down_proj")
+        act = g.node("Mul", [self.activation(gate_out, f"layers.{i}/mlp"), up_out], name=f"layers.{i}/mlp/GateMul")[0]
+        out = self.linear(act, self.load(f"{p}.down_proj"), f"layers.{i}.mlp.down_proj")
+        if fam.post_mlp_norm:
+            out = self.rms(out, f"model.layers.{i}.{fam.post_mlp_norm}.weight", f"layers.{i}/post_mlp_norm")
+        self.pending = out
+
+    def activation(self, x: str, name: str) -> str:
+        """The gate's activation: SiLU (x * sigmoid(x)) or GeGLU's tanh-approximated GELU (FastGelu)."""
+        if self.spec.family.activation == "gelu_tanh":
+            return self.g.node("FastGelu", [x], domain=MS, name=f"{name}/FastGelu")[0]
+        sig = self.g.node("Sigmoid", [x], name=f"{name}/Sigmoid")[0]
+        return self.g.node("Mul", [x, sig], name=f"{name}/SiLU")[0]
 
     def lm_head(self, h: str) -> None:
         """Only the requested positions (logits_positions) go through the head: GatherElements along seq."""
@@ -659,7 +759,8 @@ class DecoderBuilder:
         )[0]
         idx = g.node("Expand", [idx, full_shape], name="logits/Expand")[0]
         h = g.node("GatherElements", [h, idx], axis=1, name="logits/GatherElements")[0]
-        tied = self.spec.tie_word_embeddings
+        tied, cap = self.spec.tie_word_embeddings, self.spec.family.final_logit_softcap
+        final = LOGITS if cap is None else g.unique("logits/uncapped")
         head_w = self.embed_table if tied else as_numpy(self.w["lm_head.weight"]).astype(np.float32)
         if head_w.shape != (vocab, hidden):
             raise EdgepackError(f"lm_head weight is {head_w.shape}, expected {(vocab, hidden)}")
@@ -672,7 +773,8 @@ class DecoderBuilder:
             out_shape = g.node(
                 "Concat", [pos_shape, g.const("vocab_size", np.array([vocab], np.int64))], axis=0, name="lm_head/Concat"
             )[0]
-            g.node("Reshape", [y, out_shape], name="lm_head/Unflatten", outputs=[LOGITS])
+            g.node("Reshape", [y, out_shape], name="lm_head/Unflatten", outputs=[final])
+            self.softcap_logits(final, cap)
             return
         if self.o.lm_head == "fp32":
             y = g.linear(h, Linear(float_weight=head_w), "lm_head", self.o.accuracy_level)
@@ -682,7 +784,17 @@ class DecoderBuilder:
             bits = {"int8": 8, "int4": 4}[self.o.lm_head]
             lin = Linear(nbits=quantize_rtn(head_w, bits=bits, block_size=self.o.head_block_size, symmetric=True))
             y = g.linear(h, lin, "lm_head", self.o.accuracy_level)
-        g.node("Identity", [y], name="lm_head/Identity", outputs=[LOGITS])
+        g.node("Identity", [y], name="lm_head/Identity", outputs=[final])
+        self.softcap_logits(final, cap)
+
+    def softcap_logits(self, y: str, cap: float | None) -> None:
+        """logits = cap * tanh(y / cap), when the family caps them (otherwise `y` already is LOGITS)."""
+        if cap is None:
+            return
+        c = self.g.const("logit_softcap", np.array(cap, np.float32))
+        t = self.g.node("Div", [y, c], name="logits/SoftcapDiv")[0]
+        t = self.g.node("Tanh", [t], name="logits/SoftcapTanh")[0]
+        self.g.node("Mul", [t, c], name="logits/SoftcapMul", outputs=[LOGITS])
 
     # -- the file
     def metadata(self, data_name: str) -> dict[str, Any]:
@@ -704,8 +816,12 @@ class DecoderBuilder:
             "bos_token_id": spec.bos_token_id,
             "eos_token_ids": list(spec.eos_token_ids),
             "rope": asdict(spec.rope),
+            "rope_local": asdict(spec.rope_local) if spec.rope_local else None,
+            "family": asdict(spec.family),
+            "architecture": spec.family.architecture,
             "weights": {
                 "projections": _projection_kind(self.w, o),
+                "grid_exact_projections": len(self.grid_exact),
                 "gptq": asdict(o.gptq) if o.gptq else None,
                 "embedding": o.embedding,
                 "lm_head": o.lm_head,

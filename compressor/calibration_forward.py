@@ -59,11 +59,20 @@ def calibration_nll(model, calib_ids: torch.Tensor, batch_size: int = 4, desc: s
     for batch in batches:
         batch = batch.to(device)
         hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
-        for row_hidden, row_ids in zip(hidden, batch):
-            logits = model.lm_head(row_hidden[:-1]).float()
-            total += F.cross_entropy(logits, row_ids[1:], reduction="sum").item()
-            count += row_ids.numel() - 1
+        total += hidden_nll(model, hidden, batch)
+        count += batch.numel() - batch.shape[0]
     return total, count
+
+
+@torch.no_grad()
+def hidden_nll(model, hidden: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed next-token NLL of `batch` from the decoder's final (normed) hidden states, one row's logits at
+    a time."""
+    total = 0.0
+    for row_hidden, row_ids in zip(hidden, batch):
+        logits = model.lm_head(row_hidden[:-1]).float()
+        total += F.cross_entropy(logits, row_ids[1:], reduction="sum").item()
+    return total
 
 
 def calibration_perplexity(model, calib_ids: torch.Tensor, batch_size: int = 4, desc: str | None = None) -> float:

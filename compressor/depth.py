@@ -14,13 +14,14 @@ which accounts for layers that are only redundant together.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from compressor.calibration_forward import calibration_perplexity, check_calib_ids
+from compressor.calibration_forward import check_calib_ids, hidden_nll, iter_batches, model_device
 
 # Per-layer lists a config may carry (transformers 5 `layer_types`, SmolLM3-style `no_rope_layers`, the
 # channel stage's per-layer widths). drop_layers slices each one that is present, so the config stays
@@ -44,14 +45,53 @@ def layers_skipped(model, skipped: Iterable[int]):
 def _removal_perplexities(
     model, calib_ids, already_dropped: set[int], batch_size: int, desc: str
 ) -> list[float | None]:
-    """PPL with each still-present layer additionally skipped; None for layers already dropped."""
+    """PPL with each still-present layer additionally skipped; None for layers already dropped.
+
+    Layers before the skipped one are unchanged, so they run once per batch, not once per candidate: one
+    forward pass records the hidden states (and keyword arguments: rotary tables, masks, per layer as the
+    model builds them) entering every present layer, and "without layer k" resumes from layer k's input at
+    layer k+1. That is n(n+1)/2 layer passes per batch instead of n^2 (16-layer Llama-3.2-1B: 136 vs 256)."""
     n_layers = len(model.model.layers)
     scores: list[float | None] = [None] * n_layers
-    candidates = [i for i in range(n_layers) if i not in already_dropped]
-    for i in tqdm(candidates, desc=desc):
-        with layers_skipped(model, already_dropped | {i}):
-            scores[i] = calibration_perplexity(model, calib_ids, batch_size)
+    present = [i for i in range(n_layers) if i not in already_dropped]
+    totals, count = [0.0] * len(present), 0
+    device = model_device(model)
+    with layers_skipped(model, already_dropped):
+        layers = model.model.layers
+        for batch in tqdm(list(iter_batches(calib_ids, batch_size)), desc=desc):
+            batch = batch.to(device)
+            entering = _layer_inputs(model, batch)
+            for k, (hidden, _) in enumerate(entering):
+                for j in range(k + 1, len(layers)):
+                    hidden = _hidden_out(layers[j](hidden, **entering[j][1]))
+                totals[k] += hidden_nll(model, model.model.norm(hidden), batch)
+            count += batch.numel() - batch.shape[0]
+    for k, original in enumerate(present):
+        scores[original] = math.exp(totals[k] / count)
     return scores
+
+
+def _layer_inputs(model, batch: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states, keyword arguments) with which the model calls each of its decoder layers on `batch`,
+    from one forward pass with pre-hooks (the model derives positions and masks itself)."""
+    entering: list[tuple[torch.Tensor, dict]] = []
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        skip = ("hidden_states", "cache", "past_key_values", "past_key_value")
+        entering.append((hidden, {**{k: v for k, v in kwargs.items() if k not in skip}, "use_cache": False}))
+
+    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        model.model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return entering
+
+
+def _hidden_out(output):
+    return output[0] if isinstance(output, tuple) else output
 
 
 @torch.no_grad()

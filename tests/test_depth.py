@@ -10,7 +10,14 @@ import torch
 from conftest import make_tiny_llama
 
 from compressor.calibration_forward import calibration_perplexity
-from compressor.depth import drop_layers, iterative_drop, layer_importance, layers_skipped, select_layers_to_drop
+from compressor.depth import (
+    _removal_perplexities,
+    drop_layers,
+    iterative_drop,
+    layer_importance,
+    layers_skipped,
+    select_layers_to_drop,
+)
 
 
 def calib(n=6, seqlen=16, seed=1):
@@ -178,3 +185,22 @@ def test_iterative_drop_uses_original_indices_and_rescoring():
     assert len(model.model.layers) == 4  # iterative_drop only chooses
     # Round 1 equals the one-shot ranking.
     assert rounds[0] == pytest.approx(layer_importance(model, ids, batch_size=4), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["plain", "llama32"])
+def test_cached_scoring_equals_rerunning_the_model_without_each_layer(kind):
+    """Scoring resumes from cached layer inputs; it must give the perplexity of a full forward pass of the
+    model without that layer (and without the already dropped ones, as in an iterative round)."""
+    model = make_tiny_llama(kind)
+    ids = calib(5, 12)
+    for dropped in (set(), {1}):
+        expected = []
+        for i in range(4):
+            if i in dropped:
+                expected.append(None)
+                continue
+            with layers_skipped(model, dropped | {i}):
+                expected.append(calibration_perplexity(model, ids, batch_size=2))
+        got = _removal_perplexities(model, ids, dropped, batch_size=2, desc="test")
+        assert [g is None for g in got] == [e is None for e in expected]
+        assert [g for g in got if g is not None] == pytest.approx([e for e in expected if e is not None], rel=1e-5)

@@ -51,14 +51,16 @@ def engine_edgepack(args) -> dict:
     from runtime.bench import bench_bundle
     from runtime.bundle import Bundle
 
-    res = bench_bundle(
-        Bundle.open(args.bundle), PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads, prompt=_prompt_ids(args)
-    )
+    t0 = time.perf_counter()
+    bundle = Bundle.open(args.bundle)
+    open_s = time.perf_counter() - t0
+    res = bench_bundle(bundle, PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads, prompt=_prompt_ids(args))
     return {
         "decode_tokens_per_s": res["decode_tokens_per_s"],
         "prefill_tokens_per_s": res["prefill_tokens_per_s"],
         "ttft_s": res["ttft_s"],
-        "peak_rss_bytes": res.get("peak_rss_bytes"),
+        "load_s": open_s + res["load_s"],  # open + digest check + ONNX session
+        "peak_rss_bytes": _peak_rss(),
         "loop_us_per_token": res["loop_us_per_token"],
         "token_ids": res["token_ids"],
     }
@@ -93,9 +95,11 @@ def engine_edgepack_spec(args) -> dict:
 def engine_llamacpp(args) -> dict:
     from llama_cpp import Llama
 
+    t0 = time.perf_counter()
     llm = Llama(
         model_path=args.gguf[0], n_ctx=512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False, seed=0
     )
+    load_s = time.perf_counter() - t0
     prompt = _prompt_ids(args)
     decode, prefill = [], []
     for rep in range(args.repeats + 1):
@@ -110,7 +114,12 @@ def engine_llamacpp(args) -> dict:
         if rep:  # the first run is the warm-up
             prefill.append(len(prompt) / (t1 - t0))
             decode.append(NEW_TOKENS / (t2 - t1))
-    return {"decode_tokens_per_s": _stats(decode), "prefill_tokens_per_s": _stats(prefill)}
+    return {
+        "decode_tokens_per_s": _stats(decode),
+        "prefill_tokens_per_s": _stats(prefill),
+        "load_s": load_s,
+        "peak_rss_bytes": _peak_rss(),
+    }
 
 
 def engine_ortgenai(args) -> dict:
@@ -128,7 +137,9 @@ def engine_ortgenai(args) -> dict:
     if args.threads:
         cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = args.threads
     (run_dir / "genai_config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
     model = og.Model(str(run_dir))
+    load_s = time.perf_counter() - t0
     prompt = _prompt_ids(args)
     decode, prefill, tokens = [], [], []
     for rep in range(args.repeats + 1):
@@ -149,7 +160,20 @@ def engine_ortgenai(args) -> dict:
             prefill.append(len(prompt) / (t1 - t0))
             decode.append(n / (t2 - t1))
         tokens = [int(t) for t in gen.get_sequence(0)][len(prompt) :]
-    return {"decode_tokens_per_s": _stats(decode), "prefill_tokens_per_s": _stats(prefill), "token_ids": tokens}
+    return {
+        "decode_tokens_per_s": _stats(decode),
+        "prefill_tokens_per_s": _stats(prefill),
+        "token_ids": tokens,
+        "load_s": load_s,
+        "peak_rss_bytes": _peak_rss(),
+    }
+
+
+def _peak_rss() -> int:
+    """Peak resident set of this engine's own process (each engine runs in a fresh one)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def engine_kernels(args) -> dict:
@@ -384,15 +408,19 @@ def run_engine(engine: str, python: str, args, threads: int, target: str | None)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def requantize_q4_0(python: str, gguf: Path, work_dir: Path) -> Path:
-    """A Q4_0 copy of a GGUF, made by llama.cpp itself (in the benchmark environment)."""
-    out = work_dir / (gguf.name.split(".Q")[0] + ".Q4_0.gguf")
+def requantize(python: str, gguf: Path, work_dir: Path, ftype: str = "Q4_0") -> Path:
+    """A copy of a GGUF quantized to `ftype` (Q4_0, Q4_K_M, ...) by llama.cpp itself (llama_model_quantize,
+    what llama-quantize calls, in the benchmark environment)."""
+    stem = gguf.name.rsplit(".gguf", 1)[0]
+    for tag in (".Q", ".F16", ".BF16", ".F32", ".f16", ".bf16"):
+        stem = stem.split(tag)[0]
+    out = work_dir / f"{stem}.{ftype}.gguf"
     if not out.exists():
         work_dir.mkdir(parents=True, exist_ok=True)
         code = (
             "import ctypes, sys, llama_cpp\n"
             "p = llama_cpp.llama_model_quantize_default_params()\n"
-            "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0; p.allow_requantize = True\n"
+            f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{ftype}; p.allow_requantize = True\n"
             "sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)))"
         )
         subprocess.run([python, "-c", code, str(gguf), str(out)], check=True, capture_output=True)
@@ -419,6 +447,16 @@ def main() -> int:
         action="store_true",
         help="also time llama.cpp on a Q4_0 copy of the first GGUF (requantized with llama.cpp's own "
         "llama_model_quantize into --work-dir)",
+    )
+    ap.add_argument(
+        "--gguf-source",
+        help="a GGUF (e.g. F16 from llama.cpp's convert_hf_to_gguf.py) only quantized by --quantize, not timed",
+    )
+    ap.add_argument(
+        "--quantize",
+        default="",
+        help="comma list of llama.cpp types (Q4_0, Q4_K_M, ...): time llama.cpp on copies of --gguf-source (or "
+        "the first --gguf) quantized by llama.cpp into --work-dir",
     )
     ap.add_argument("--hf")
     ap.add_argument("--ortgenai-dir", help="a model made by onnxruntime-genai's builder from the same HF checkpoint")
@@ -488,8 +526,10 @@ def main() -> int:
             )
         )
     ggufs = list(args.gguf)
-    if args.bench_python and ggufs and args.also_q4_0:
-        ggufs.append(requantize_q4_0(args.bench_python, Path(ggufs[0]), Path(args.work_dir)))
+    quant_source = args.gguf_source or (ggufs[0] if ggufs else None)
+    ftypes = [t for t in args.quantize.upper().split(",") if t] + (["Q4_0"] if args.also_q4_0 else [])
+    if args.bench_python and quant_source:
+        ggufs += [requantize(args.bench_python, Path(quant_source), Path(args.work_dir), t) for t in ftypes]
     for gguf in ggufs if args.bench_python else []:
         plan.append((f"llama.cpp {Path(gguf).name}", "llamacpp", args.bench_python, gguf, file_bytes(Path(gguf), "")))
     for label, engine, python, target, wb in plan:
@@ -537,9 +577,9 @@ def print_table(results: dict) -> None:
     )
     print(
         "| engine | threads | decode tok/s | prefill tok/s | edgepack / engine | weights MB | "
-        "bandwidth limit tok/s | % of limit |"
+        "bandwidth limit tok/s | % of limit | peak RSS MB | load s |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for k, v in engines.items():
         label, t = k.rsplit(" @", 1)
         d = v["decode_tokens_per_s"]
@@ -550,9 +590,11 @@ def print_table(results: dict) -> None:
         )
         lim = v["bandwidth_limit_tokens_per_s"]
         pre = f"{p['median']:.0f}" if p else "-"
+        rss = f"{v['peak_rss_bytes'] / 1e6:.0f}" if v.get("peak_rss_bytes") else "-"
+        load = f"{v['load_s']:.2f}" if v.get("load_s") is not None else "-"
         print(
             f"| {label} | {t} | {d['median']:.1f} ({d['min']:.0f}-{d['max']:.0f}) | {pre} | {ratio} | "
-            f"{v['weight_bytes'] / 1e6:.1f} | {lim:.0f} | {100 * d['median'] / lim:.0f} % |"
+            f"{v['weight_bytes'] / 1e6:.1f} | {lim:.1f} | {100 * d['median'] / lim:.0f} % | {rss} | {load} |"
         )
     for k, v in engines.items():  # speculative decoding against every other engine at the same thread count
         if " + draft=" not in k:

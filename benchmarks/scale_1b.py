@@ -1,0 +1,182 @@
+"""The whole edgepack chain on the Llama-3.2-1B-shaped model (benchmarks/make_llama_1b.py), stage by stage,
+with each stage's wall time and peak RSS. Resumable: a stage already recorded in the JSON is skipped.
+
+    flock /work/heavy.lock python benchmarks/scale_1b.py [--stages depth,width] [--json docs/scale_1b.json]
+
+Stages, in order: make (the checkpoint), depth, width, lora, gptq, eora (the recipe `D2+W1:8 lora=wikitext
+quant=eora` with small budgets, see BUDGETS), export, verify (`edgepack verify --quick`), bench (`edgepack bench`).
+Every stage runs as its own process under `/usr/bin/time -v`, so its peak RSS is that process's own maximum
+resident set (what a 16 GB laptop must hold), not this driver's. A compress stage is the pipeline run with the
+recipe cut after that stage: the pipeline's fingerprints make it reuse the stages before it, so each process
+does exactly one stage (plus loading its input). Per-stage evaluation is off: quality on random weights
+means nothing (the export still measures the bundle's claims, on the `quick` limits).
+
+Run it in pieces (`--stages`), each under the heavy lock; a stage that fails is recorded with its exit code
+and the tail of its log, and the next call retries it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = ROOT / "models" / "Llama-3.2-1B-shaped"
+WORKDIR = ROOT / "models" / "runs" / "scale-1b-D2-W1-8-lora-eora"
+BUNDLE = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora"
+PRESET = "D2+W1:8 lora=wikitext quant=eora"
+COMPRESS_STAGES = ("depth", "width", "lora", "gptq", "eora")
+STAGES = ("make", *COMPRESS_STAGES, "export", "verify", "bench")
+# Small budgets: the point is time and memory at the 1B shape, not quality (random weights).
+BUDGETS = {
+    "calibration": {"samples": 4, "seqlen": 512, "batch_size": 2},  # depth scoring and WANDA
+    "lora": {"samples": 4, "batch_size": 2, "seqlen": 256},  # 2 LoRA steps
+    "gptq": {"samples": 32, "seqlen": 512},
+    "eora": {"samples": 32, "seqlen": 512},
+}
+
+
+def scale_recipe(upto: str | None = None):
+    """The recipe with the small budgets; `upto` cuts it after that stage (later stages absent)."""
+    import dataclasses
+
+    from compressor.recipe import parse_preset
+
+    recipe = parse_preset(PRESET, model=str(MODEL))
+    recipe.name = WORKDIR.name
+    for section, values in BUDGETS.items():
+        setattr(recipe, section, dataclasses.replace(getattr(recipe, section), **values))
+    if upto is not None:
+        for later in COMPRESS_STAGES[COMPRESS_STAGES.index(upto) + 1 :]:
+            setattr(recipe, later, None)
+    return recipe
+
+
+def run_compress_stage(stage: str) -> int:
+    """Inside the stage's own process: the pipeline up to `stage`, no evaluation."""
+    from compressor.pipeline import run_pipeline
+
+    summary = run_pipeline(
+        scale_recipe(stage), workdir=WORKDIR, final_eval=False, stage_eval=False, log=lambda m: print(m, flush=True)
+    )
+    print(json.dumps({"record": summary["stages"][-1].get("seconds"), "final_model": summary["final_model"]}))
+    return 0
+
+
+def stage_command(stage: str) -> list[str]:
+    py, edgepack = sys.executable, str(Path(sys.executable).with_name("edgepack"))
+    if stage == "make":
+        return [py, str(ROOT / "benchmarks" / "make_llama_1b.py"), "-o", str(MODEL)]
+    if stage in COMPRESS_STAGES:
+        return [py, __file__, "--run-stage", stage]
+    if stage == "export":
+        return [edgepack, "export", str(WORKDIR), "-o", str(BUNDLE), "--quality-limits", "quick", "--no-archive"]
+    if stage == "verify":
+        return [edgepack, "verify", str(BUNDLE), "--quick"]
+    if stage == "bench":
+        return [edgepack, "bench", str(BUNDLE), "--json"]
+    raise ValueError(stage)
+
+
+def timed(cmd: list[str], log_path: Path) -> dict:
+    """Run `cmd` under /usr/bin/time -v; wall seconds, peak RSS of that process, exit code."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "GPTQMODEL_CPU_WORKERS": "2"}
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        rc = subprocess.run(["/usr/bin/time", "-v", *cmd], stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.perf_counter() - t0
+    text = log_path.read_text(errors="replace")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return {
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(int(m.group(1)) * 1024 / 1e9, 2) if m else None,
+        "exit_code": rc,
+        "log_tail": text.splitlines()[-25:] if rc else None,
+    }
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def stage_facts(stage: str, log_path: Path) -> dict:
+    facts = {}
+    if stage == "make":
+        facts["checkpoint_bytes"] = dir_bytes(MODEL)
+    if stage in COMPRESS_STAGES:
+        record = next(WORKDIR.glob(f"*_{stage}/record.json"), None)
+        if record:
+            rec = json.loads(record.read_text())
+            facts["stage_seconds"] = rec.get("seconds")
+            facts.update({k: rec[k] for k in ("dropped", "dropped_layers", "steps", "loss") if k in rec})
+    if stage == "export" and BUNDLE.exists():
+        facts["bundle_bytes"] = dir_bytes(BUNDLE)
+        facts["onnx_bytes"] = sum(f.stat().st_size for f in BUNDLE.rglob("*.onnx*") if f.is_file())
+    if stage == "bench":
+        text = log_path.read_text(errors="replace")
+        start = text.find("{")
+        try:
+            facts["bench"] = json.JSONDecoder().raw_decode(text[start:])[0]
+        except (ValueError, IndexError):
+            pass
+    return facts
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
+    ap.add_argument("--json", default=str(ROOT / "docs" / "scale_1b.json"))
+    ap.add_argument("--redo", action="store_true", help="run the stages again even if recorded")
+    ap.add_argument("--run-stage", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_stage:
+        return run_compress_stage(args.run_stage)
+
+    from runtime.fileio import atomic_write_json
+
+    out = Path(args.json)
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data.setdefault("model", "Llama-3.2-1B-shaped, seeded random weights (benchmarks/make_llama_1b.py)")
+    data.update({"preset": PRESET, "budgets": BUDGETS, "cpu": _cpu_name()})
+    data.setdefault("stages", {})
+    logs = WORKDIR.parent / "scale-1b-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for stage in args.stages.split(","):
+        if stage not in STAGES:
+            sys.exit(f"unknown stage {stage!r} ({', '.join(STAGES)})")
+        done = data["stages"].get(stage, {})
+        if done.get("exit_code") == 0 and not args.redo:
+            print(f"{stage}: recorded earlier ({done['wall_s']} s, {done['peak_rss_gb']} GB), skipping")
+            continue
+        print(f"{stage}: running ({' '.join(stage_command(stage))})", flush=True)
+        log_path = logs / f"{stage}.log"
+        result = timed(stage_command(stage), log_path)
+        result.update(stage_facts(stage, log_path))
+        result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        result["load_average"] = os.getloadavg()[0]
+        data["stages"][stage] = result
+        atomic_write_json(out, data)
+        print(f"{stage}: exit {result['exit_code']}, {result['wall_s']} s, peak RSS {result['peak_rss_gb']} GB")
+        if result["exit_code"]:
+            print("\n".join(result["log_tail"] or []))
+            return 1
+    return 0
+
+
+def _cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return f"unknown CPU ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

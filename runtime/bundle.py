@@ -666,7 +666,7 @@ def format_bytes(n: int) -> str:
 def format_metric(metric: str, value: float) -> str:
     if metric == "ppl":
         return f"{value:.2f}"
-    if metric == "kld":
+    if metric in ("kld", "chat_kld"):
         return f"{value:.4f}"
     return f"{100 * value:.1f} %"
 

@@ -25,7 +25,8 @@ Schema, format_version 1 (keys marked * are required; other keys inside the bloc
                                    runtime's own harness (runtime.verify.measure_quality)
                        limits*     runtime.harness.EvalLimits as a dict (ctx, ppl_windows, qa_questions, ...):
                                    verify re-measures with exactly these
-                       n*          int: sample size (scored tokens for ppl/kld/top1, questions for TriviaQA)
+                       n*          int: sample size (scored tokens for ppl/kld/top1 and chat_kld/chat_top1,
+                                   questions for TriviaQA, replies for chat_match32)
                        tolerance*  {kind*: "relative"|"absolute", value*: float, rule: str}
     runtime*         {onnx*: path in files, reference: path in files or null,
                       safetensors: directory (a prefix of paths in files) or null,
@@ -35,7 +36,9 @@ Schema, format_version 1 (keys marked * are required; other keys inside the bloc
 Tolerance rule (runtime.verify.tolerance_for writes it into each claim; verify only reads the claim):
     ppl                          relative 2 %  (|measured - claimed| <= 0.02 * claimed)
     kld                          absolute max(0.01, 0.05 * claimed) nats
-    top1, triviaqa_*             absolute, a binomial-noise margin for the sample size n:
+    chat_kld                     as kld
+    top1, triviaqa_*, chat_top1, chat_match32
+                                 absolute, a binomial-noise margin for the sample size n:
                                  max(2 * sqrt(p (1 - p) / n), 2 / n)   (two standard errors, at least 2 items)
 """
 
@@ -61,6 +64,9 @@ METRICS = {
     "triviaqa_closed_exact": "TriviaQA closed book (exact)",
     "triviaqa_open_contains": "TriviaQA open book (contains)",
     "triviaqa_open_exact": "TriviaQA open book (exact)",
+    "chat_kld": "chat KL divergence vs source replies",
+    "chat_top1": "chat top-1 agreement vs source replies",
+    "chat_match32": "chat replies matching the source's first 32 tokens",
 }
 QUALITY_LEVELS = ("full", "quick")
 TOLERANCE_KINDS = ("relative", "absolute")
@@ -90,9 +96,16 @@ LIMIT_RANGES = {
     "qa_questions": (1, 100_000),
     "qa_max_new_tokens": (1, 4096),
     "batch_size": (1, 256),
+    "chat_prompts": (0, 100_000),
+    "chat_max_new_tokens": (1, 4096),
+    "chat_prompt_tokens": (1, 1 << 16),
 }
-LIMIT_OPTIONAL = ("ppl_windows", "qa_questions")
-EVAL_SETS = {"wikitext": ("wikitext2-test", "tiny-wikitext"), "triviaqa": ("triviaqa", "tiny-triviaqa")}
+LIMIT_OPTIONAL = ("ppl_windows", "qa_questions", "chat_prompts")
+EVAL_SETS = {
+    "wikitext": ("wikitext2-test", "tiny-wikitext"),
+    "triviaqa": ("triviaqa", "tiny-triviaqa"),
+    "chat": ("chat-instructions",),
+}
 
 
 def _fail(where: str, field: str, what: str):

@@ -6,8 +6,10 @@ thread counts), never by protocol. Each claim stores its limits, its sample size
 (see runtime.manifest for the schema):
 
     ppl                 relative 2 %: |measured - claimed| <= 0.02 * claimed
-    kld                 absolute max(0.01, 0.05 * claimed) nats
-    top1, triviaqa_*    absolute binomial-noise margin for the sample size n:
+    kld, chat_kld       absolute max(0.01, 0.05 * claimed) nats
+    top1, triviaqa_*,   absolute binomial-noise margin for the sample size n (reply tokens for chat_top1,
+    chat_top1,          replies for chat_match32):
+    chat_match32
                         max(2 * sqrt(p * (1 - p) / n), 2 / n), i.e. two standard errors, never below two items
 
 The data is always the project's own: runtime.manifest only accepts claims whose limits name the built-in
@@ -31,7 +33,8 @@ from runtime.harness import EvalLimits, evaluate
 from runtime.manifest import METRICS
 
 PPL_METRICS = ("ppl", "kld", "top1")
-REFERENCE_METRICS = ("kld", "top1")
+CHAT_METRICS = ("chat_kld", "chat_top1", "chat_match32")
+REFERENCE_METRICS = ("kld", "top1", *CHAT_METRICS)
 
 
 @dataclass
@@ -56,7 +59,7 @@ def tolerance_for(metric: str, value: float, n: int) -> dict:
     """The tolerance a claim of `value` on a sample of `n` gets (the rule in this module's docstring)."""
     if metric == "ppl":
         return {"kind": "relative", "value": 0.02, "rule": "relative 2 %"}
-    if metric == "kld":
+    if metric in ("kld", "chat_kld"):
         return {
             "kind": "absolute",
             "value": round(max(0.01, 0.05 * value), 6),
@@ -95,6 +98,11 @@ def claims_from_result(result: dict, limits: EvalLimits) -> dict:
         if r:
             add(f"triviaqa_{mode}_contains", r["contains"], r["n"])
             add(f"triviaqa_{mode}_exact", r["exact_match"], r["n"])
+    if "chat" in result:
+        c = result["chat"]
+        add("chat_kld", c["kld"], c["tokens"])
+        add("chat_top1", c["top1"], c["tokens"])
+        add("chat_match32", c["match32"], c["replies"])
     return claims
 
 
@@ -104,8 +112,11 @@ def measure_quality(
     """The manifest's quality block: for each level ("full", optionally "quick"), evaluate the bundle's
     model (an OnnxDecoder on the exported ONNX file) with the runtime's harness and turn the numbers into
     claims. `reference` (runtime.reference.Reference or None) adds kld and top1, and perplexity is then
-    measured on the reference's windows (its ctx must equal the limits' ctx)."""
+    measured on the reference's windows (its ctx must equal the limits' ctx); a reference with a chat part
+    adds the chat claims (chat_kld, chat_top1, chat_match32)."""
     quality = {}
+    if getattr(reference, "chat", None) is not None and "chat" not in tasks:
+        tasks = (*tasks, "chat")
     for level, limits in levels.items():
         _check_reference_fits(reference, limits, f"quality level {level!r}")
         result = evaluate(backend, tokenizer, limits, tasks=tuple(tasks), progress=progress, reference=reference)
@@ -162,10 +173,19 @@ def verify_bundle(
                 _unmeasured(m, claims[m], "the bundle ships no reference") for m in metrics if m in REFERENCE_METRICS
             ]
             metrics = [m for m in metrics if m not in REFERENCE_METRICS]
+        if any(m in CHAT_METRICS for m in metrics) and reference is not None and reference.chat is None:
+            checks += [
+                _unmeasured(m, claims[m], "the bundle's reference holds no chat replies")
+                for m in metrics
+                if m in CHAT_METRICS
+            ]
+            metrics = [m for m in metrics if m not in CHAT_METRICS]
         tasks = []
         if any(m in PPL_METRICS for m in metrics):
             tasks.append("ppl")
         tasks += [mode for mode in ("closed", "open") if any(m.startswith(f"triviaqa_{mode}_") for m in metrics)]
+        if any(m in CHAT_METRICS for m in metrics):
+            tasks.append("chat")
         if not tasks:
             continue
         if "ppl" in tasks:
@@ -178,7 +198,7 @@ def verify_bundle(
             limits,
             tasks=tuple(tasks),
             progress=progress,
-            reference=reference if "ppl" in tasks else None,
+            reference=reference if ("ppl" in tasks or "chat" in tasks) else None,
         )
         measured = claims_from_result(result, limits)
         for m in metrics:
@@ -219,6 +239,10 @@ def _sample_text(metric: str, claim: dict) -> str:
     lim = claim["limits"]
     if metric in PPL_METRICS:
         return f"{claim['n']} tokens, ctx={lim['ctx']}"
+    if metric == "chat_match32":
+        return f"n={claim['n']} source replies"
+    if metric in CHAT_METRICS:
+        return f"{claim['n']} reply tokens of {lim.get('chat_prompts') or 'all'} source replies"
     return f"n={claim['n']} questions, {lim['qa_max_new_tokens']} new tokens max"
 
 
@@ -229,7 +253,7 @@ def format_checks(checks: list[MetricCheck]) -> str:
     rows = [("metric", "claimed", "measured", "tolerance", "result", "detail")]
     for c in checks:
         measured = "-" if c.measured is None else format_metric(c.name, c.measured)
-        tol = f"±{c.tolerance:.4f}" if c.name in ("ppl", "kld") else f"±{100 * c.tolerance:.1f} pt"
+        tol = f"±{c.tolerance:.4f}" if c.name in ("ppl", "kld", "chat_kld") else f"±{100 * c.tolerance:.1f} pt"
         rows.append(
             (c.label, format_metric(c.name, c.claimed), measured, tol, "PASS" if c.passed else "FAIL", c.detail)
         )

@@ -12,11 +12,26 @@ from compressor import pipeline
 from compressor.recipe import Calibration, EoraStage, GptqStage, Recipe, WidthStage
 from runtime.harness import EvalLimits
 
+CHAT = dict(chat_max_new_tokens=8, chat_prompt_tokens=400)
 LIMITS = EvalLimits(
-    ctx=32, ppl_windows=3, qa_questions=3, qa_max_new_tokens=3, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+    ctx=32,
+    ppl_windows=3,
+    qa_questions=3,
+    qa_max_new_tokens=3,
+    wikitext="tiny-wikitext",
+    triviaqa="tiny-triviaqa",
+    chat_prompts=2,
+    **CHAT,
 )
 QUICK = EvalLimits(
-    ctx=32, ppl_windows=2, qa_questions=2, qa_max_new_tokens=3, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+    ctx=32,
+    ppl_windows=2,
+    qa_questions=2,
+    qa_max_new_tokens=3,
+    wikitext="tiny-wikitext",
+    triviaqa="tiny-triviaqa",
+    chat_prompts=1,
+    **CHAT,
 )
 
 
@@ -51,6 +66,9 @@ def test_bundle_opens_with_manifest_and_archive(exported):
     assert m["recipe"]["name"] == "tiny-w14-eora"
     assert {"full", "quick"} <= set(m["quality"])
     assert "ppl" in m["quality"]["full"] and "kld" in m["quality"]["full"]
+    assert m["quality"]["full"]["chat_match32"]["n"] == 2 and m["quality"]["quick"]["chat_match32"]["n"] == 1
+    assert b.reference().chat.count == 2  # the source's replies, generated once and cached in the work dir
+    assert len(list((work / "run").glob("**/chat-reference-*.safetensors"))) == 1
     assert any(f.startswith("safetensors/eora/") for f in m["files"])
     assert any(f.startswith("reference/") for f in m["files"])
     assert (path.parent / f"{path.name}.edgepack").exists()

@@ -50,6 +50,32 @@ def test_verify_fails_on_perturbed_weights_with_valid_digests(perturbed):
         assert abs(checks[name].measured - checks[name].claimed) > checks[name].tolerance
 
 
+def test_the_bundle_claims_chat_fidelity_and_verify_remeasures_it(good, perturbed):
+    claims = Bundle.open(good).manifest["quality"]
+    assert {"chat_kld", "chat_top1", "chat_match32"} <= set(claims["full"]) & set(claims["quick"])
+    assert claims["full"]["chat_match32"]["n"] == 3 and claims["quick"]["chat_match32"]["n"] == 2
+    assert claims["full"]["chat_kld"]["value"] < 1e-3  # the fp32 ONNX export of the source itself
+    bad = {c.name: c for c in verify_bundle(Bundle.open(perturbed), progress=False)}
+    assert not bad["chat_kld"].passed and bad["chat_kld"].measured > bad["chat_kld"].claimed + 0.01
+
+
+def test_chat_claims_without_chat_replies_in_the_reference_are_not_measured(good, tmp_path):
+    import numpy as np
+
+    from runtime.reference import Reference
+    from tiny_bundle import refresh_digest
+
+    d = copy_bundle(good, tmp_path / "bundle")
+    rel = Bundle.open(d).manifest["runtime"]["reference"]
+    ref = Reference.load(d / rel)
+    Reference(ref.window_ids, ref.top_ids, ref.top_logp).save(d / rel)
+    refresh_digest(d, rel)
+    checks = {c.name: c for c in verify_bundle(Bundle.open(d), quick=True, progress=False)}
+    assert checks["chat_match32"].measured is None and not checks["chat_match32"].passed
+    assert "holds no chat replies" in checks["chat_match32"].detail
+    assert checks["kld"].passed and np.isfinite(checks["kld"].measured)
+
+
 def test_tolerance_rules():
     assert tolerance_for("ppl", 20.0, 1000) == {"kind": "relative", "value": 0.02, "rule": "relative 2 %"}
     assert tolerance_for("kld", 0.5, 1000)["value"] == pytest.approx(0.025)

@@ -1,6 +1,7 @@
 """A tiny but complete bundle, built in the test the way the exporter builds a real one: the imported tiny
 GGUF checkpoint (`tiny_checkpoint` fixture: byte-level tokenizer, vocab 288, chat template) → fp32 ONNX
-decoder via exporter.onnx_graph.build_decoder → reference top-k log-probs from the PyTorch model → quality
+decoder via exporter.onnx_graph.build_decoder → reference top-k log-probs from the PyTorch model (WikiText
+windows, and the model's greedy chat replies: compressor.chat_reference) → quality
 claims measured on the ONNX model with runtime.verify.measure_quality → exporter.bundle_writer.write_bundle.
 
 Built once per test session (module-level cache); tests that modify a bundle work on `copy_bundle`."""
@@ -20,18 +21,24 @@ FULL = EvalLimits(
     ppl_windows=4,
     qa_questions=4,
     qa_max_new_tokens=4,
+    chat_prompts=3,
     batch_size=4,
     wikitext="tiny-wikitext",
     triviaqa="tiny-triviaqa",
+    chat_max_new_tokens=16,
+    chat_prompt_tokens=400,
 )
 QUICK = EvalLimits(
     ctx=64,
     ppl_windows=2,
     qa_questions=2,
     qa_max_new_tokens=4,
+    chat_prompts=2,
     batch_size=4,
     wikitext="tiny-wikitext",
     triviaqa="tiny-triviaqa",
+    chat_max_new_tokens=16,
+    chat_prompt_tokens=400,
 )
 TASKS = ("ppl", "closed")  # open book passages do not fit the tiny model's 512-token context
 MAX_LEN = 512
@@ -49,6 +56,7 @@ def hf_model(checkpoint: Path):
 def make_reference(model, tokenizer, limits: EvalLimits, k: int = 16):
     import torch
 
+    from compressor.chat_reference import build_chat_reference
     from runtime import metrics
     from runtime.datasets import wikitext_eval_text
     from runtime.reference import Reference
@@ -59,7 +67,8 @@ def make_reference(model, tokenizer, limits: EvalLimits, k: int = 16):
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.from_numpy(windows)).logits.float(), -1).numpy()[:, :-1]
     ids, lp = metrics.topk_reference(logp.reshape(-1, logp.shape[-1]), k)
-    return Reference(windows, ids.reshape(*logp.shape[:2], k), lp.reshape(*logp.shape[:2], k))
+    chat = build_chat_reference(model, tokenizer, limits, k, progress=False)
+    return Reference(windows, ids.reshape(*logp.shape[:2], k), lp.reshape(*logp.shape[:2], k), chat)
 
 
 def build_tiny_bundle(checkpoint: Path, work: Path, archive: bool = True) -> Path:

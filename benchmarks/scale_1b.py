@@ -3,8 +3,12 @@ with each stage's wall time and peak RSS. Resumable: a stage already recorded in
 
     flock /work/heavy.lock python benchmarks/scale_1b.py [--stages depth,width] [--json docs/scale_1b.json]
 
-Stages, in order: make (the checkpoint), depth, width, lora, gptq, eora (the recipe `D2+W1:8 lora=wikitext
-quant=eora` with small budgets, see BUDGETS), export, verify (`edgepack verify --quick`), bench (`edgepack bench`).
+Stages, in order: make (the checkpoint), depth, width, lora, gptq (the recipe `D2+W1:8 lora=wikitext
+quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without EoRA), eora, export (with EoRA),
+verify (`edgepack verify --quick`), bench (`edgepack bench`), then in the benchmark environment (/work/benchenv,
+never an edgepack dependency): gguf (llama.cpp's convert_hf_to_gguf.py, F16), genai (onnxruntime-genai's builder,
+int4), decode (benchmarks/bench_decode.py: both bundles, llama.cpp Q4_0 / Q4_K_M quantized by llama.cpp from
+the F16 GGUF, genai; 1 and 2 threads; docs/bench_decode_1b.json).
 Every stage runs as its own process under `/usr/bin/time -v`, so its peak RSS is that process's own maximum
 resident set (what a 16 GB laptop must hold), not this driver's. A compress stage is the pipeline run with the
 recipe cut after that stage: the pipeline's fingerprints make it reuse the stages before it, so each process
@@ -32,9 +36,28 @@ sys.path.insert(0, str(ROOT))
 MODEL = ROOT / "models" / "Llama-3.2-1B-shaped"
 WORKDIR = ROOT / "models" / "runs" / "scale-1b-D2-W1-8-lora-eora"
 BUNDLE = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora"
+BUNDLE_NO_EORA = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-gptq"
+BENCH_DIR = ROOT / "models" / "bench" / "scale-1b"
+GGUF_F16 = BENCH_DIR / "Llama-3.2-1B-shaped.F16.gguf"
+GENAI_DIR = BENCH_DIR / "genai-int4"
+BENCHENV = Path(os.environ.get("EDGEPACK_BENCHENV", "/work/benchenv"))
 PRESET = "D2+W1:8 lora=wikitext quant=eora"
 COMPRESS_STAGES = ("depth", "width", "lora", "gptq", "eora")
-STAGES = ("make", *COMPRESS_STAGES, "export", "verify", "bench")
+STAGES = (
+    "make",
+    "depth",
+    "width",
+    "lora",
+    "gptq",
+    "export_gptq",  # the bundle without EoRA, for the decode comparison
+    "eora",
+    "export",
+    "verify",
+    "bench",
+    "gguf",  # llama.cpp's convert_hf_to_gguf.py on the same HF directory (benchmark environment)
+    "genai",  # onnxruntime-genai's builder, int4, on the same HF directory (benchmark environment)
+    "decode",  # benchmarks/bench_decode.py: every engine, 1 and 2 threads
+)
 # Small budgets: the point is time and memory at the 1B shape, not quality (random weights).
 BUDGETS = {
     "calibration": {"samples": 4, "seqlen": 512, "batch_size": 2},  # depth scoring and WANDA
@@ -61,13 +84,19 @@ def scale_recipe(upto: str | None = None):
 
 
 def run_compress_stage(stage: str) -> int:
-    """Inside the stage's own process: the pipeline up to `stage`, no evaluation."""
+    """Inside the stage's own process: the pipeline up to `stage`, no evaluation (reuses finished stages and
+    leaves the work directory's summary at `stage`); export_gptq / export: then export that summary."""
     from compressor.pipeline import run_pipeline
 
-    summary = run_pipeline(
-        scale_recipe(stage), workdir=WORKDIR, final_eval=False, stage_eval=False, log=lambda m: print(m, flush=True)
-    )
-    print(json.dumps({"record": summary["stages"][-1].get("seconds"), "final_model": summary["final_model"]}))
+    upto = {"export_gptq": "gptq", "export": "eora"}.get(stage, stage)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    summary = run_pipeline(scale_recipe(upto), workdir=WORKDIR, final_eval=False, stage_eval=False, log=log)
+    if stage.startswith("export"):
+        from exporter.export import ExportOptions, export_run
+
+        out = BUNDLE if stage == "export" else BUNDLE_NO_EORA
+        export_run(WORKDIR, out, ExportOptions(limits="quick", archive=False), log=log)
+    print(json.dumps({"final_model": summary["final_model"]}))
     return 0
 
 
@@ -75,14 +104,41 @@ def stage_command(stage: str) -> list[str]:
     py, edgepack = sys.executable, str(Path(sys.executable).with_name("edgepack"))
     if stage == "make":
         return [py, str(ROOT / "benchmarks" / "make_llama_1b.py"), "-o", str(MODEL)]
-    if stage in COMPRESS_STAGES:
+    if stage in COMPRESS_STAGES or stage.startswith("export"):
         return [py, __file__, "--run-stage", stage]
-    if stage == "export":
-        return [edgepack, "export", str(WORKDIR), "-o", str(BUNDLE), "--quality-limits", "quick", "--no-archive"]
     if stage == "verify":
         return [edgepack, "verify", str(BUNDLE), "--quick"]
     if stage == "bench":
         return [edgepack, "bench", str(BUNDLE), "--json"]
+    bench_py = str(BENCHENV / "venv" / "bin" / "python")
+    if stage == "gguf":
+        convert = BENCHENV / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+        return [bench_py, str(convert), str(MODEL), "--outtype", "f16", "--outfile", str(GGUF_F16)]
+    if stage == "genai":
+        builder = ["-m", "onnxruntime_genai.models.builder", "-m", str(MODEL), "-o", str(GENAI_DIR)]
+        return [bench_py, *builder, "-p", "int4", "-e", "cpu", "-c", str(BENCH_DIR / "genai-cache")]
+    if stage == "decode":
+        return [
+            py,
+            str(ROOT / "benchmarks" / "bench_decode.py"),
+            str(BUNDLE),
+            "--extra-bundle",
+            str(BUNDLE_NO_EORA),
+            "--gguf-source",
+            str(GGUF_F16),
+            "--quantize",
+            "Q4_0,Q4_K_M",
+            "--ortgenai-dir",
+            str(GENAI_DIR),
+            "--bench-python",
+            bench_py,
+            "--repeats",
+            "2",
+            "--work-dir",
+            str(BENCH_DIR),
+            "--json",
+            str(ROOT / "docs" / "bench_decode_1b.json"),
+        ]
     raise ValueError(stage)
 
 
@@ -117,9 +173,14 @@ def stage_facts(stage: str, log_path: Path) -> dict:
             rec = json.loads(record.read_text())
             facts["stage_seconds"] = rec.get("seconds")
             facts.update({k: rec[k] for k in ("dropped", "dropped_layers", "steps", "loss") if k in rec})
-    if stage == "export" and BUNDLE.exists():
-        facts["bundle_bytes"] = dir_bytes(BUNDLE)
-        facts["onnx_bytes"] = sum(f.stat().st_size for f in BUNDLE.rglob("*.onnx*") if f.is_file())
+    bundle = {"export": BUNDLE, "export_gptq": BUNDLE_NO_EORA}.get(stage)
+    if bundle and bundle.exists():
+        facts["bundle_bytes"] = dir_bytes(bundle)
+        facts["onnx_bytes"] = sum(f.stat().st_size for f in bundle.rglob("*.onnx*") if f.is_file())
+    if stage == "gguf" and GGUF_F16.exists():
+        facts["gguf_bytes"] = GGUF_F16.stat().st_size
+    if stage == "genai" and GENAI_DIR.exists():
+        facts["genai_bytes"] = dir_bytes(GENAI_DIR)
     if stage == "bench":
         text = log_path.read_text(errors="replace")
         start = text.find("{")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -71,14 +72,18 @@ def generate_eora(
     device = pick_device()
     t0 = time.perf_counter()
     with staging_dir(out_dir) as tmp, gptqmodel_logs_into(tmp / "logs"):
-        GPTQModel.adapter.generate(
-            adapter=Lora(rank=settings.rank, path=str(tmp)),
-            model_id_or_path=str(model_dir),
-            quantized_model_id_or_path=str(quantized_dir),
-            calibration_dataset=rows,
-            dtype=getattr(torch, dtype),
-            device=device,
-        )
+        if has_gptq_modules(quantized_dir):  # grid-exact projections are skipped by gptqmodel's dynamic rules
+            with dequantize_only_quantized_modules():
+                GPTQModel.adapter.generate(
+                    adapter=Lora(rank=settings.rank, path=str(tmp)),
+                    model_id_or_path=str(model_dir),
+                    quantized_model_id_or_path=str(quantized_dir),
+                    calibration_dataset=rows,
+                    dtype=getattr(torch, dtype),
+                    device=device,
+                )
+        else:
+            write_empty_adapter(tmp, settings.rank)
         seconds = time.perf_counter() - t0
         if not (tmp / ADAPTER_FILE).exists():
             raise EdgepackError(f"{out_dir}: gptqmodel wrote no {ADAPTER_FILE}")
@@ -102,6 +107,48 @@ def generate_eora(
         }
         atomic_write_json(tmp / "eora_record.json", record)
     return record
+
+
+@contextmanager
+def dequantize_only_quantized_modules():
+    """gptqmodel 7.5.0's EoRA dequantizes every projection of a layer and fails (KeyError in
+    DequantizeProcessor.process, then the worker pool ends the process) on one that the checkpoint's
+    `dynamic` rules left unquantized, although its EoRA processor skips those itself. Grid-exact projections
+    are such modules: make the dequantize step pass over them (their weight is already the exact one)."""
+    from gptqmodel.looper.dequantize_processor import DequantizeProcessor
+
+    original = DequantizeProcessor.process
+
+    def process(self, module, *args, **kwargs):
+        if module.full_name not in self.quantized_modules:
+            return None
+        return original(self, module, *args, **kwargs)
+
+    DequantizeProcessor.process = process
+    try:
+        yield
+    finally:
+        DequantizeProcessor.process = original
+
+
+def has_gptq_modules(quantized_dir: Path) -> bool:
+    """False for a GPTQ stage whose projections were all on a 4-bit grid (kept exact, nothing to correct)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(quantized_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if any(k.endswith(".qweight") for k in st.keys()):
+                return True
+    return False
+
+
+def write_empty_adapter(out: Path, rank: int) -> None:
+    """A LoRA adapter with no modules: what EoRA makes of a checkpoint with nothing quantized."""
+    from safetensors.torch import save_file
+
+    save_file({}, str(out / ADAPTER_FILE))
+    cfg = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": [], "note": "no GPTQ module"}
+    atomic_write_json(out / ADAPTER_CONFIG, cfg)
 
 
 def load_eora(eora_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -130,7 +177,7 @@ def load_eora(eora_dir) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         if b is None:
             raise EdgepackError(f"{weights_path}: {name} has lora_A but no lora_B")
         out[name] = (a.float(), b.float() * scaling)
-    if not out:
+    if not out and cfg.get("target_modules") != []:  # [] = written on purpose (write_empty_adapter)
         raise EdgepackError(f"{weights_path}: no lora_A/lora_B pairs")
     return out
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -103,15 +105,57 @@ def calibration_rows(calib_examples, limit: int | None) -> list[list[int]]:
     return rows
 
 
+def grid_modules(model_dir) -> list[str]:
+    """Projections of the float checkpoint whose weights already lie on a 4-bit block grid (a dequantized
+    Q4_0/Q4_1/Q4_K GGUF that no stage moved): GPTQ leaves them alone and the export stores them exactly."""
+    from safetensors import safe_open
+
+    from compressor.recipe import PROJECTIONS
+    from exporter.int4 import find_block_grid  # numpy only; the exporter packs what this finds
+
+    found = []
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            for key in st.keys():
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module.rsplit(".", 1)[-1] in PROJECTIONS:
+                    if find_block_grid(st.get_tensor(key)) is not None:
+                        found.append(module)
+    return sorted(found)
+
+
+def grid_only_checkpoint(model_dir: Path, tmp: Path, settings: GptqStage, on_grid: list[str]) -> None:
+    """Every projection is on a grid: nothing for GPTQ to do. The stage's checkpoint is the float one with a
+    quantize_config.json that says so (read back as plain weights; exported grid-exact)."""
+    for f in sorted(model_dir.iterdir()):
+        if f.is_file() and (f.suffix == ".safetensors" or f.suffix in (".json", ".jinja")):
+            shutil.copy2(f, tmp / f.name)
+    qcfg = {
+        "bits": settings.bits,
+        "group_size": settings.group_size,
+        "sym": settings.sym,
+        "desc_act": settings.desc_act,
+        "checkpoint_format": "gptq",
+        "quant_method": "gptq",
+        "grid_exact": on_grid,
+    }
+    atomic_write_json(tmp / "quantize_config.json", qcfg)
+
+
 def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None = None) -> dict[str, Any]:
     """Quantize the float checkpoint in `model_dir` (with its tokenizer) and write a GPTQ checkpoint to
     `out_dir`. The model is loaded in float32, so GPTQ rounds the exact float weights the LoRA merge wrote
     (not an fp16/bf16 copy of them); calibration rows are used as given, one per batch, at most
-    `settings.samples` of them. gptqmodel raises its damping by itself (damp_auto_increment) if H is singular."""
+    `settings.samples` of them. gptqmodel raises its damping by itself (damp_auto_increment) if H is singular.
+    With settings.keep_grid, projections already on a 4-bit block grid are skipped (gptqmodel's negative
+    `dynamic` rules) and stay float here, exact; when all are, gptqmodel does not run at all."""
     settings = settings or GptqStage()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_model_dir(model_dir)
     rows = calibration_rows(calib_examples, settings.samples)
+    t0 = time.perf_counter()
+    on_grid = grid_modules(model_dir) if settings.keep_grid else []
+    n_proj = projection_count(model_dir)
 
     gptqmodel = import_gptqmodel()
     from gptqmodel import GPTQModel, QuantizeConfig
@@ -124,13 +168,17 @@ def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None
         desc_act=settings.desc_act,
         damp_percent=settings.damp,
         offload_to_disk=False,  # small models fit in memory; offloading only adds temp files
+        dynamic={f"-:^{re.escape(m)}$": {} for m in on_grid} or None,
     )
-    t0 = time.perf_counter()
     with staging_dir(out_dir) as tmp, gptqmodel_logs_into(tmp / "logs"):
-        model = GPTQModel.load(str(model_dir), qcfg, dtype=torch.float32, device=device)
-        quant_log = model.quantize(rows, batch_size=1)
-        model.save(str(tmp))
-        del model
+        if on_grid and len(on_grid) == n_proj:
+            grid_only_checkpoint(model_dir, tmp, settings, on_grid)
+            quant_log = {}
+        else:
+            model = GPTQModel.load(str(model_dir), qcfg, dtype=torch.float32, device=device)
+            quant_log = model.quantize(rows, batch_size=1)
+            model.save(str(tmp))
+            del model
         seconds = time.perf_counter() - t0
         saved_cfg = json.loads((tmp / "quantize_config.json").read_text())
         losses = module_losses(quant_log)
@@ -145,6 +193,7 @@ def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None
             "calibration_tokens": sum(len(r) for r in rows),
             "quantize_config": saved_cfg,
             "modules_quantized": len(losses),
+            "grid_exact_modules": on_grid,
             "mean_module_loss": (sum(losses.values()) / len(losses)) if losses else None,
             "module_loss": losses,
             "seconds": round(seconds, 2),
@@ -154,6 +203,20 @@ def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None
         }
         atomic_write_json(tmp / "gptq_record.json", record)
     return record
+
+
+def projection_count(model_dir) -> int:
+    from safetensors import safe_open
+
+    from compressor.recipe import PROJECTIONS
+
+    n = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="numpy") as st:
+            n += sum(
+                k.endswith(".weight") and k[: -len(".weight")].rsplit(".", 1)[-1] in PROJECTIONS for k in st.keys()
+            )
+    return n
 
 
 def module_losses(quant_log) -> dict[str, float]:

@@ -144,6 +144,7 @@ class LoraStage(Settings):
 @dataclass
 class GptqStage(Settings):
     section: ClassVar[str] = "gptq"
+    added_later: ClassVar[dict] = {"keep_grid": True}  # left out of the stage fingerprint at this default
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True

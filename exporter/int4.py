@@ -54,6 +54,7 @@ class NBitsWeight:
     bits: int = 4
     block_size: int = 128
     perm: np.ndarray | None = None  # int64 [K]: the node sees x[..., perm]; None = identity
+    offsets: np.ndarray | None = None  # float32 [N, n_blocks]: added per block, W = dequant + offset (grid-exact)
 
     @property
     def n_blocks(self) -> int:
@@ -62,7 +63,8 @@ class NBitsWeight:
     @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
-        return self.B.nbytes + self.scales.nbytes + zp + (0 if self.perm is None else self.perm.nbytes)
+        extra = (0 if self.perm is None else self.perm.nbytes) + (0 if self.offsets is None else self.offsets.nbytes)
+        return self.B.nbytes + self.scales.nbytes + zp + extra
 
 
 def _check_bits(bits: int) -> None:
@@ -210,7 +212,10 @@ def dequantize_matmulnbits(w: NBitsWeight) -> np.ndarray:
         zeros = unpack_low_first(w.zero_points, w.bits, w.n_blocks).astype(np.float32)
     else:
         zeros = np.asarray(w.zero_points, np.float32)
-    deq = ((codes - zeros[:, :, None]) * w.scales[:, :, None]).reshape(w.N, -1)[:, : w.K]
+    deq = (codes - zeros[:, :, None]) * w.scales[:, :, None]
+    if w.offsets is not None:
+        deq = deq + w.offsets[:, :, None]
+    deq = deq.reshape(w.N, -1)[:, : w.K]
     if w.perm is None:
         return np.ascontiguousarray(deq)
     out = np.empty_like(deq)
@@ -277,8 +282,15 @@ def concat_nbits(parts: list[NBitsWeight]) -> NBitsWeight:
     kinds = {None if p.zero_points is None else p.zero_points.dtype for p in parts}
     if len(kinds) == 1:
         zp = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts], axis=0)
+    elif kinds == {None, np.dtype(np.uint8)}:  # the default zero point, packed explicitly (keeps the fast kernel)
+        zp = pack_low_first(np.concatenate([_float_zeros(p) for p in parts], axis=0).astype(np.uint8), first.bits)
     else:  # mixed forms: unpack all to float
         zp = np.concatenate([_float_zeros(p) for p in parts], axis=0)
+    offsets = None
+    if any(p.offsets is not None for p in parts):
+        offsets = np.concatenate(
+            [p.offsets if p.offsets is not None else np.zeros((p.N, p.n_blocks), np.float32) for p in parts], axis=0
+        )
     return NBitsWeight(
         B=np.concatenate([p.B for p in parts], axis=0),
         scales=np.concatenate([p.scales for p in parts], axis=0),
@@ -288,6 +300,7 @@ def concat_nbits(parts: list[NBitsWeight]) -> NBitsWeight:
         bits=first.bits,
         block_size=first.block_size,
         perm=first.perm,
+        offsets=offsets,
     )
 
 
@@ -297,3 +310,64 @@ def _float_zeros(w: NBitsWeight) -> np.ndarray:
     if w.zero_points.dtype == np.uint8:
         return unpack_low_first(w.zero_points, w.bits, w.n_blocks).astype(np.float32)
     return np.asarray(w.zero_points, np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grid-exact packing: weights that already lie on a 4-bit block grid (a dequantized Q4_0 / Q4_1 / Q4_K GGUF)
+
+GRID_BLOCK = 32  # every 4-bit GGUF type (Q4_0, Q4_1, Q4_K sub-blocks) has its own scale per 32 weights along K
+GRID_TOL = 1e-4  # largest error accepted, in grid steps: float32 rounding of d*q + m is ~1e-6 step
+
+
+def find_block_grid(w: np.ndarray, bits: int = 4, block_size: int = GRID_BLOCK) -> NBitsWeight | None:
+    """W [N, K] as an exact MatMulNBits weight when every block of `block_size` along K lies on an affine
+    grid `w = s * (q - z)` with integer codes q in [0, 2^bits) (per block: step s, real offset z), else None.
+
+    Covers llama.cpp's Q4_0 (z = 8), Q4_1 (z = -min/d) and Q4_K (a scale and min per 32-weight sub-block)
+    without knowing which made W: a block's grid step is the smallest gap between its distinct values (any
+    step that divides all gaps reproduces the block), its codes are the values' offsets from the block's
+    minimum in steps. MatMulNBits' zero points are integers (uint8) in its fast kernels; its float zero-point
+    form runs ~10x slower on ORT 1.32's CPU kernels (measured). So z is split into the integer zero point
+    round(z) and the per-block remainder `offsets = s * (round(z) - z)`, which the graph adds as
+    `sum(x over the block) * offset` (a [K/32]-deep float matmul). Dequantized, `s * (q - round(z)) + offset`
+    equals W to float32 rounding. Written by hand: no library detects an existing quantization grid."""
+    _check_bits(bits)
+    _check_block(block_size)
+    w = np.asarray(w, dtype=np.float32)
+    n, k = w.shape
+    if k % block_size:
+        return None
+    qmax = (1 << bits) - 1
+    blocks = w.reshape(n, k // block_size, block_size).astype(np.float64)
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    span = hi - lo
+    gaps = np.diff(np.sort(blocks, axis=-1), axis=-1)
+    gaps = np.where(gaps > span[..., None] / (4 * qmax), gaps, np.inf)  # repeats of one code are exact ties
+    step = np.where(span > 0, gaps.min(axis=-1), 1.0)
+    levels = np.round(span / step)  # codes used, counted from the block minimum: 0 .. levels
+    if levels.max() > qmax:
+        return None
+    step = np.where(levels > 0, span / np.maximum(levels, 1), np.maximum(np.abs(lo), 1e-30))  # from the extremes
+    codes = np.round((blocks - lo[..., None]) / step[..., None])
+    err = np.abs(codes * step[..., None] + lo[..., None] - blocks).max(axis=-1)
+    if np.any(err > GRID_TOL * step):
+        return None
+    # w = step * (code + shift - z) with z = shift - lo / step; choose the shift that keeps codes in range and
+    # brings z nearest to an integer zero point in range
+    z_real = -lo / step
+    shift = np.clip(np.round(z_real), 0, qmax - levels)
+    z_real = z_real + shift
+    z_int = np.clip(np.round(z_real), 0, qmax)
+    offsets = (step * (z_int - z_real)).astype(np.float32)
+    if np.all(np.abs(z_int - z_real) <= GRID_TOL):
+        offsets = None
+    return NBitsWeight(
+        B=pack_low_first((codes + shift[..., None]).astype(np.uint8), bits),
+        scales=step.astype(np.float32),
+        zero_points=pack_low_first(z_int.astype(np.uint8), bits),
+        K=k,
+        N=n,
+        bits=bits,
+        block_size=block_size,
+        offsets=offsets,
+    )

@@ -108,6 +108,18 @@ def wikitext_eval_text(name_or_path: str | Path = "wikitext2-test") -> str:
     return "\n\n".join(wikitext_rows(name_or_path))
 
 
+def eval_text(name_or_path: str | Path = "wikitext2-test") -> str:
+    """Perplexity text: a shipped WikiText set joined as GPTQ and llama.cpp do, or a user's own text file as
+    it is (UTF-8)."""
+    if str(name_or_path) in NAMED:
+        return wikitext_eval_text(name_or_path)
+    path = _resolve(name_or_path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgepackError(f"{path}: not valid UTF-8 text (byte {e.start})") from None
+
+
 def calibration_text(name_or_path: str | Path = "wikitext2-valid") -> str:
     """Calibration / fine-tuning text. The shipped WikiText-2 valid split is the *tokenized* release:
     its `<unk>` markers are dropped and the ' @-@ ', ' @,@ ', ' @.@ ' joiners undone, so the model sees

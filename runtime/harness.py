@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime import metrics
-from runtime.datasets import chat_turns, triviaqa_records, wikitext_eval_text
+from runtime.datasets import chat_turns, eval_text, triviaqa_records
 from runtime.errors import EdgepackError
 from runtime.progress import progress_bar
 from runtime.prompts import closed_book_prompt, open_book_prompt
@@ -149,7 +149,7 @@ def eval_perplexity(
     if reference is not None:
         windows = reference.window_ids[: limits.ppl_windows]
     else:
-        ids = tokenizer.encode(wikitext_eval_text(limits.wikitext), add_special_tokens=True)
+        ids = tokenizer.encode(eval_text(limits.wikitext), add_special_tokens=True)
         windows = metrics.perplexity_windows(ids, limits.ctx, limits.ppl_windows)
     nll_sum, count, kl_sum, top1_sum = 0.0, 0, 0.0, 0.0
     t0 = time.perf_counter()
@@ -169,6 +169,7 @@ def eval_perplexity(
             advance(len(batch))
     seconds = time.perf_counter() - t0
     out = {
+        "text": limits.wikitext,
         "ppl": float(np.exp(nll_sum / count)),
         "windows": int(len(windows)),
         "ctx": int(windows.shape[1]),
@@ -188,12 +189,18 @@ def eval_triviaqa(
     modes=("closed", "open"),
     progress: bool = True,
     return_predictions: bool = False,
+    closed_on_all: bool = False,
 ) -> dict:
-    """Closed- and open-book TriviaQA on the same questions (those that have a passage)."""
-    records = triviaqa_records(limits.triviaqa, with_context_only=True)[: limits.qa_questions]
+    """Closed- and open-book TriviaQA on the same questions (those that have a passage). closed_on_all (a
+    user's own questions): closed book on every question, open book on those that have a passage."""
+    with_passage = triviaqa_records(limits.triviaqa, with_context_only=not closed_on_all)
     stops = newline_stop_ids(tokenizer)
     results = {}
     for mode in modes:
+        records = with_passage if mode == "closed" else [r for r in with_passage if r.context]
+        records = records[: limits.qa_questions]
+        if not records:
+            continue
         prompts = [
             closed_book_prompt(r.question) if mode == "closed" else open_book_prompt(r.question, r.context)
             for r in records
@@ -230,23 +237,28 @@ def evaluate(
     tasks=None,
     progress: bool = True,
     reference=None,
+    chat=None,
+    closed_on_all: bool = False,
 ) -> dict:
     """Run the chosen tasks and return one flat record (limits included, so every number carries them).
-    tasks=None: ppl, closed, open, and chat when the reference holds a chat reference."""
+    tasks=None: ppl, closed, open, and chat when there is a chat reference (`chat`, else `reference.chat`).
+    closed_on_all: see eval_triviaqa."""
+    chat = chat if chat is not None else getattr(reference, "chat", None)
     if tasks is None:
-        tasks = ("ppl", "closed", "open") + (("chat",) if reference is not None and reference.chat else ())
+        tasks = ("ppl", "closed", "open") + (("chat",) if chat is not None else ())
     out: dict = {"limits": asdict(limits)}
     if "chat" in tasks:
-        if reference is None or reference.chat is None:
+        if chat is None:
             raise EdgepackError("chat fidelity needs a reference with the source's chat replies")
-        out["chat"] = eval_chat(backend, limits, reference.chat, progress)
+        out["chat"] = eval_chat(backend, limits, chat, progress)
     if "ppl" in tasks:
         out["wikitext"] = eval_perplexity(backend, tokenizer, limits, progress, reference)
     modes = [m for m in ("closed", "open") if m in tasks]
     if modes:
-        qa = eval_triviaqa(backend, tokenizer, limits, modes, progress)
+        qa = eval_triviaqa(backend, tokenizer, limits, modes, progress, closed_on_all=closed_on_all)
         for m in modes:
-            out[f"triviaqa_{m}"] = qa[m]
+            if m in qa:
+                out[f"triviaqa_{m}"] = qa[m]
     return out
 
 
@@ -255,8 +267,9 @@ def format_summary(result: dict) -> str:
     lines = []
     if "wikitext" in result:
         w = result["wikitext"]
+        name = "WikiText-2" if w.get("text", "wikitext2-test") == "wikitext2-test" else w["text"]
         line = (
-            f"WikiText-2 PPL {w['ppl']:.2f}  ({w['windows']} windows × {w['ctx']} = {w['tokens']} scored tokens, "
+            f"{name} PPL {w['ppl']:.2f}  ({w['windows']} windows × {w['ctx']} = {w['tokens']} scored tokens, "
             f"{w['tokens_per_s']} tok/s)"
         )
         if "kld" in w:

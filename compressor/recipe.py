@@ -46,7 +46,9 @@ from runtime.settings import Settings
 
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-QuantData = Literal["wikitext", "triviaqa"]  # calibration rows for GPTQ / EoRA (compressor.training_data)
+# calibration rows for GPTQ / EoRA (compressor.training_data.quant_calibration_rows): "chat" = the self-instruct
+# seed tasks through the chat template with the source's own greedy replies, "mix" = half chat, half WikiText
+QuantData = Literal["wikitext", "triviaqa", "chat", "mix"]
 
 
 def _known_projections(settings: Settings, name: str) -> None:
@@ -304,6 +306,7 @@ def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
     fields_: dict = {"name": text.strip(), "model": model}
     if tokens[0] != "baseline":
         fields_.update(_preset_part(part, text) for part in tokens[0].split("+"))
+    calib = None
     for opt in tokens[1:]:
         key, _, value = opt.partition("=")
         if key == "lora":  # lora=<dataset>, or lora=distill (KL from the source on the chat + wikitext mix)
@@ -315,10 +318,17 @@ def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
                 raise EdgepackError(f"quant={value}: expected gptq, eora or none")
             fields_["gptq"] = GptqStage() if value in ("gptq", "eora") else None
             fields_["eora"] = EoraStage() if value == "eora" else None
+        elif key == "calib":  # GPTQ / EoRA calibration rows (the seed's setting: wikitext)
+            if value not in QuantData.__args__:
+                raise EdgepackError(f"calib={value}: expected one of {', '.join(QuantData.__args__)}")
+            calib = value
         elif key == "order":
             fields_["order"] = value
         else:
-            raise EdgepackError(f"unknown preset option {opt!r} (lora=, quant=, order=)")
+            raise EdgepackError(f"unknown preset option {opt!r} (lora=, quant=, calib=, order=)")
+    for stage in ("gptq", "eora"):
+        if calib and fields_.get(stage) is not None:
+            fields_[stage] = dataclasses.replace(fields_[stage], dataset=calib)
     return Recipe(**fields_)
 
 

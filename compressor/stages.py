@@ -197,7 +197,9 @@ def run_gptq(ctx: StageContext, src: Path, out: Path) -> dict:
     from compressor.training_data import quant_calibration_rows
 
     s = ctx.recipe.gptq
-    rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
+    rows = quant_calibration_rows(
+        ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset, **_chat_source(ctx)
+    )
     record = quantize_gptq(src, rows, out / "model", s)
     _copy_tokenizer(src, out / "model")
     return {
@@ -213,7 +215,9 @@ def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
 
     s = ctx.recipe.eora
     float_dir = ctx.inputs["gptq"]
-    rows = quant_calibration_rows(ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset)
+    rows = quant_calibration_rows(
+        ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset, **_chat_source(ctx)
+    )
     record = generate_eora(float_dir, src, rows, out / "adapter", s)
     return {
         "eora": {k: v for k, v in record.items() if k not in ("settings", "stage")},
@@ -221,6 +225,12 @@ def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
         "quantized_model": str(src),
         "output": "adapter",
     }
+
+
+def _chat_source(ctx: StageContext) -> dict:
+    """Chat calibration rows are the source model's own replies, cached once per work directory (the same
+    cache file the LoRA stage's chat data uses)."""
+    return {"source_dir": ctx.source_dir, "chat_cache": ctx.workdir / "lora-chat-replies.json"}
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

@@ -93,8 +93,23 @@ def quant_calibration_rows(
     seqlen: int,
     calibration_dataset: str = "wikitext2-valid",
     seed: int = 0,
+    source_dir=None,
+    chat_cache=None,
 ) -> list[list[int]]:
-    """Calibration rows for GPTQ / EoRA: WikiText windows, or TriviaQA training prompts with answers."""
+    """Calibration rows for GPTQ / EoRA: WikiText windows, TriviaQA training prompts with answers, "chat"
+    (the self-instruct seed tasks through the chat template with the source model's own greedy replies, one
+    conversation per row, cut to `seqlen`; needs `source_dir` and the replies' cache file `chat_cache`), or
+    "mix" (chat and WikiText rows alternating, half each)."""
+    if dataset in ("chat", "mix"):
+        if source_dir is None or chat_cache is None:
+            raise EdgepackError(f"calibration dataset {dataset!r} needs the source model and a reply cache")
+        train, held, _ = chat_examples(tokenizer, source_dir, chat_cache)
+        chat = [ids[:seqlen] for ids, _ in train + held]
+        if dataset == "chat":
+            return chat[:samples]
+        text = quant_calibration_rows(tokenizer, "wikitext", samples - samples // 2, seqlen, calibration_dataset, seed)
+        chat = chat[: samples // 2]
+        return [row for pair in zip(chat, text) for row in pair] + chat[len(text) :] + text[len(chat) :]
     if dataset == "wikitext":
         from compressor.calibration import calibration_ids
 
@@ -110,7 +125,7 @@ def quant_calibration_rows(
                 packed.append(cur[:seqlen])
                 cur = []
         return (packed or [cur])[:samples]
-    raise EdgepackError(f"calibration dataset {dataset!r}: expected wikitext or triviaqa")
+    raise EdgepackError(f"calibration dataset {dataset!r}: expected wikitext, triviaqa, chat or mix")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without Eo
 verify (`edgepack verify --quick`), bench (`edgepack bench`), then in the benchmark environment (/work/benchenv,
 never an edgepack dependency): gguf (llama.cpp's convert_hf_to_gguf.py, F16), genai (onnxruntime-genai's builder,
 int4), decode (benchmarks/bench_decode.py: both bundles, llama.cpp Q4_0 / Q4_K_M quantized by llama.cpp from
-the F16 GGUF, genai; 1 and 2 threads; docs/bench_decode_1b.json).
+the F16 GGUF, genai; 1 and 2 threads; docs/bench_decode_1b.json), parity_fp32 / parity_int4 (ONNX logits vs
+torch at the 1B shape, benchmarks/parity_1b.py).
 Every stage runs as its own process under `/usr/bin/time -v`, so its peak RSS is that process's own maximum
 resident set (what a 16 GB laptop must hold), not this driver's. A compress stage is the pipeline run with the
 recipe cut after that stage: the pipeline's fingerprints make it reuse the stages before it, so each process
@@ -57,6 +58,8 @@ STAGES = (
     "gguf",  # llama.cpp's convert_hf_to_gguf.py on the same HF directory (benchmark environment)
     "genai",  # onnxruntime-genai's builder, int4, on the same HF directory (benchmark environment)
     "decode",  # benchmarks/bench_decode.py: every engine, 1 and 2 threads
+    "parity_fp32",  # benchmarks/parity_1b.py: fp32 graph of the source vs transformers
+    "parity_int4",  # the GPTQ + EoRA graph (fp32 activations) vs transformers on the dequantized weights
 )
 # Small budgets: the point is time and memory at the 1B shape, not quality (random weights).
 BUDGETS = {
@@ -139,6 +142,12 @@ def stage_command(stage: str) -> list[str]:
             "--json",
             str(ROOT / "docs" / "bench_decode_1b.json"),
         ]
+    if stage == "parity_fp32":
+        return [py, str(ROOT / "benchmarks" / "parity_1b.py"), "fp32", str(MODEL)]
+    if stage == "parity_int4":
+        gptq = next(WORKDIR.glob("*_gptq"), WORKDIR / "missing_gptq") / "model"
+        eora = next(WORKDIR.glob("*_eora"), WORKDIR / "missing_eora") / "adapter"
+        return [py, str(ROOT / "benchmarks" / "parity_1b.py"), "int4", str(gptq), "--eora", str(eora)]
     raise ValueError(stage)
 
 
@@ -181,6 +190,10 @@ def stage_facts(stage: str, log_path: Path) -> dict:
         facts["gguf_bytes"] = GGUF_F16.stat().st_size
     if stage == "genai" and GENAI_DIR.exists():
         facts["genai_bytes"] = dir_bytes(GENAI_DIR)
+    if stage.startswith("parity"):
+        lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.startswith('{"mode"')]
+        if lines:
+            facts["parity"] = json.loads(lines[-1])
     if stage == "bench":
         text = log_path.read_text(errors="replace")
         start = text.find("{")

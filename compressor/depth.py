@@ -37,9 +37,28 @@ def layers_skipped(model, skipped: Iterable[int]):
     skipped = set(skipped)
     model.model.layers = nn.ModuleList([layer for i, layer in enumerate(original) if i not in skipped])
     try:
-        yield model
+        with per_layer_config_skipped(model.config, skipped):
+            yield model
     finally:
         model.model.layers = original
+
+
+@contextlib.contextmanager
+def per_layer_config_skipped(config, skipped: set[int]):
+    """Temporarily slice the config's per-layer lists like the layers: models that pick each layer's mask
+    and RoPE by position from `config.layer_types` (Gemma 3: sliding-window vs global layers) would
+    otherwise give the layers after a skipped one their neighbours' attention type while scoring."""
+    saved = {}
+    for key in PER_LAYER_CONFIG_LISTS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)):
+            saved[key] = value
+            setattr(config, key, type(value)(v for i, v in enumerate(value) if i not in skipped))
+    try:
+        yield config
+    finally:
+        for key, value in saved.items():
+            setattr(config, key, value)
 
 
 def _removal_perplexities(

@@ -1,0 +1,119 @@
+"""Every stage on a tiny Gemma 3 imported from a GGUF (sliding window 8, shorter than the calibration
+windows): depth scoring and pruning keep each layer's attention type, then depth -> WANDA N:M -> LoRA ->
+GPTQ -> EoRA through gptqmodel -> export, and the bundle runs and verifies with the runtime unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from compressor import pipeline
+from compressor.recipe import Calibration, DepthStage, EoraStage, GptqStage, LoraStage, Recipe, WidthStage
+from exporter.families import FULL, SLIDING
+from gguf_fixture import write_tiny_gemma3_gguf
+from runtime.harness import EvalLimits
+from test_gemma3_graph import make_tiny_gemma3
+
+_CHAT = dict(chat_prompts=1, chat_max_new_tokens=8, chat_prompt_tokens=400)  # chat fidelity kept tiny
+LIMITS = EvalLimits(
+    ctx=32,
+    ppl_windows=2,
+    qa_questions=2,
+    qa_max_new_tokens=3,
+    wikitext="tiny-wikitext",
+    triviaqa="tiny-triviaqa",
+    **{k: v for k, v in _CHAT.items() if k in EvalLimits.__dataclass_fields__},
+)
+
+
+@pytest.fixture(scope="module")
+def gemma_checkpoint(tmp_path_factory):
+    from compressor.importer import import_model
+
+    model = make_tiny_gemma3(vocab_size=330, num_hidden_layers=6, layer_types=None, query_pre_attn_scalar=256)
+    d = tmp_path_factory.mktemp("gemma")
+    return import_model(write_tiny_gemma3_gguf(model, d / "tiny-gemma3.gguf"), d / "hf")
+
+
+def test_depth_scoring_gives_each_layer_its_own_attention_type(gemma_checkpoint):
+    """Scoring with a layer skipped equals the model with that layer really dropped: the layers after it
+    keep their sliding/global type (config.layer_types is sliced while scoring, not only when dropping)."""
+    from compressor.calibration_forward import calibration_perplexity
+    from compressor.depth import drop_layers, layers_skipped
+    from compressor.torch_backend import load_causal_lm
+
+    model = load_causal_lm(gemma_checkpoint)
+    ids = torch.randint(3, 300, (2, 32))  # 32 tokens, window 8
+    with layers_skipped(model, {5}):  # the only global layer: every remaining one is sliding
+        skipped = calibration_perplexity(model, ids, batch_size=2)
+    assert model.config.layer_types == [SLIDING] * 5 + [FULL]  # put back
+    dropped = drop_layers(copy.deepcopy(model), [5])
+    assert dropped.config.layer_types == [SLIDING] * 5
+    assert skipped == pytest.approx(calibration_perplexity(dropped, ids, batch_size=2), rel=1e-5)
+    want = calibration_perplexity(drop_layers(copy.deepcopy(model), [0]), ids, batch_size=2)
+    with layers_skipped(model, {0}):  # shifts the global layer to position 4
+        assert calibration_perplexity(model, ids, batch_size=2) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def exported(gemma_checkpoint, tmp_path_factory):
+    from exporter.export import ExportOptions, export_run, shipping_graph
+
+    work = tmp_path_factory.mktemp("export")
+    recipe = Recipe(
+        name="tiny-gemma-d1-w14-lora-eora",
+        model=str(gemma_checkpoint),
+        calibration=Calibration(samples=4, seqlen=32, batch_size=2),
+        depth=DepthStage(remove=1),
+        width=WidthStage(n=1, m=4),
+        lora=LoraStage(dataset="wikitext", samples=8, batch_size=4, seqlen=32),
+        gptq=GptqStage(group_size=32, samples=8, seqlen=64),
+        eora=EoraStage(rank=4, samples=8, seqlen=64),
+    )
+    summary = pipeline.run_pipeline(recipe, work / "run", eval_limits=LIMITS, stage_eval=False, log=lambda m: None)
+    graph = ExportOptions().graph
+    graph = type(graph)(**{**graph.__dict__, "embedding": "fp32", "lm_head": "fp32", "accuracy_level": 1})
+    graph.eora_bits, graph.eora_fuse_a = None, False  # exact EoRA branch: a tight parity test
+    bundle = export_run(work / "run", work / "bundle", ExportOptions(graph=graph, limits=LIMITS, quick_limits=LIMITS))
+    assert isinstance(shipping_graph().eora_bits, int)
+    return work, bundle, summary
+
+
+def test_every_stage_runs_and_the_bundle_matches_the_pipelines_model(exported):
+    from compressor.stages import load_stage_model
+    from runtime.bundle import Bundle
+    from runtime.fileio import read_json
+
+    work, path, summary = exported
+    assert [s["stage"] for s in summary["stages"]] == ["depth", "width", "lora", "gptq", "eora"]
+    b = Bundle.open(path)
+    assert b.manifest["model"]["architecture"] == "Gemma3ForCausalLM"
+    types = [layer["attention_type"] for layer in b.manifest["model"]["graph"]["layers"]]
+    eora_dir = sorted((work / "run").glob("*-eora"))[0]
+    model = load_stage_model("eora", eora_dir, read_json(eora_dir / "record.json"))
+    assert types == model.config.layer_types and len(types) == 5
+    ids = np.array([[5, 9, 30, 41, 77, 100, 120, 7, 8, 9, 200, 250, 17, 3, 99]])  # 15 tokens: past the window
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()
+    np.testing.assert_allclose(b.decoder().log_probs(ids), ref, atol=2e-3)
+
+
+def test_runtime_verifies_generates_and_benches_the_gemma_bundle(exported):
+    from runtime.bench import bench_bundle
+    from runtime.bundle import Bundle
+    from runtime.verify import verify_bundle
+
+    _, path, _ = exported
+    b = Bundle.open(path)
+    checks = verify_bundle(b, quick=True, progress=False)
+    assert checks and all(c.passed for c in checks), [c for c in checks if not c.passed]
+    assert b.manifest["generation"]["eos_token_ids"] == [1, 5]  # <eos> and <end_of_turn>
+    prompt = b.tokenizer.encode_chat([{"role": "user", "content": "hello world"}])
+    assert prompt[:2] == [2, 4]  # <bos><start_of_turn>
+    out = b.decoder().greedy([prompt], 6, set())[0]
+    assert len(out) == 6
+    result = bench_bundle(b, prompt_tokens=8, new_tokens=4, repeats=1)
+    assert result["decode_tokens_per_s"]["median"] > 0

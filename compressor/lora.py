@@ -180,10 +180,24 @@ def _chunks(n: int, chunk: int):
     return ((s, min(n, s + chunk)) for s in range(0, n, chunk))
 
 
-def _head_log_probs(head, h: torch.Tensor) -> torch.Tensor:
-    """log_softmax of one chunk's logits in float32, normalised in place (one [chunk, V] buffer)."""
-    z = head(h).float()
-    return z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
+class _ChunkBuffers:
+    """Two [chunk, vocab] float32 buffers (logits, log-probabilities) reused by every chunk of a loss call:
+    a fresh 50-130 MB tensor per chunk would be a fresh mmap (zero-filled page faults) every time."""
+
+    def __init__(self, chunk: int, head, device):
+        vocab = head.weight.shape[0]
+        self.z = torch.empty((chunk, vocab), dtype=torch.float32, device=device)
+        self.logp = torch.empty_like(self.z)
+
+    def log_probs(self, head, h: torch.Tensor) -> torch.Tensor:
+        """log_softmax of one chunk's logits in float32, into the buffers (the returned view is `logp`)."""
+        n = h.shape[0]
+        z, logp = self.z[:n], self.logp[:n]
+        if h.dtype == torch.float32 and head.weight.dtype == torch.float32 and head.bias is None:
+            torch.mm(h, head.weight.t(), out=z)
+        else:
+            z.copy_(head(h))
+        return torch.log_softmax(z, dim=-1, out=logp)
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -204,14 +218,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             raise EdgepackError("chunked loss: the LM head must be frozen (LoRA does not train it)")
         grad = torch.empty_like(h) if need_grad else h.new_empty(0)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        buffers = _ChunkBuffers(min(chunk, max(1, h.shape[0])), head, h.device)
         for s, e in _chunks(h.shape[0], chunk):
-            logp = _head_log_probs(head, h[s:e])
+            logp = buffers.log_probs(head, h[s:e])
             loss, to_grad = target(s, e, logp)
             total += loss
             if need_grad:
                 dz = logp.exp_()  # the student's softmax, in place of its log
                 to_grad(dz)
-                grad[s:e] = (dz.to(weight.dtype) @ weight).to(h.dtype)
+                if dz.dtype == weight.dtype == grad.dtype:
+                    torch.mm(dz, weight, out=grad[s:e])
+                else:
+                    grad[s:e] = (dz.to(weight.dtype) @ weight).to(h.dtype)
         ctx.save_for_backward(grad)
         return total
 
@@ -242,15 +260,18 @@ class _CrossEntropyTarget:
 
 class _TeacherTarget:
     """KL(teacher || student) per chunk, the teacher's log-probabilities made from its hidden states chunk by
-    chunk (never the whole [N, V] at once)."""
+    chunk (never the whole [N, V] at once), in its own two reused buffers."""
 
     def __init__(self, teacher_head, teacher_hidden: torch.Tensor):
         self.head, self.hidden = teacher_head, teacher_hidden
+        self.buffers = _ChunkBuffers(
+            min(LOSS_CHUNK, max(1, teacher_hidden.shape[0])), teacher_head, teacher_hidden.device
+        )
 
     def __call__(self, s: int, e: int, logp: torch.Tensor):
         with torch.no_grad():
-            logp_t = _head_log_probs(self.head, self.hidden[s:e])
-            p_t = logp_t.exp()
+            logp_t = self.buffers.log_probs(self.head, self.hidden[s:e])
+            p_t = torch.exp(logp_t, out=self.buffers.z[: e - s])
             kl = torch.dot(p_t.view(-1), logp_t.sub_(logp).view(-1))  # sum p_t (log p_t - log p_s)
 
         def to_grad(p: torch.Tensor) -> None:  # softmax_student - softmax_teacher

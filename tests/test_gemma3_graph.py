@@ -198,3 +198,15 @@ def test_depth_pruned_layer_types_follow_the_layers(tmp_path):
     path, meta = build(tmp_path, weights, model.config)
     assert [l["attention_type"] for l in meta["layers"]] == [SLIDING, SLIDING, FULL]
     np.testing.assert_allclose(run_graph(path, meta, IDS), hf_logits(model, IDS), atol=1e-4)
+
+
+def test_batched_greedy_past_the_window_equals_hf_generate(tmp_path):
+    """Right-padded rows of different lengths: each row's window is counted from its own length."""
+    model = make_tiny_gemma3(seed=7)
+    path, _ = build(tmp_path, numpy_state(model), model.config)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 256, n).tolist() for n in (3, 13, 9)]
+    got = OnnxDecoder(path, threads=2).greedy(prompts, 10, set())
+    for p, g in zip(prompts, got):
+        want = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert g == want[0, len(p) :].tolist()

@@ -119,7 +119,13 @@ def run_pipeline(
             record["eval"] = summary["eval"]
         else:
             summary["eval"] = evaluate_cached(
-                lambda: load_causal_lm(source), wd.path, previous_fp, limits, tokenizer, log=log
+                lambda: load_causal_lm(source),
+                wd.path,
+                previous_fp,
+                limits,
+                tokenizer,
+                log=log,
+                chat=chat_for(source, wd.path, limits, tokenizer, log),
             )
     atomic_write_json(wd.summary_path, summary)
     return summary
@@ -172,7 +178,18 @@ def evaluate_stage(ctx: StageContext, stage: str, sdir: Path, record: dict, limi
         ctx.tokenizer,
         log=log,
         reference=reference,
+        chat=chat_for(ctx.source_dir, ctx.workdir, limits, ctx.tokenizer, log),
     )
+
+
+def chat_for(source: Path, workdir: Path, limits: EvalLimits, tokenizer: TextTokenizer, log=print):
+    """The source's chat replies (compressor.chat_reference, cached) when the limits ask for chat fidelity
+    and the model has a chat template; every stage is scored against the source, not its float input."""
+    if limits.chat_prompts == 0 or not tokenizer.chat_template:
+        return None
+    from compressor.chat_reference import chat_reference_for
+
+    return chat_reference_for(source, workdir, limits, tokenizer, log=log)
 
 
 def reference_for(
@@ -211,9 +228,13 @@ def evaluate_cached(
     tokenizer: TextTokenizer,
     log=print,
     reference: Reference | None = None,
+    chat=None,
 ) -> dict:
-    """Evaluate a stage's model once per (fingerprint, limits); later calls read the cached result."""
-    key = settings_hash({"fp": fingerprint, "limits": dataclasses.asdict(limits), "kl": reference is not None})
+    """Evaluate a stage's model once per (fingerprint, limits); later calls read the cached result.
+    `chat` (runtime.reference.ChatReference) adds chat fidelity against the source's replies."""
+    key = settings_hash(
+        {"fp": fingerprint, "limits": dataclasses.asdict(limits), "kl": reference is not None, "chat": chat is not None}
+    )
     cache = Workdir(workdir).evals / f"{key}.json"
     cached = read_record(cache)
     if cached:
@@ -223,7 +244,7 @@ def evaluate_cached(
 
     log(f"evaluating ({limits.describe()})")
     backend = TorchBackend(load_model(), pad_id=tokenizer.pad_id)
-    result = evaluate(backend, tokenizer, limits, reference=reference)
+    result = evaluate(backend, tokenizer, limits, reference=reference, chat=chat)
     atomic_write_json(cache, result)
     log(format_summary(result))
     return result

@@ -36,6 +36,10 @@ CSV_COLUMNS = [
     "params_dense",
     "params_nonzero",
     "size_mb",
+    "deployed_mb",
+    "chat_match32_pct",
+    "chat_kld",
+    "chat_top1_pct",
     "seconds",
     "example",
     "workdir",
@@ -75,6 +79,10 @@ class SweepRow:
     recipe: dict = field(default_factory=dict)
     limits: dict = field(default_factory=dict)
     seconds: float | None = None
+    deployed_bytes: int | None = None  # the ONNX decoder a bundle of this point ships (compressor.sweep)
+    chat_match32: float | None = None  # chat fidelity vs the source's greedy replies (runtime.harness.eval_chat)
+    chat_kld: float | None = None
+    chat_top1: float | None = None
 
 
 @dataclass
@@ -99,8 +107,19 @@ def fmt_params(n: int) -> str:
 
 
 def fmt_size(row: dict) -> str:
-    mb = row.size_bytes / 1e6
+    return fmt_mb(row.size_bytes)
+
+
+def fmt_mb(n: int | None) -> str:
+    if n is None:
+        return "—"
+    mb = n / 1e6
     return f"{mb:.1f} MB" if mb >= 10 else f"{mb:.2f} MB"
+
+
+def cost_bytes(row: SweepRow) -> int:
+    """What a user pays in: the deployed bundle's decoder bytes, or the checkpoint files when not measured."""
+    return row.deployed_bytes if row.deployed_bytes is not None else row.size_bytes
 
 
 def short_label(row: dict) -> str:
@@ -127,7 +146,10 @@ def caption(limits: EvalLimits, rows: list[SweepRow]) -> str:
         f"Evaluation limits: {limits.describe()} — WikiText-2 test PPL on {w}; TriviaQA closed and open book on "
         f"the same {q} questions, % = answer contains an alias (exact match in results.csv). Non-zero parameters "
         f"count the weights left after pruning (GPTQ keeps the count; EoRA adds its low-rank pairs); size = weight "
-        f"files on disk (float32 checkpoints store pruned zeros densely, GPTQ stores int4). {NM_NOTE}"
+        f"files on disk (float32 checkpoints store pruned zeros densely, GPTQ stores int4); deployed = the ONNX "
+        f"decoder files a bundle of the point ships (int4 projections, int8 embedding and head), the cost axis of "
+        f"the Pareto plots; chat match = share of the source's greedy chat replies whose first 32 tokens the point "
+        f"reproduces (teacher-forced, vs the uncompressed source). {NM_NOTE}"
     )
 
 
@@ -155,6 +177,10 @@ def csv_rows(rows: list[SweepRow]) -> list[dict]:
                 "params_dense": r.params_dense,
                 "params_nonzero": r.params_nonzero,
                 "size_mb": size_mb(r),
+                "deployed_mb": None if r.deployed_bytes is None else round(r.deployed_bytes / 1e6, 3),
+                "chat_match32_pct": pct(r.chat_match32),
+                "chat_kld": None if r.chat_kld is None else round(r.chat_kld, 5),
+                "chat_top1_pct": pct(r.chat_top1),
                 "seconds": r.seconds,
                 "example": r.example,
                 "workdir": r.workdir,
@@ -179,12 +205,14 @@ def md_cell(text) -> str:
 
 def results_markdown(rows: list[SweepRow], limits: EvalLimits, grid_name: str) -> str:
     with_order = any(r.order for r in rows)
+    with_chat = any(r.chat_match32 is not None for r in rows)
     ambiguous = len({short_label(r) for r in rows}) < len(rows)
     head = (
         (["run"] if ambiguous else [])
         + ["config", "LoRA", "quant"]
         + (["order"] if with_order else [])
-        + ["closed %", "open %", "PPL", "non-zero params", "size"]
+        + ["closed %", "open %", "PPL", "non-zero params", "size", "deployed"]
+        + (["chat match %", "chat KL"] if with_chat else [])
     )
     lines = [
         f"# Sweep `{grid_name}`: results",
@@ -205,10 +233,20 @@ def results_markdown(rows: list[SweepRow], limits: EvalLimits, grid_name: str) -
                 f"{r.ppl:.2f}",
                 fmt_params(r.params_nonzero),
                 fmt_size(r),
+                fmt_mb(r.deployed_bytes),
             ]
+            + (
+                ["—" if r.chat_match32 is None else f"{100 * r.chat_match32:.1f}", _fmt_kld(r.chat_kld)]
+                if with_chat
+                else []
+            )
         )
         lines.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_kld(x) -> str:
+    return "—" if x is None else f"{x:.4f}"
 
 
 def examples_markdown(
@@ -232,7 +270,7 @@ def examples_markdown(
 
 # ------------------------------------------------------------------ analysis
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats: fewer (or equal) parameters AND higher accuracy."""
+    """Indices of the points no other point beats: lower (or equal) cost AND higher accuracy."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
     front, best = [], float("-inf")
     for i in order:
@@ -332,25 +370,33 @@ def plot_perplexity(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Pat
 
 
 def plot_pareto(rows: list[SweepRow], limits: EvalLimits, path: Path) -> Path:
+    """Quality against what a user pays in: deployed bytes (the bundle's decoder files; the checkpoint's
+    files for points where they were not measured, marked in the axis label)."""
     plt = _pyplot()
     names = plot_labels(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharex=True, layout="constrained")
-    for ax, key, title in ((axes[0], "closed", "closed book"), (axes[1], "open", "open book")):
-        pts = [(r.params_nonzero / 1e6, 100 * getattr(r, key)) for r in rows]
+    panels = [("closed", "TriviaQA closed book (% contains)"), ("open", "TriviaQA open book (% contains)")]
+    if any(r.chat_match32 is not None for r in rows):
+        panels.append(("chat_match32", "chat: replies matching the source's first 32 tokens (%)"))
+    estimated = any(r.deployed_bytes is None for r in rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), sharex=True, layout="constrained")
+    for ax, (key, title) in zip(axes, panels):
+        pts = [(cost_bytes(r) / 1e6, 100 * (getattr(r, key) or 0.0)) for r in rows]
         front = pareto_front(pts)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="0.6", s=18, label="configuration")
         fx, fy = [pts[i][0] for i in front], [pts[i][1] for i in front]
         ax.plot(fx, fy, "-o", color="C3", ms=6, drawstyle="steps-post", label="Pareto front")
         for i in front:
             ax.annotate(names[i], pts[i], fontsize=7, xytext=(4, 4), textcoords="offset points")
-        ax.set_xlabel("non-zero parameters (millions)")
-        ax.set_ylabel(f"TriviaQA {title} (% contains)")
+        ax.set_xlabel(
+            "deployed MB (bundle decoder files" + ("; checkpoint files where not measured)" if estimated else ")")
+        )
+        ax.set_ylabel(title)
         ax.set_ylim(0, _acc_top([p[1] for p in pts]))
         ax.set_xlim(left=0)
-        ax.set_title(f"Accuracy vs parameters, {title}", fontsize=10)
+        ax.set_title(f"{title.split(' (')[0]} vs deployed bytes", fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
     fig.suptitle(
-        f"Pareto front: no other configuration has fewer non-zero parameters and higher accuracy\n{limits.describe()}",
+        f"Pareto front: no other configuration ships fewer bytes with higher quality\n{limits.describe()}",
         fontsize=9,
     )
     return _save(fig, path)
@@ -418,7 +464,8 @@ def index_markdown(rows, limits: EvalLimits, grid_name: str, files: dict, pairs,
         "",
         f"*{caption(limits, rows)}*",
         "",
-        "- [results.md](results.md): the table (config, LoRA, quant, closed %, open %, PPL, non-zero params, size)",
+        "- [results.md](results.md): the table (config, LoRA, quant, closed %, open %, PPL, non-zero params, size, "
+        "deployed bytes, chat match)",
         "- [results.csv](results.csv): every number, including exact match, KL divergence and work directories",
         "- [examples.md](examples.md): one prompt through every configuration",
         "",
@@ -426,7 +473,7 @@ def index_markdown(rows, limits: EvalLimits, grid_name: str, files: dict, pairs,
     plots = [
         ("accuracy", "TriviaQA accuracy per configuration"),
         ("perplexity", "Perplexity per configuration"),
-        ("pareto", "Accuracy vs non-zero parameters, Pareto front marked"),
+        ("pareto", "Quality vs deployed bytes, Pareto front marked"),
         ("order", "Stage order: depth → width → LoRA vs depth → LoRA → width"),
     ]
     for kind, title in plots:

@@ -59,7 +59,7 @@ from runtime.harness import EvalLimits, add_limit_args, limits_from_args
 
 DEFAULT_PROMPT = "Who created the Chipmunks?"
 EXAMPLE_TOKENS = 24
-ROW_VERSION = 1  # bump when the row layout changes, so cached rows are recomputed
+ROW_VERSION = 2  # bump when the row layout changes, so cached rows are recomputed
 ROW_FILE = "sweep-row.json"  # a finished point's table row, in its work directory
 
 # The seed study's grids, as preset strings (N:M = N weights pruned of every M).
@@ -353,6 +353,17 @@ def _final_model(job: Job, summary: dict):
     return load_stage_model(rec["stage"], sdir, rec), dirs
 
 
+def deployed_bytes(workdir: Path, summary: dict) -> int:
+    """Bytes of the ONNX decoder files a bundle of this run ships: built with the exporter's shipping graph
+    (exporter.export.build_onnx) into a temporary directory and measured, so pruned zeros, int4 packing, the
+    int8 embedding and EoRA's factors count as they deploy."""
+    from exporter.export import ExportOptions, build_onnx  # the sweep sits on top of the whole pipeline
+
+    with tempfile.TemporaryDirectory(prefix=".deployed-", dir=workdir) as tmp:
+        build_onnx(workdir, summary, Path(tmp), ExportOptions())
+        return sum(f.stat().st_size for f in (Path(tmp) / "onnx").iterdir() if f.is_file())
+
+
 def generate_example(model, tokenizer, prompt: str, max_new_tokens: int = EXAMPLE_TOKENS) -> str:
     """Greedy answer to one chat turn: the same words through every configuration show what pruning costs."""
     from compressor.torch_backend import TorchBackend
@@ -423,6 +434,10 @@ def _row(job: Job, summary: dict, limits: EvalLimits, prompt: str, max_new_token
         ppl_tokens=ev["wikitext"]["tokens"],
         kld=ev["wikitext"].get("kld"),
         top1=ev["wikitext"].get("top1"),
+        chat_match32=ev.get("chat", {}).get("match32"),
+        chat_kld=ev.get("chat", {}).get("kld"),
+        chat_top1=ev.get("chat", {}).get("top1"),
+        deployed_bytes=deployed_bytes(job.workdir, summary),
         params_dense=float_params["dense"] + extra,
         params_nonzero=nonzero + extra,
         size_bytes=_weight_bytes(*weight_dirs),

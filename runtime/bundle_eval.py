@@ -46,7 +46,7 @@ def evaluate_bundle(
     )
     chat = reference.chat if reference is not None else None
     if tasks is None:
-        tasks = ("ppl", "closed", "open") + (("chat",) if chat is not None else ())
+        tasks = ("ppl", "closed", "open") + (("chat",) if chat is not None and limits.chat_prompts != 0 else ())
     if chat is None and "chat" not in tasks:
         notes.append("no chat fidelity: the reference holds no source chat replies")
     if chat is not None and limits.chat_prompts is not None and limits.chat_prompts > chat.count:

@@ -44,7 +44,7 @@ class EvalLimits:
     batch_size: int = 4
     wikitext: str = "wikitext2-test"
     triviaqa: str = "triviaqa"
-    chat_prompts: int | None = None  # chat fidelity replies scored; None = all the reference holds
+    chat_prompts: int | None = 0  # chat fidelity replies: 0 = no chat fidelity, None = all the reference holds
     chat_max_new_tokens: int = 128  # source reply length cap (tokens scored per reply)
     chat_prompt_tokens: int = 384  # prompts longer than this (template included) are skipped
     chat: str = "chat-instructions"  # the instructions the source's replies answer
@@ -53,10 +53,8 @@ class EvalLimits:
         w = "all" if self.ppl_windows is None else self.ppl_windows
         q = "all" if self.qa_questions is None else self.qa_questions
         c = "all" if self.chat_prompts is None else self.chat_prompts
-        return (
-            f"ctx={self.ctx}, ppl windows={w}, TriviaQA questions={q}, max new tokens={self.qa_max_new_tokens}, "
-            f"chat replies={c} × ≤{self.chat_max_new_tokens} tokens"
-        )
+        chat = f", chat replies={c} × ≤{self.chat_max_new_tokens} tokens" if self.chat_prompts != 0 else ""
+        return f"ctx={self.ctx}, ppl windows={w}, TriviaQA questions={q}, max new tokens={self.qa_max_new_tokens}{chat}"
 
 
 # Chat sizes: teacher-forced scoring costs one forward pass of prompt + reply (~250 tokens for SmolLM2) per
@@ -65,7 +63,7 @@ class EvalLimits:
 PRESETS = {
     "quick": EvalLimits(ppl_windows=8, qa_questions=40, chat_prompts=8),
     "standard": EvalLimits(ppl_windows=40, qa_questions=200, chat_prompts=32),
-    "full": EvalLimits(),
+    "full": EvalLimits(chat_prompts=None),
 }
 
 
@@ -86,7 +84,9 @@ def chat_prompt_ids(tokenizer: TextTokenizer, limits: EvalLimits) -> list[list[i
     """The chat fidelity prompts: the first `chat_prompts` user turns of `limits.chat` (all when None) whose
     rendering through the model's chat template (a lone user turn, generation prompt added) fits in
     `chat_prompt_tokens`."""
-    out = []
+    out: list[list[int]] = []
+    if limits.chat_prompts == 0:
+        return out
     for turn in chat_turns(limits.chat):
         if limits.chat_prompts is not None and len(out) >= limits.chat_prompts:
             break
@@ -102,6 +102,8 @@ def eval_chat(backend: Backend, limits: EvalLimits, chat, progress: bool = True)
     in one forward pass: KL(source || model) and top-1 agreement per reply token, and the share of replies
     whose first 32 tokens the model's greedy decoding reproduces exactly (metrics.chat_reply_scores)."""
     n = chat.count if limits.chat_prompts is None else limits.chat_prompts
+    if n == 0:
+        raise EdgepackError("chat fidelity: the limits ask for 0 replies (chat_prompts=0 turns it off)")
     if n > chat.count:
         raise EdgepackError(f"chat fidelity: {n} replies asked, the reference holds {chat.count}")
     kl_sum = top1_sum = 0.0
@@ -245,7 +247,7 @@ def evaluate(
     closed_on_all: see eval_triviaqa."""
     chat = chat if chat is not None else getattr(reference, "chat", None)
     if tasks is None:
-        tasks = ("ppl", "closed", "open") + (("chat",) if chat is not None else ())
+        tasks = ("ppl", "closed", "open") + (("chat",) if chat is not None and limits.chat_prompts != 0 else ())
     out: dict = {"limits": asdict(limits)}
     if "chat" in tasks:
         if chat is None:
@@ -304,7 +306,9 @@ def add_limit_args(parser) -> None:
     parser.add_argument("--windows", type=int, help="number of perplexity windows (overrides --limits)")
     parser.add_argument("--questions", type=int, help="number of TriviaQA questions (overrides --limits)")
     parser.add_argument("--batch-size", type=int, help="windows / questions per forward pass (default 4)")
-    parser.add_argument("--chat-prompts", type=int, help="number of chat fidelity replies (overrides --limits)")
+    parser.add_argument(
+        "--chat-prompts", type=int, help="number of chat fidelity replies, 0 = none (overrides --limits)"
+    )
 
 
 def limits_from_args(args) -> EvalLimits:

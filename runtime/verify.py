@@ -115,11 +115,11 @@ def measure_quality(
     measured on the reference's windows (its ctx must equal the limits' ctx); a reference with a chat part
     adds the chat claims (chat_kld, chat_top1, chat_match32)."""
     quality = {}
-    if getattr(reference, "chat", None) is not None and "chat" not in tasks:
-        tasks = (*tasks, "chat")
+    has_chat = getattr(reference, "chat", None) is not None
     for level, limits in levels.items():
         _check_reference_fits(reference, limits, f"quality level {level!r}")
-        result = evaluate(backend, tokenizer, limits, tasks=tuple(tasks), progress=progress, reference=reference)
+        chat = ("chat",) if has_chat and "chat" not in tasks and getattr(limits, "chat_prompts", 0) != 0 else ()
+        result = evaluate(backend, tokenizer, limits, tasks=(*tasks, *chat), progress=progress, reference=reference)
         quality[level] = claims_from_result(result, limits)
     return quality
 

@@ -159,3 +159,21 @@ def test_a_missing_chat_array_is_refused(chat_ref, tmp_path):
     save_file(arrays, str(tmp_path / "r.safetensors"))
     with pytest.raises(EdgepackError, match="lacks the 'chat_reply_lens'"):
         Reference.load(tmp_path / "r.safetensors")
+
+
+def test_pipeline_stage_evaluations_score_chat_against_the_source(tiny_checkpoint, tmp_path):
+    from compressor import pipeline
+    from compressor.recipe import Calibration, Recipe, WidthStage
+
+    limits = EvalLimits(
+        ctx=32, ppl_windows=1, qa_questions=1, qa_max_new_tokens=2, wikitext="tiny-wikitext", triviaqa="tiny-triviaqa"
+    )
+    limits = replace(limits, chat_prompts=2, chat_max_new_tokens=8, chat_prompt_tokens=400)
+    base = Recipe(name="b", model=str(tiny_checkpoint), calibration=Calibration(samples=2, seqlen=32))
+    summary = pipeline.run_pipeline(base, tmp_path / "b", eval_limits=limits, log=lambda m: None)
+    assert summary["eval"]["chat"]["match32"] == 1.0 and summary["eval"]["chat"]["replies"] == 2  # the source
+    pruned = Recipe(**{**base.__dict__, "name": "w", "width": WidthStage(n=2, m=4)})
+    summary = pipeline.run_pipeline(pruned, tmp_path / "w", eval_limits=limits, log=lambda m: None)
+    assert summary["eval"]["chat"]["kld"] > 1e-3  # half the weights gone: no longer the source's replies
+    off = replace(limits, chat_prompts=0)
+    assert "chat" not in pipeline.run_pipeline(base, tmp_path / "b", eval_limits=off, log=lambda m: None)["eval"]

@@ -109,6 +109,29 @@ def test_pareto_front_and_order_pairs():
     assert sorted(report.pareto_front(pts)) == [0, 3, 5]  # (8,45) is beaten by (5,45), (12,49) by (10,50)
 
 
+def test_report_costs_in_deployed_bytes_and_shows_chat_fidelity(tmp_path):
+    from runtime.harness import EvalLimits
+
+    def row(name, deployed, size, closed, match):
+        return report.SweepRow(
+            name=name, config=name, lora="none", quant="none", order="", description="", closed=closed,
+            closed_exact=0.0, open=closed, open_exact=0.0, questions=10, ppl=20.0, ppl_windows=2, ppl_tokens=100,
+            kld=None, top1=None, params_dense=100, params_nonzero=100, size_bytes=size, example="", prompt="",
+            workdir="", fingerprint="", deployed_bytes=deployed, chat_match32=match, chat_kld=0.1, chat_top1=0.9,
+        )  # fmt: skip
+
+    rows = [row("big", 4_000_000, 9_000_000, 0.5, 0.75), row("small", 1_000_000, 9_000_000, 0.4, 0.5)]
+    rows.append(row("unmeasured", None, 2_000_000, 0.3, None))
+    assert [report.cost_bytes(r) for r in rows] == [4_000_000, 1_000_000, 2_000_000]
+    md = report.results_markdown(rows, EvalLimits(), "g")
+    assert "| deployed | chat match % | chat KL |" in md
+    assert "| small | none | none | 40.0 | 40.0 | 20.00 | 0.00 M | 9.00 MB | 1.00 MB | 50.0 | 0.1000 |" in md
+    assert "| — | — | 0.1000 |" in md  # not measured: a dash, never a zero
+    table = list(csv.DictReader(report.results_csv(rows).splitlines()))
+    assert table[0]["deployed_mb"] == "4.0" and table[0]["chat_match32_pct"] == "75.0" and table[2]["deployed_mb"] == ""
+    assert report.plot_pareto(rows, EvalLimits(), tmp_path / "p.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_share_prefix_links_finished_stages(tiny_checkpoint, tmp_path, monkeypatch):
     cal = Calibration(samples=4, seqlen=32, batch_size=2)
     a = Recipe(
@@ -174,6 +197,7 @@ def test_sweep_end_to_end_tables_plots_and_resume(tiny_checkpoint, tmp_path, mon
             assert int(row["params_nonzero"]) == summary["stages"][-1]["params"]["nonzero"]
             assert int(row["params_dense"]) == summary["stages"][-1]["params"]["dense"]
         assert float(row["size_mb"]) > 0
+        assert 0 < float(row["deployed_mb"])  # the ONNX decoder a bundle of the point ships
     base = table["baseline"]
     # the source's own count (its padding embedding row is exact zeros, so non-zero is a little lower)
     assert int(base["params_dense"]) - 64 <= int(base["params_nonzero"]) <= int(base["params_dense"])

@@ -44,16 +44,15 @@ def greedy_with_logprobs(
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     config = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids), pad_token_id=pad_id
-    )
-    device = next(model.parameters()).device
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        generation_config=config,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=pad_id,
         return_dict_in_generate=True,
         output_logits=True,
     )
+    device = next(model.parameters()).device
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     logp = torch.log_softmax(torch.stack(out.logits, 1).float(), -1).cpu().numpy()  # [B, steps, V]
     replies, tops = [], []
     for b, row in enumerate(out.sequences[:, width:].tolist()):
@@ -64,10 +63,14 @@ def greedy_with_logprobs(
 
 
 def build_chat_reference(
-    model, tokenizer: TextTokenizer, limits: EvalLimits, k: int = 32, progress: bool = True
+    model, tokenizer: TextTokenizer, limits: EvalLimits, k: int = 32, progress: bool = True, turns=None
 ) -> ChatReference:
-    """The chat reference of an (uncompressed) torch model for `limits` (prompts: harness.chat_prompt_ids)."""
-    prompts = chat_prompt_ids(tokenizer, limits)
+    """The chat reference of an (uncompressed) torch model for `limits` (prompts: harness.chat_prompt_ids),
+    or for these user `turns` (each one user message through the chat template)."""
+    if turns is None:
+        prompts = chat_prompt_ids(tokenizer, limits)
+    else:
+        prompts = [tokenizer.encode_chat([{"role": "user", "content": t}], add_generation_prompt=True) for t in turns]
     stops = stop_ids_of(model, tokenizer)
     order = np.argsort([len(p) for p in prompts], kind="stable")  # similar lengths together: less padding
     replies: list = [None] * len(prompts)

@@ -177,3 +177,19 @@ def test_pipeline_stage_evaluations_score_chat_against_the_source(tiny_checkpoin
     assert summary["eval"]["chat"]["kld"] > 1e-3  # half the weights gone: no longer the source's replies
     off = replace(limits, chat_prompts=0)
     assert "chat" not in pipeline.run_pipeline(base, tmp_path / "b", eval_limits=off, log=lambda m: None)["eval"]
+
+
+def test_eval_checkpoint_scores_chat_against_a_reference_file(tiny_checkpoint, chat_ref, tmp_path):
+    import json
+
+    from edgepack.cli import main
+
+    ref = Reference(
+        np.zeros((1, 4), np.int64), np.zeros((1, 3, 2), np.int32), np.zeros((1, 3, 2), np.float32), chat_ref
+    )
+    ref.save(tmp_path / "r.safetensors")
+    out = tmp_path / "r.json"
+    argv = ["eval", str(tiny_checkpoint), "--tasks", "chat", "--chat-prompts", "3", "--reference"]
+    assert main([*argv, str(tmp_path / "r.safetensors"), "--json", str(out)]) == 0
+    r = json.loads(out.read_text())["chat"]
+    assert r["match32"] == 1.0 and r["replies"] == 3 and r["kld"] == pytest.approx(0.0, abs=1e-5)

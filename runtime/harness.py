@@ -100,7 +100,12 @@ def eval_chat(backend: Backend, limits: EvalLimits, chat, progress: bool = True)
     """Chat fidelity against a runtime.reference.ChatReference: each of the first `chat_prompts` stored
     prompts is followed by the source's greedy reply (first `chat_max_new_tokens` tokens), scored teacher-forced
     in one forward pass: KL(source || model) and top-1 agreement per reply token, and the share of replies
-    whose first 32 tokens the model's greedy decoding reproduces exactly (metrics.chat_reply_scores)."""
+    whose first 32 tokens the model's greedy decoding reproduces exactly (metrics.chat_reply_scores).
+
+    The equivalence with free greedy decoding is exact where the kernels are row- and length-independent
+    (fp32 graphs, torch); on int8-activation graphs a prefill and a one-token decode step can round a
+    near-tie differently, so a reply may rarely differ at such a tie. Claims and verify use the same batches
+    (limits.batch_size), so they compare like with like."""
     n = chat.count if limits.chat_prompts is None else limits.chat_prompts
     if n == 0:
         raise EdgepackError("chat fidelity: the limits ask for 0 replies (chat_prompts=0 turns it off)")

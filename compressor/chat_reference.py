@@ -107,6 +107,12 @@ def chat_reference_for(
         }
     )
     path = Workdir(workdir).evals / f"chat-reference-{key}.safetensors"
+    if not path.exists():  # a sweep's other work directories may have made it already: same source, same key
+        sibling = next(iter(sorted(Path(workdir).parent.glob(f"*/evals/{path.name}"))), None)
+        if sibling is not None:
+            from runtime.fileio import atomic_write_bytes
+
+            atomic_write_bytes(path, sibling.read_bytes())
     if path.exists():
         return Reference.load(path).chat
     log(f"greedy chat replies of {model_dir} (top-{k} log-probs)")

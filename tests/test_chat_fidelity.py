@@ -175,6 +175,9 @@ def test_pipeline_stage_evaluations_score_chat_against_the_source(tiny_checkpoin
     pruned = Recipe(**{**base.__dict__, "name": "w", "width": WidthStage(n=2, m=4)})
     summary = pipeline.run_pipeline(pruned, tmp_path / "w", eval_limits=limits, log=lambda m: None)
     assert summary["eval"]["chat"]["kld"] > 1e-3  # half the weights gone: no longer the source's replies
+    made = {f.name: f.read_bytes() for f in (tmp_path / "b" / "evals").glob("chat-reference-*")}
+    copied = {f.name: f.read_bytes() for f in (tmp_path / "w" / "evals").glob("chat-reference-*")}
+    assert len(made) == 1 and copied == made  # the sibling run's replies reused, not generated again
     off = replace(limits, chat_prompts=0)
     assert "chat" not in pipeline.run_pipeline(base, tmp_path / "b", eval_limits=off, log=lambda m: None)["eval"]
 

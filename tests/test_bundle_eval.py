@@ -95,3 +95,23 @@ def test_eval_bundle_imports_no_torch(good, tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == "0 False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("chat", "/etc/passwd", "only the built-in evaluation sets"),
+        ("chat_prompts", -1, "must be in"),
+        ("chat_max_new_tokens", 0, "must be in"),
+        ("chat_prompt_tokens", True, "not a boolean"),
+    ],
+)
+def test_a_claims_chat_limits_are_validated(good, key, value, message):
+    from runtime.errors import EdgepackError
+    from runtime.manifest import validate_manifest
+
+    manifest = json.loads((good / "manifest.json").read_text())
+    manifest["quality"]["quick"]["chat_match32"]["limits"][key] = value
+    with pytest.raises(EdgepackError, match=message) as e:
+        validate_manifest(manifest, "manifest.json")
+    assert f"chat_match32.limits.{key}" in str(e.value) and "\n" not in str(e.value)

@@ -16,4 +16,6 @@ $EP import smollm2
 $EP eval models/SmolLM2-135M-Instruct --limits quick --json models/SmolLM2-135M-Instruct.eval.json
 $EP compress --preset "$RECIPE" --limits quick --export "$BUNDLE"
 $EP verify "$BUNDLE" --quick
+# the bundle's end-to-end checks: verify's claims in full, and greedy chat replies close to the source's
+EDGEPACK_SLOW=1 EDGEPACK_MAIN_JOB=1 .venv/bin/python -m pytest -q -m main_job tests/test_smollm2_e2e.py
 ls -la "$BUNDLE.edgepack"

@@ -92,6 +92,12 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("EDGEPACK_MAIN_JOB") != "1":  # the main job's bundle exists only after scripts/main_job.sh,
+        # which runs these itself: deselected (not skipped) everywhere else, so no skip hides a missing check
+        main_job = [item for item in items if "main_job" in item.keywords]
+        if main_job:
+            config.hook.pytest_deselected(items=main_job)
+            items[:] = [item for item in items if "main_job" not in item.keywords]
     run_slow = os.environ.get("EDGEPACK_SLOW") == "1"
     if run_slow:
         return

@@ -65,7 +65,7 @@ def test_onnx_export_of_smollm2_matches_torch(smollm2, tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.skipif(not BUNDLE.exists(), reason="run scripts/main_job.sh first")
+@pytest.mark.main_job
 def test_main_job_bundle_verifies():
     from runtime.bundle import Bundle
     from runtime.verify import verify_bundle
@@ -86,7 +86,7 @@ SIMPLE_INSTRUCTIONS = [
 ]
 
 
-@pytest.mark.skipif(not BUNDLE.exists(), reason="run scripts/main_job.sh first")
+@pytest.mark.main_job
 def test_main_job_bundle_replies_stay_close_to_the_source(smollm2):
     """Greedy replies of the bundle (onnxruntime) to simple instructions against the source's (torch), scored
     with the chat fidelity metric: teacher-forced per-token agreement, KL, and replies whose first 32 tokens

@@ -2,17 +2,19 @@
 faults of this process, for the loss as shipped (chunked LM head) or the old full-vocabulary logits.
 
     python benchmarks/lora_step.py MODEL_DIR [--steps 6] [--loss chunked|full] [--objective lm|distill]
-        [--teacher SOURCE_DIR] [--json OUT.json]
+        [--teacher SOURCE_DIR] [--malloc retain|default] [--json OUT.json]
 
 The LoRA settings are the recipe's defaults (the main job's `lora=wikitext`: rank 8 on q/k/v/o, batch 8 x 256
 tokens of WikiText valid); `--loss full` swaps in the pre-#12 loss (F.cross_entropy over [B, T, V] float32
-logits) to measure the "before". The first step is a warm-up and is left out of the step times. Run under
+logits) to measure the "before"; `--malloc default`
+leaves glibc's trimming on (compressor.allocator). The first step is a warm-up and is left out of the step times. Run under
 `/usr/bin/time -v` for the kernel's view too; run nothing else heavy beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import resource
@@ -72,8 +74,12 @@ def main() -> int:
     ap.add_argument("--loss", choices=["chunked", "full"], default="chunked")
     ap.add_argument("--objective", choices=["lm", "distill"], default="lm")
     ap.add_argument("--teacher", help="teacher checkpoint for --objective distill (default: the model itself)")
+    ap.add_argument("--malloc", choices=["retain", "default"], default="retain", help="default: glibc as it comes")
     ap.add_argument("--json")
     args = ap.parse_args()
+
+    if args.malloc == "default":
+        L.retained_freed_memory = lambda: contextlib.nullcontext(False)
 
     if args.loss == "full":
         L.nll_sum = full_logits_nll_sum
@@ -105,6 +111,7 @@ def main() -> int:
         "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "loss": args.loss,
+        "malloc": args.malloc,
         "objective": args.objective,
         "steps": args.steps,
         "batch": f"{stage.batch_size} x {stage.seqlen} tokens",

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from compressor.allocator import retained_freed_memory
 from compressor.device import pick_device
 from compressor.recipe import LoraStage
 from runtime.errors import EdgepackError
@@ -515,31 +516,33 @@ def train_lora(
             "seconds": round(seconds_before + elapsed, 2),
         }
 
-    t0 = time.perf_counter()
-    peft_model.train()
-    if start_step == 0 and heldout:
-        history["heldout_loss"].append([0, heldout_loss(peft_model, heldout, settings, device, teacher)])
-    bar = tqdm(total=settings.steps, initial=start_step, desc="LoRA", unit="step", dynamic_ncols=True)
-    for step in range(start_step, settings.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = settings.stage.lr * lr_factor(step, settings.warmup_steps, settings.steps)
-        step_loss = _accumulate_gradients(peft_model, train, settings, step, device, teacher)
-        if settings.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        history["train_loss"].append([done, round(step_loss, 6)])
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if heldout and (done % settings.eval_every == 0 or done == settings.steps):
-            h = heldout_loss(peft_model, heldout, settings, device, teacher)
-            history["heldout_loss"].append([done, h])
-            bar.write(f"step {done}: held-out loss {h:.4f}")
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            save_checkpoint(out_dir, done, peft_model, optimizer, checkpoint_state(time.perf_counter() - t0))
-    bar.close()
-    peft_model.eval()
+    # the loop re-allocates every step's activations: keep freed memory mapped (compressor.allocator)
+    with retained_freed_memory() as retained:
+        t0 = time.perf_counter()
+        peft_model.train()
+        if start_step == 0 and heldout:
+            history["heldout_loss"].append([0, heldout_loss(peft_model, heldout, settings, device, teacher)])
+        bar = tqdm(total=settings.steps, initial=start_step, desc="LoRA", unit="step", dynamic_ncols=True)
+        for step in range(start_step, settings.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = settings.stage.lr * lr_factor(step, settings.warmup_steps, settings.steps)
+            step_loss = _accumulate_gradients(peft_model, train, settings, step, device, teacher)
+            if settings.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            history["train_loss"].append([done, round(step_loss, 6)])
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if heldout and (done % settings.eval_every == 0 or done == settings.steps):
+                h = heldout_loss(peft_model, heldout, settings, device, teacher)
+                history["heldout_loss"].append([done, h])
+                bar.write(f"step {done}: held-out loss {h:.4f}")
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                save_checkpoint(out_dir, done, peft_model, optimizer, checkpoint_state(time.perf_counter() - t0))
+        bar.close()
+        peft_model.eval()
 
     save_adapter(peft_model, out_dir / "adapter")
     record = {
@@ -553,6 +556,7 @@ def train_lora(
         "start_step": start_step,
         "final_step": settings.steps,
         "trainable_parameters": sum(p.numel() for p in params),
+        "malloc_retains_freed_memory": retained,
         "train_loss": history["train_loss"],
         "heldout_loss": history["heldout_loss"],
         "seconds": round(seconds_before + time.perf_counter() - t0, 2),

@@ -107,6 +107,39 @@ def test_distillation_moves_the_student_towards_the_teacher(tmp_path):
         L.train_lora(make_tiny_llama("plain"), train, held, settings, tmp_path / "e")
 
 
+def test_retained_freed_memory_sets_glibc_and_gives_the_heap_back(monkeypatch):
+    """On glibc Linux (CI) both mallopt settings are accepted inside the block and malloc_trim runs on exit."""
+    import sys
+
+    from compressor import allocator
+
+    calls = []
+    real = allocator._libc()
+
+    class Spy:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return real.mallopt(param, value) if real else 1
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+            return real.malloc_trim(pad) if real else 1
+
+    monkeypatch.setattr(allocator, "_libc", lambda: Spy())
+    with allocator.retained_freed_memory() as ok:
+        assert ok is True
+        assert calls == [
+            ("mallopt", allocator.M_MMAP_THRESHOLD, 32 << 20),
+            ("mallopt", allocator.M_TRIM_THRESHOLD, 2**31 - 1),
+        ]
+    assert calls[2:] == [("mallopt", allocator.M_TRIM_THRESHOLD, 64 << 20), ("malloc_trim", 0)]
+    if sys.platform.startswith("linux"):
+        assert real is not None  # glibc found: the real settings were applied above
+    monkeypatch.setattr(allocator, "_libc", lambda: None)  # not glibc: nothing to set, says so
+    with allocator.retained_freed_memory() as ok:
+        assert ok is False
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     f = [L.lr_factor(s, 4, 20) for s in range(20)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == 1.0

@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument(
         "--workdir", default="/tmp/edgepack-lora-compare", help="where the source's chat reference is cached"
     )
+    ap.add_argument("--skip-source", action="store_true", help="no row for the source itself (KL 0 by definition)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def main() -> int:
     windows = [list(map(int, w)) for w in windows]
     source = load_causal_lm(args.source).eval()
     results = {}
-    for spec in [f"source={args.source}"] + args.models:
+    for spec in ([] if args.skip_source else [f"source={args.source}"]) + args.models:
         name, _, path = spec.partition("=")
         t0 = time.perf_counter()
         model = source if path == args.source else load_causal_lm(path).eval()

@@ -10,8 +10,10 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 BUNDLE = ROOT / "models" / "bundles" / "SmolLM2-135M-Instruct-W1-8-lora-eora"
-# chat fidelity bars for the main job's bundle on SIMPLE_INSTRUCTIONS (see that test)
-TOP1_BAR, KL_BAR, MATCH_BAR = 0.85, 0.25, 0.5
+# chat fidelity bars for the main job's bundle on SIMPLE_INSTRUCTIONS (see that test). Not yet measured on the
+# main bundle (issue #18 open). No bar on first-32 match: even the grid-exact raw import (chat KL 0.002) matches
+# only 31-37 % of replies over 32 tokens, since one near-tie flip ends a match.
+TOP1_BAR, KL_BAR = 0.85, 0.25
 
 
 @pytest.fixture(scope="module")
@@ -106,4 +108,4 @@ def test_main_job_bundle_replies_stay_close_to_the_source(smollm2):
         text: (tok.decode(chat.reply(i)), tok.decode(bundle.decoder().greedy([chat.prompt(i)], 64, {tok.eos_id})[0]))
         for i, text in enumerate(SIMPLE_INSTRUCTIONS)
     }
-    assert r["top1"] >= TOP1_BAR and r["kld"] <= KL_BAR and r["match32"] >= MATCH_BAR, (r, replies)
+    assert r["top1"] >= TOP1_BAR and r["kld"] <= KL_BAR, (r, replies)

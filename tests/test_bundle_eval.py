@@ -115,3 +115,24 @@ def test_a_claims_chat_limits_are_validated(good, key, value, message):
     with pytest.raises(EdgepackError, match=message) as e:
         validate_manifest(manifest, "manifest.json")
     assert f"chat_match32.limits.{key}" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kind, content",
+    [
+        ("text", b"\xff\xfe not utf-8 \x80"),
+        ("qa", b'{"question": "q", "answers": ["a"]}\n{not json\n'),
+        ("qa", b'{"question": 3}\n'),
+        ("reference", b"this is not a safetensors file"),
+        ("text", None),  # a path that does not exist
+    ],
+)
+def test_a_broken_user_file_is_one_error_line(good, tmp_path, capsys, kind, content):
+    path = tmp_path / f"broken.{kind}"
+    if content is not None:
+        path.write_bytes(content)
+    assert (
+        main(["eval", str(good), "--ctx", "64", "--windows", "2", "--chat-prompts", "1", f"--{kind}", str(path)]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("edgepack: error:") and "Traceback" not in "\n".join(err), err

@@ -145,7 +145,7 @@ def test_cli_bench_json(good, capsys, monkeypatch):
     assert all(run["new_tokens"] == 8 for run in r["runs"])  # no EOS: every run decodes all tokens
     for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s"):
         assert 0 < r[key]["min"] <= r[key]["median"] <= r[key]["max"]
-    assert 0 < r["loop_us_per_token"] < 1e6 / r["decode_tokens_per_s"]["median"] and len(r["token_ids"]) == 8
+    assert 0 < r["loop_us_per_token"] < 1e6 / r["decode_tokens_per_s"]["min"] and len(r["token_ids"]) == 8
     assert r["weight_bytes"] == (good / "onnx" / "model.onnx.data").stat().st_size and r["read_bandwidth_GBps"] == 50
     assert r["bandwidth_limit_tokens_per_s"] == pytest.approx(50e9 / r["weight_bytes"])
     assert r["load_s"] > 0 and r["peak_rss_bytes"] == 300 << 20

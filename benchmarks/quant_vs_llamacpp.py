@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -40,6 +39,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from runtime.bench import cpu_name  # noqa: E402
 
 VARIANTS = ("grid", "rtn32", "rtn32-asym", "fp32")
 
@@ -223,13 +224,6 @@ def table(results: dict, source: str) -> str:
             f"{100 * r['chat_match32']:.0f} % |"
         )
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def plot(results: dict, path: Path, title: str) -> None:

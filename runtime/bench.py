@@ -18,6 +18,18 @@ import time
 from runtime.errors import EdgepackError
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), for benchmark records: figures differ between machines."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def _stats(values: list[float]) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 

@@ -13,6 +13,7 @@ import numpy as np
 from runtime.datasets import calibration_text, triviaqa_records
 from runtime.errors import EdgepackError
 from runtime.metrics import normalize_answer
+from runtime.progress import progress_bar
 from runtime.prompts import closed_book_prompt
 from runtime.tokenizer import TextTokenizer
 
@@ -103,7 +104,9 @@ def quant_calibration_rows(
     if dataset in ("chat", "mix"):
         if source_dir is None or chat_cache is None:
             raise EdgepackError(f"calibration dataset {dataset!r} needs the source model and a reply cache")
-        train, held, _ = chat_examples(tokenizer, source_dir, chat_cache)
+        train, held, _ = chat_examples(
+            tokenizer, source_dir, chat_cache, first=samples if dataset == "chat" else samples // 2
+        )
         chat = [ids[:seqlen] for ids, _ in train + held]
         if dataset == "chat":
             return chat[:samples]
@@ -140,53 +143,60 @@ def source_chat_replies(
     source_dir, tokenizer: TextTokenizer, prompts: list[list[int]], cache_path, max_new_tokens: int = CHAT_REPLY_TOKENS
 ) -> list[list[int]]:
     """The source model's greedy replies (token ids, stop token excluded) to chat-template prompts, made with
-    batched transformers generation and cached in `cache_path` (JSON keyed by source, prompts and length), so a
-    rerun or a later stage that needs the same replies pays nothing."""
+    batched transformers generation. Each reply is cached in `cache_path` (JSON, one entry per prompt, keyed
+    by source, prompt and length) as soon as its batch finishes: an interrupted run resumes, and a later stage
+    that needs the same replies, or a subset of them, pays nothing."""
     import hashlib
     import json
     from pathlib import Path
 
     from compressor.pipeline import source_fingerprint
-    from compressor.torch_backend import TorchBackend
     from runtime.fileio import atomic_write_json, read_json
 
-    key = hashlib.sha256(
-        json.dumps([source_fingerprint(Path(source_dir)), prompts, max_new_tokens]).encode()
-    ).hexdigest()
+    base = json.dumps([source_fingerprint(Path(source_dir)), max_new_tokens])
+    keys = [hashlib.sha256(json.dumps([base, p]).encode()).hexdigest() for p in prompts]
     cache_path = Path(cache_path)
-    if cache_path.exists():
-        cached = read_json(cache_path)
-        if isinstance(cached, dict) and cached.get("key") == key:
-            return cached["replies"]
-    backend = TorchBackend.from_pretrained(source_dir, pad_id=tokenizer.pad_id)
-    stop = {tokenizer.eos_id} | set(_as_list(getattr(backend.model.generation_config, "eos_token_id", None)))
-    stop.discard(None)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    replies: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), 16):
-        idx = order[start : start + 16]
-        for i, reply in zip(idx, backend.greedy([prompts[i] for i in idx], max_new_tokens, stop)):
-            replies[i] = reply
-    atomic_write_json(cache_path, {"key": key, "max_new_tokens": max_new_tokens, "replies": replies})
-    return replies
+    cached = read_json(cache_path) if cache_path.exists() else {}
+    known = cached.get("replies") if isinstance(cached, dict) and cached.get("version") == 2 else None
+    known = known if isinstance(known, dict) else {}
+    missing = [i for i, k in enumerate(keys) if k not in known]
+    if missing:
+        from compressor.torch_backend import TorchBackend
+
+        backend = TorchBackend.from_pretrained(source_dir, pad_id=tokenizer.pad_id)
+        stop = {tokenizer.eos_id} | set(_as_list(getattr(backend.model.generation_config, "eos_token_id", None)))
+        stop.discard(None)
+        order = sorted(missing, key=lambda i: len(prompts[i]))  # similar lengths share a batch
+        label = f"source replies for chat data ({len(missing)} of {len(prompts)} prompts)"
+        with progress_bar(label, len(missing)) as advance:
+            for start in range(0, len(order), 16):
+                idx = order[start : start + 16]
+                for i, reply in zip(idx, backend.greedy([prompts[i] for i in idx], max_new_tokens, stop)):
+                    known[keys[i]] = reply
+                atomic_write_json(cache_path, {"version": 2, "max_new_tokens": max_new_tokens, "replies": known})
+                advance(len(idx))
+    return [known[k] for k in keys]
 
 
 def _as_list(x) -> list:
     return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
 
 
-def chat_examples(tokenizer: TextTokenizer, source_dir, cache_path, path: str | None = None):
+def chat_examples(tokenizer: TextTokenizer, source_dir, cache_path, path: str | None = None, first: int | None = None):
     """(train, heldout, record): each seed task's user turn through the chat template, followed by the
-    source's greedy reply and the end-of-turn token; labels only on the reply (and its end)."""
+    source's greedy reply and the end-of-turn token; labels only on the reply (and its end). `first`: only
+    the first tasks of the file, all as training examples (calibration needs a few rows, not every reply)."""
     from compressor.lora import IGNORE
     from runtime.datasets import DATA_DIR, chat_turns
 
     turns = chat_turns(path or DATA_DIR / CHAT_SEED_TASKS)
+    if first is not None:
+        turns = turns[:first]
     prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in turns]
     replies = source_chat_replies(source_dir, tokenizer, prompts, cache_path)
     end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     examples = [(p + r + end, [IGNORE] * len(p) + r + end) for p, r in zip(prompts, replies)]
-    cut = len(examples) - min(HELDOUT_CHAT, len(examples) // 4)
+    cut = len(examples) if first is not None else len(examples) - min(HELDOUT_CHAT, len(examples) // 4)
     record = {
         "tasks": len(turns),
         "train": cut,

@@ -11,7 +11,7 @@ from runtime.errors import EdgepackError
 from runtime.tokenizer import TextTokenizer
 
 
-def fake_chat_examples(tokenizer, source_dir, cache_path, path=None):
+def fake_chat_examples(tokenizer, source_dir, cache_path, path=None, first=None):
     train = [([7] * (20 + i), None) for i in range(6)]
     held = [([9] * 30, None)]
     return train, held, {"tasks": 7}
@@ -49,3 +49,62 @@ def test_calib_preset_option():
     assert parse_preset("W1:8 quant=eora").gptq.dataset == "wikitext"  # the seed's setting stays the default
     with pytest.raises(EdgepackError, match="calib=books"):
         parse_preset("W1:8 quant=gptq calib=books")
+
+
+class CountingBackend:
+    """Stands in for the torch source model: a reply is the prompt's last token repeated; counts prompts."""
+
+    generated: list = []
+    fail_after: int | None = None
+
+    def __init__(self):
+        self.model = type("M", (), {"generation_config": type("G", (), {"eos_token_id": None})()})()
+
+    @classmethod
+    def from_pretrained(cls, source_dir, pad_id=None):
+        return cls()
+
+    def greedy(self, prompts, max_new_tokens, stop):
+        if self.fail_after is not None and len(self.generated) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.generated.extend(tuple(p) for p in prompts)
+        return [[p[-1]] * 3 for p in prompts]
+
+
+def test_source_replies_are_cached_per_prompt_and_resume(monkeypatch, tiny_checkpoint, tmp_path):
+    """Calibration needs a few replies, LoRA all of them: each reply is cached on its own, so a superset reuses
+    the subset's replies, and an interrupted generation keeps the batches it finished."""
+    import compressor.torch_backend as tb
+
+    monkeypatch.setattr(tb, "TorchBackend", CountingBackend)
+    CountingBackend.generated, CountingBackend.fail_after = [], None
+    tok = TextTokenizer(tiny_checkpoint)
+    prompts = [[5, i] for i in range(40)]
+    cache = tmp_path / "replies.json"
+    assert td.source_chat_replies(tiny_checkpoint, tok, prompts[:4], cache) == [[i] * 3 for i in range(4)]
+    assert len(CountingBackend.generated) == 4
+    CountingBackend.generated, CountingBackend.fail_after = [], 16  # the second batch of 16 is interrupted
+    with pytest.raises(KeyboardInterrupt):
+        td.source_chat_replies(tiny_checkpoint, tok, prompts, cache)
+    assert len(CountingBackend.generated) == 16 and not set(CountingBackend.generated) & {tuple(p) for p in prompts[:4]}
+    CountingBackend.generated, CountingBackend.fail_after = [], None
+    assert td.source_chat_replies(tiny_checkpoint, tok, prompts, cache) == [[i] * 3 for i in range(40)]
+    assert len(CountingBackend.generated) == 40 - 4 - 16  # only what no finished batch had made
+    assert td.source_chat_replies(tiny_checkpoint, tok, prompts[::-1], cache) == [[i] * 3 for i in range(40)][::-1]
+    assert len(CountingBackend.generated) == 20
+
+
+def test_calibration_asks_only_for_the_replies_it_uses(monkeypatch, tiny_checkpoint, tmp_path):
+    seen = {}
+
+    def recording_chat_examples(tokenizer, source_dir, cache_path, path=None, first=None):
+        seen["first"] = first
+        return fake_chat_examples(tokenizer, source_dir, cache_path)
+
+    monkeypatch.setattr(td, "chat_examples", recording_chat_examples)
+    tok = TextTokenizer(tiny_checkpoint)
+    wiki = str(DATA_DIR / "tiny/wiki.test.raw.first200lines")
+    td.quant_calibration_rows(tok, "mix", 6, 24, wiki, source_dir=tiny_checkpoint, chat_cache=tmp_path / "c")
+    assert seen["first"] == 3
+    td.quant_calibration_rows(tok, "chat", 5, 24, wiki, source_dir=tiny_checkpoint, chat_cache=tmp_path / "c")
+    assert seen["first"] == 5

@@ -318,7 +318,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 
 def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load a model saved after `prune_channels`, with per-layer widths (also works for uniform widths
-    and for unpruned checkpoints). Returns an eval-mode LlamaForCausalLM."""
+    and for unpruned checkpoints). Returns the eval-mode causal LM of the config (LLaMA, Gemma 3)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
@@ -326,7 +326,11 @@ def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         raise EdgepackError(f"{path}: no config.json")
     config = AutoConfig.from_pretrained(path)
     widths = layer_widths(config)
-    with torch.device("meta"):
+    from accelerate import init_empty_weights
+
+    # parameters on the meta device (filled from the checkpoint below), buffers built for real: they are not
+    # in the checkpoint (rotary inv_freq, Gemma's embedding scale)
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     hidden = config.hidden_size
     for layer, w in zip(model.model.layers, widths):
@@ -361,8 +365,6 @@ def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         raise EdgepackError(f"{path}: weights missing {missing[:3]} / unexpected {unexpected[:3]}")
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Non-persistent buffers (rotary inv_freq) are not in the checkpoint: rebuild that module for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
         raise EdgepackError(f"{path}: {still_meta[0]} was not loaded (and {len(still_meta) - 1} more)")

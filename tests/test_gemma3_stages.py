@@ -137,3 +137,37 @@ def test_continuous_batching_serves_the_gemma_bundle_like_solo(exported):
     for p, r in zip(prompts, requests):
         want = Generator(b.decoder(threads=1), b.tokenizer, stop_ids=b.stop_ids).generate(p, greedy)
         assert r.result.token_ids == want.token_ids
+
+
+def test_channel_pruning_on_gemma_exports_with_its_new_widths(gemma_checkpoint, tmp_path):
+    """Channel pruning (FFN channels and KV groups) applies to Gemma 3 unchanged: the q/k norms act per head,
+    so dropping whole KV groups and their query heads keeps them valid. The pruned model loads with its new
+    widths and its fp32 graph matches it past the sliding window."""
+    from compressor.recipe import ChannelStage
+    from compressor.torch_backend import load_causal_lm
+    from exporter.export import ExportOptions, export_run
+
+    recipe = Recipe(
+        name="tiny-gemma-channels",
+        model=str(gemma_checkpoint),
+        calibration=Calibration(samples=4, seqlen=32, batch_size=2),
+        channels=ChannelStage(ffn_keep=0.5, kv_groups_keep=1),
+    )
+    summary = pipeline.run_pipeline(recipe, tmp_path / "run", eval_limits=LIMITS, stage_eval=False, log=lambda m: None)
+    model = load_causal_lm(summary["final_model"])
+    source = load_causal_lm(gemma_checkpoint)
+    layer, before = model.model.layers[0], source.model.layers[0]
+    assert layer.mlp.gate_proj.out_features == 64 < before.mlp.gate_proj.out_features  # 96 x 0.5, rounded up to 32s
+    assert layer.self_attn.k_proj.out_features == layer.self_attn.head_dim  # one KV group left
+    assert model.config.layer_types == source.config.layer_types
+    graph = ExportOptions().graph
+    graph = type(graph)(**{**graph.__dict__, "embedding": "fp32", "lm_head": "fp32", "projections": "keep"})
+    bundle = export_run(
+        tmp_path / "run", tmp_path / "bundle", ExportOptions(graph=graph, limits=LIMITS, quick_limits=LIMITS)
+    )
+    from runtime.bundle import Bundle
+
+    ids = np.array([[5, 9, 30, 41, 77, 100, 120, 7, 8, 9, 200, 250, 17, 3, 99]])  # 15 tokens: past the window
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()
+    np.testing.assert_allclose(Bundle.open(bundle).decoder().log_probs(ids), ref, atol=1e-3)

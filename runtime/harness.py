@@ -167,12 +167,11 @@ def eval_perplexity(
             nll = metrics.token_nll(logp, batch)
             nll_sum += float(nll.sum())
             count += nll.size
-            if reference is not None:
-                q = logp[:, :-1, :].reshape(-1, logp.shape[-1])
-                r_ids = reference.top_ids[start : start + len(batch)].reshape(-1, reference.k)
-                r_lp = reference.top_logp[start : start + len(batch)].reshape(-1, reference.k)
-                kl_sum += float(metrics.topk_kl(r_ids, r_lp, q).sum())
-                top1_sum += float(metrics.top1_agreement(r_ids[:, 0], q).sum())
+            if reference is not None:  # window by window: logp[i, :-1] is a view, a batch reshape a copy
+                for i, q in enumerate(logp[:, :-1, :], start):
+                    r_ids, r_lp = reference.top_ids[i], reference.top_logp[i]
+                    kl_sum += float(metrics.topk_kl(r_ids, r_lp, q).sum())
+                    top1_sum += float(metrics.top1_agreement(r_ids[:, 0], q).sum())
             advance(len(batch))
     seconds = time.perf_counter() - t0
     out = {

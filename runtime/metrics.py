@@ -105,7 +105,8 @@ def topk_kl(ref_ids: np.ndarray, ref_logp: np.ndarray, logq: np.ndarray) -> np.n
     512): full KL 0.221, top-8 0.131 (-41 %), top-32 0.163 (-26 %), top-128 0.188 (-15 %). Verify compares
     like with like (the claim is computed the same way), but as an absolute figure it reads low."""
     ref_logp = ref_logp.astype(np.float64)
-    q_k = np.take_along_axis(logq.astype(np.float64), ref_ids.astype(np.int64), axis=-1)
+    # gather first, then widen: casting all of logq would copy [positions, vocabulary] in float64
+    q_k = np.take_along_axis(logq, ref_ids.astype(np.int64), axis=-1).astype(np.float64)
     p_rest = _log1mexp_sum(ref_logp)
     q_rest = _log1mexp_sum(q_k)
     kl = (np.exp(ref_logp) * (ref_logp - q_k)).sum(-1)

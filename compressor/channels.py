@@ -319,6 +319,7 @@ def _read_safetensors(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
 def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None):
     """Load a model saved after `prune_channels`, with per-layer widths (also works for uniform widths
     and for unpruned checkpoints). Returns the eval-mode causal LM of the config (LLaMA, Gemma 3)."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path = Path(path)
@@ -326,8 +327,6 @@ def load_channel_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.floa
         raise EdgepackError(f"{path}: no config.json")
     config = AutoConfig.from_pretrained(path)
     widths = layer_widths(config)
-    from accelerate import init_empty_weights
-
     # parameters on the meta device (filled from the checkpoint below), buffers built for real: they are not
     # in the checkpoint (rotary inv_freq, Gemma's embedding scale)
     with init_empty_weights(include_buffers=False):

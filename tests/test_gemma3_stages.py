@@ -146,6 +146,7 @@ def test_channel_pruning_on_gemma_exports_with_its_new_widths(gemma_checkpoint, 
     from compressor.recipe import ChannelStage
     from compressor.torch_backend import load_causal_lm
     from exporter.export import ExportOptions, export_run
+    from runtime.bundle import Bundle
 
     recipe = Recipe(
         name="tiny-gemma-channels",
@@ -165,8 +166,6 @@ def test_channel_pruning_on_gemma_exports_with_its_new_widths(gemma_checkpoint, 
     bundle = export_run(
         tmp_path / "run", tmp_path / "bundle", ExportOptions(graph=graph, limits=LIMITS, quick_limits=LIMITS)
     )
-    from runtime.bundle import Bundle
-
     ids = np.array([[5, 9, 30, 41, 77, 100, 120, 7, 8, 9, 200, 250, 17, 3, 99]])  # 15 tokens: past the window
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor(ids)).logits, -1).numpy()

@@ -262,13 +262,24 @@ PRUNED_PRESETS = PRUNED_DEPTH + PRUNED_WIDTH + PRUNED_COMBOS
 
 
 _PART = re.compile(r"^(?:D(?P<d>\d+)|W(?P<n>\d+):(?P<m>\d+)|C(?P<c>\d+)(?:A(?P<a>\d+))?)$")
-# The settings a preset string spells out (`D2`, `W1:8`, `C75A2`, `lora=...`); the rest are defaults.
+# The settings a preset string spells out (`D2`, `W1:8`, `C75A2`, `lora=...`, `calib=...`); the rest are defaults.
 PRESET_FIELDS = {
     "depth": ("remove",),
     "width": ("n", "m"),
     "channels": ("ffn_keep", "kv_groups_keep"),
-    "lora": ("dataset",),
+    "lora": ("dataset", "objective"),
 }
+
+
+def preset_fields(text: str) -> dict[str, tuple[str, ...]]:
+    """The settings `text` names itself: they win over a grid's default sections. `calib=` names the GPTQ and
+    EoRA datasets only when it is written (without it a grid default such as `[gptq] dataset` still applies)."""
+    named = dict(PRESET_FIELDS)
+    if any(opt.startswith("calib=") for opt in text.split()[1:]):
+        named["gptq"] = named["eora"] = ("dataset",)
+    return named
+
+
 SECTIONS = {
     "calibration": Calibration,
     "depth": DepthStage,
@@ -374,7 +385,7 @@ def _recipe_from_dict(data: dict, defaults: dict) -> Recipe:
             continue
         explicit = {}
         if "preset" in data and current is not None:  # what the preset string itself says wins over defaults
-            explicit = {k: getattr(current, k) for k in PRESET_FIELDS.get(section, ())}
+            explicit = {k: getattr(current, k) for k in preset_fields(data["preset"]).get(section, ())}
         for src in (defaults, data):
             if section in src and not isinstance(src[section], dict):
                 raise EdgepackError(f"[{section}] must be a table")

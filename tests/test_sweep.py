@@ -81,6 +81,16 @@ def test_named_grids_and_grid_files(tmp_path):
     assert (
         w.lora is None and (w.width.n, w.width.m) == (1, 8) and (w.calibration.samples, w.calibration.seqlen) == (8, 64)
     )
+    # calib= and lora=distill survive a run's own [gptq] table; without calib= a grid's [gptq] dataset applies
+    f.write_text(
+        '[gptq]\ndataset = "chat"\n[lora]\nobjective = "lm"\n'
+        '[[run]]\nname = "g32"\npreset = "W1:8 lora=distill quant=eora calib=mix"\n[run.gptq]\ngroup_size = 32\n'
+        '[[run]]\npreset = "W1:8 lora=wikitext quant=gptq"\n'
+    )
+    _, (_, g32, plain) = sweep.load_grid(str(f))
+    assert (g32.gptq.dataset, g32.gptq.group_size, g32.eora.dataset) == ("mix", 32, "mix")
+    assert (g32.lora.objective, g32.lora.dataset) == ("distill", "mix")
+    assert plain.gptq.dataset == "chat" and plain.lora.objective == "lm"
     assert sweep.labels(parse_preset("D2+W2:4 lora=wikitext order=DLW")) == {
         "config": "D2+W2:4",
         "lora": "wikitext",

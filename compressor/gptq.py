@@ -167,6 +167,7 @@ def quantize_gptq(model_dir, calib_examples, out_dir, settings: GptqStage | None
         sym=settings.sym,
         desc_act=settings.desc_act,
         damp_percent=settings.damp,
+        mse=settings.mse,
         offload_to_disk=False,  # small models fit in memory; offloading only adds temp files
         dynamic={f"-:^{re.escape(m)}$": {} for m in on_grid} or None,
     )

@@ -146,12 +146,15 @@ class LoraStage(Settings):
 @dataclass
 class GptqStage(Settings):
     section: ClassVar[str] = "gptq"
-    added_later: ClassVar[dict] = {"keep_grid": True}  # left out of the stage fingerprint at this default
+    added_later: ClassVar[dict] = {"keep_grid": True, "mse": 0.0}  # left out of the fingerprint at these defaults
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
     desc_act: bool = False  # act-order
     damp: float = 0.01
+    # clipping: each group's range is shrunk step by step and the scale with the least sum |error|^mse kept
+    # (gptqmodel's grid search; 0 = off, the GPTQ paper's code uses 2.4)
+    mse: float = 0.0
     samples: int = 32
     seqlen: int = 512
     dataset: QuantData = "wikitext"
@@ -163,6 +166,8 @@ class GptqStage(Settings):
         self.at_least(1, "group_size", "samples", "seqlen")
         if not 0 < self.damp < 1:
             raise self.error("damp", self.damp, "must be in (0, 1)")
+        if self.mse < 0:
+            raise self.error("mse", self.mse, "must be 0 (off) or a positive norm such as 2.4")
 
 
 @dataclass

@@ -112,6 +112,25 @@ def test_dequantized_weights_are_a_4bit_grid_near_the_float_weights(run):
         assert levels.max() <= 16, name
 
 
+def test_mse_clipping_reaches_gptqmodel_and_shrinks_scales(run, tmp_path):
+    """`[gptq] mse` turns on gptqmodel's clipping search (ranges p * [min, max] for p <= 1, least |error|^2.4
+    kept): the run records it, and a good share of the groups get a smaller scale than the min/max one."""
+    from safetensors.torch import load_file
+
+    from compressor.gptq import quantize_gptq
+    from compressor.recipe import GptqStage
+
+    quantize_gptq(
+        run["base"], run["calib"], tmp_path / "mse", GptqStage(group_size=GROUP, samples=16, damp=0.05, mse=2.4)
+    )
+    assert json.loads((tmp_path / "mse" / "gptq_record.json").read_text())["settings"]["mse"] == 2.4
+    plain, clipped = (load_file(str(d / "model.safetensors")) for d in (run["root"] / "gptq", tmp_path / "mse"))
+    scales = [k for k in plain if k.endswith(".scales")]
+    assert scales and all(clipped[k].shape == plain[k].shape for k in scales)
+    ratio = torch.cat([(clipped[k].float() / plain[k].float()).flatten() for k in scales])
+    assert (ratio < 0.99).float().mean() > 0.1  # clipping moved a good share of the groups
+
+
 def test_load_quantized_gives_logits_close_to_the_float_model(run):
     from compressor.gptq import load_quantized
 

@@ -45,6 +45,7 @@ BAD_VALUES = [
     ("lora", "keep_dense", "1", 1, "lora.keep_dense=1: expected true or false"),
     ("gptq", "bits", "5", 5, "gptq.bits=5: expected 2 or 3 or 4 or 8"),
     ("gptq", "damp", "0.0", 0.0, "gptq.damp=0.0: must be in (0, 1)"),
+    ("gptq", "mse", "-1.0", -1.0, "gptq.mse=-1.0: must be 0 (off) or a positive norm"),
     ("gptq", "dataset", '"c4"', "c4", "gptq.dataset='c4': expected 'wikitext' or 'triviaqa'"),
     ("eora", "rank", "0", 0, "eora.rank=0: must be at least 1"),
     ("calibration", "samples", "0", 0, "calibration.samples=0: must be at least 1"),
@@ -134,8 +135,9 @@ def test_valid_values_pass_and_keep_their_fingerprints():
         "seqlen": 512,
         "dataset": "wikitext",
         "keep_grid": True,  # added later: left out of the fingerprint at this default (GptqStage.added_later)
+        "mse": 0.0,  # added later too
     }
-    assert GptqStage.added_later == {"keep_grid": True}
+    assert GptqStage.added_later == {"keep_grid": True, "mse": 0.0}
     assert set(asdict(LoraStage())) == {
         "dataset",
         "triviaqa_mode",

@@ -91,7 +91,7 @@ class Bundle:
         tok_prefix = manifest["tokenizer"]["directory"].rstrip("/") + "/"
         tok_files = {f[len(tok_prefix) :] for f in manifest["files"] if f.startswith(tok_prefix)}
         for f in sorted(tok_files):  # malformed JSON gets a clear error naming the file
-            if f.endswith(JSON_SUFFIXES):
+            if f.endswith(JSON_SUFFIXES) and f != "tokenizer.json":  # that one: TextTokenizer checks and parses it
                 read_json(self.tokenizer_path / f)
         # Only the tokenizer files the manifest lists (hence digest-checked) are read, never another file
         # that happens to lie in the directory.

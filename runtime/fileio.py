@@ -69,6 +69,16 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, finite: 
     UTF-8, malformed, nested deeper than MAX_JSON_DEPTH, and with finite=True NaN/Infinity) raises one
     EdgepackError naming it. NaN/Infinity are accepted by default: edgepack's own records may hold them
     (a diverged evaluation), and json.dumps writes them."""
+    return parse_json(_read_capped(path, max_bytes), str(path), finite=finite)
+
+
+def check_json_text(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> None:
+    """read_json's checks short of building the Python objects: for a file another parser reads next (such as
+    tokenizer.json, read by the tokenizers library, whose own errors the caller turns into one line)."""
+    _checked_text(_read_capped(path, max_bytes), str(path))
+
+
+def _read_capped(path: str | os.PathLike, max_bytes: int) -> bytes:
     from runtime.errors import EdgepackError
 
     path = Path(path)
@@ -79,12 +89,24 @@ def read_json(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES, finite: 
         if st.st_size > max_bytes:
             raise EdgepackError(f"{path}: {st.st_size} bytes, more than the {max_bytes >> 20} MiB allowed for JSON")
         with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+            return f.read(max_bytes + 1)
     except FileNotFoundError:
         raise EdgepackError(f"{path}: file not found") from None
     except OSError as e:
         raise EdgepackError(f"{path}: cannot read ({e.strerror or e})") from None
-    return parse_json(data, str(path), finite=finite)
+
+
+def _checked_text(data: bytes | str, where: str) -> str:
+    """Strict UTF-8, nested at most MAX_JSON_DEPTH levels (checked on the text, before any parser sees it)."""
+    from runtime.errors import EdgepackError
+
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    except UnicodeDecodeError as e:
+        raise EdgepackError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise EdgepackError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return text
 
 
 def parse_json(data: bytes | str, where: str, finite: bool = True) -> Any:
@@ -94,13 +116,7 @@ def parse_json(data: bytes | str, where: str, finite: bool = True) -> Any:
     Infinity or numbers that overflow a float; errors are one EdgepackError line naming `where`."""
     from runtime.errors import EdgepackError
 
-    try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-    except UnicodeDecodeError as e:
-        raise EdgepackError(f"{where}: not valid UTF-8 (byte {e.start})") from None
-    depth = json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise EdgepackError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    text = _checked_text(data, where)
 
     def no_constant(name):
         raise ValueError(f"{name} is not allowed")
@@ -123,19 +139,18 @@ def parse_json(data: bytes | str, where: str, finite: bool = True) -> Any:
 
 def json_depth(text: str) -> int:
     """The deepest nesting of [ and { outside strings. Written by hand because the json module has no depth
-    limit (it recurses until RecursionError); a linear scan over the text is cheap next to parsing it."""
+    limit (it recurses until RecursionError). One regex pass cuts out the strings (escapes included) and
+    numpy sums the brackets left, so a 33 MB tokenizer.json (Gemma's 262k vocabulary) takes ~0.3 s, not the
+    ~2.4 s of a Python loop over its million brackets."""
     import re
 
-    depth = best = 0
-    # Strings are skipped whole (escapes included); only brackets outside them count.
-    for m in re.finditer(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', text):
-        tok = m.group()
-        if tok in "[{":
-            depth += 1
-            best = max(best, depth)
-        elif tok in "]}":
-            depth -= 1
-    return best
+    import numpy as np
+
+    bare = np.frombuffer(re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text).encode("utf-8"), np.uint8)
+    step = ((bare == ord("[")) | (bare == ord("{"))).view(np.int8) - ((bare == ord("]")) | (bare == ord("}"))).view(
+        np.int8
+    )
+    return int(np.cumsum(step[step != 0], dtype=np.int64).max(initial=0))
 
 
 @contextmanager

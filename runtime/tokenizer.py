@@ -37,7 +37,7 @@ class TextTokenizer:
     def __init__(self, directory: str | Path, files: set[str] | None = None):
         """`files`: the file names in `directory` that may be read (None: any; a bundle passes the ones its
         manifest lists, so an unlisted file lying in the directory is never read)."""
-        from runtime.fileio import read_json
+        from runtime.fileio import check_json_text, read_json
 
         directory = Path(directory)
 
@@ -47,7 +47,7 @@ class TextTokenizer:
         tok_file = directory / "tokenizer.json"
         if not readable("tokenizer.json"):
             raise EdgepackError(f"{tok_file}: tokenizer file not found")
-        read_json(tok_file)  # non-UTF-8, nesting bombs and malformed JSON get one clear line first
+        check_json_text(tok_file)  # size, UTF-8 and nesting bombs first; the Rust parser reports malformed JSON
         try:
             self.tok = Tokenizer.from_file(str(tok_file))
             self._plain = Tokenizer.from_file(str(tok_file))  # the same, with special tokens as plain text

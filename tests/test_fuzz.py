@@ -366,3 +366,30 @@ def test_mutated_conversation_files_never_stop_the_chat_store(tmp_path_factory, 
     for c in convs:  # what the app reads from a loaded conversation has the right types
         assert isinstance(c.title, str) and all(isinstance(m["content"], str) for m in c.chat_messages())
         assert all(v is None or isinstance(v, (int, float)) for v in c.settings.values())
+
+
+def _true_depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_true_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_true_depth, value), default=0)
+    return 0
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab\u00e9\n', max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\k', max_size=3), inner, max_size=3)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(value=_JSON_VALUES, ascii_only=st.booleans())
+def test_json_depth_counts_brackets_outside_strings_only(value, ascii_only):
+    """runtime.fileio.json_depth (the nesting-bomb check before any parser) equals the real nesting depth,
+    whatever brackets, quotes and escapes the strings hold."""
+    from runtime.fileio import json_depth
+
+    assert json_depth(json.dumps(value, ensure_ascii=ascii_only)) == _true_depth(value)

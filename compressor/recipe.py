@@ -6,7 +6,9 @@ seed study: `D2` removes 2 decoder layers; `W1:8` is N:M width pruning where **N
 every group of M consecutive input weights** (W1:2 and W2:4 are both 50 % sparse, W1:8 is 12.5 %, W12:16 is
 75 %; NVIDIA's "2:4" counts the weights kept, this notation counts the ones removed). `C75` keeps 75 % of
 the FFN channels of every layer (structured pruning that really shrinks the matrices), `C75A2` also keeps
-only 2 KV-head groups per layer. Options follow the name: `D2+W1:8 lora=wikitext quant=eora order=DLW`.
+only 2 KV-head groups per layer. Options follow the name: `D2+W1:8 lora=wikitext quant=eora order=DLW`;
+`calib=mix` calibrates GPTQ and EoRA on chat + WikiText rows, `group=32a` quantizes in groups of 32 with a
+zero point each (asymmetric; the seed's GPTQ setting is `group=128`, symmetric, the dataclass default).
 
 Example TOML:
 
@@ -278,10 +280,14 @@ PRESET_FIELDS = {
 
 def preset_fields(text: str) -> dict[str, tuple[str, ...]]:
     """The settings `text` names itself: they win over a grid's default sections. `calib=` names the GPTQ and
-    EoRA datasets only when it is written (without it a grid default such as `[gptq] dataset` still applies)."""
+    EoRA datasets and `group=` GPTQ's group size and symmetry only when written (without them a grid default
+    such as `[gptq] dataset` still applies)."""
     named = dict(PRESET_FIELDS)
-    if any(opt.startswith("calib=") for opt in text.split()[1:]):
+    options = {opt.partition("=")[0] for opt in text.split()[1:]}
+    if "calib" in options:
         named["gptq"] = named["eora"] = ("dataset",)
+    if "group" in options:
+        named["gptq"] = (*named.get("gptq", ()), "group_size", "sym")
     return named
 
 
@@ -322,7 +328,7 @@ def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
     fields_: dict = {"name": text.strip(), "model": model}
     if tokens[0] != "baseline":
         fields_.update(_preset_part(part, text) for part in tokens[0].split("+"))
-    calib = None
+    calib = group = None
     for opt in tokens[1:]:
         key, _, value = opt.partition("=")
         if key == "lora":  # lora=<dataset>, or lora=distill (KL from the source on the chat + wikitext mix)
@@ -338,13 +344,22 @@ def parse_preset(text: str, model: str = DEFAULT_MODEL) -> Recipe:
             if value not in QuantData.__args__:
                 raise EdgepackError(f"calib={value}: expected one of {', '.join(QuantData.__args__)}")
             calib = value
+        elif key == "group":  # GPTQ group size, `a` = asymmetric (a zero point per group): group=32a, group=128
+            mt = re.fullmatch(r"([1-9][0-9]*)(a?)", value)
+            if not mt:
+                raise EdgepackError(f"group={value}: expected a group size, `a` for asymmetric (group=32a, group=128)")
+            group = (int(mt[1]), not mt[2])
         elif key == "order":
             fields_["order"] = value
         else:
-            raise EdgepackError(f"unknown preset option {opt!r} (lora=, quant=, calib=, order=)")
+            raise EdgepackError(f"unknown preset option {opt!r} (lora=, quant=, calib=, group=, order=)")
     for stage in ("gptq", "eora"):
         if calib and fields_.get(stage) is not None:
             fields_[stage] = dataclasses.replace(fields_[stage], dataset=calib)
+    if group:
+        if fields_.get("gptq") is None:
+            raise EdgepackError("group= sets GPTQ's groups: it needs quant=gptq or quant=eora")
+        fields_["gptq"] = dataclasses.replace(fields_["gptq"], group_size=group[0], sym=group[1])
     return Recipe(**fields_)
 
 

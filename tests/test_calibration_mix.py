@@ -51,6 +51,21 @@ def test_calib_preset_option():
         parse_preset("W1:8 quant=gptq calib=books")
 
 
+def test_group_preset_option():
+    r = parse_preset("W1:8 lora=wikitext quant=eora calib=mix group=32a")
+    assert (r.gptq.group_size, r.gptq.sym, r.gptq.dataset) == (32, False, "mix")
+    g = parse_preset("D2 quant=gptq group=64").gptq
+    assert (g.group_size, g.sym) == (64, True)
+    assert (parse_preset("W1:8 quant=eora").gptq.group_size, parse_preset("W1:8 quant=eora").gptq.sym) == (128, True)
+    for bad, msg in (
+        ("W1:8 quant=eora group=32b", "group=32b"),
+        ("W1:8 quant=eora group=0", "group=0"),
+        ("W1:8 group=32a", "needs quant="),
+    ):
+        with pytest.raises(EdgepackError, match=msg):
+            parse_preset(bad)
+
+
 class CountingBackend:
     """Stands in for the torch source model: a reply is the prompt's last token repeated; counts prompts."""
 

@@ -86,8 +86,15 @@ def test_named_grids_and_grid_files(tmp_path):
         '[gptq]\ndataset = "chat"\n[lora]\nobjective = "lm"\n'
         '[[run]]\nname = "g32"\npreset = "W1:8 lora=distill quant=eora calib=mix"\n[run.gptq]\ngroup_size = 32\n'
         '[[run]]\npreset = "W1:8 lora=wikitext quant=gptq"\n'
+        '[[run]]\npreset = "W1:8 lora=wikitext quant=gptq group=32a"\n[run.gptq]\ndamp = 0.05\n'
     )
-    _, (_, g32, plain) = sweep.load_grid(str(f))
+    _, (_, g32, plain, grouped) = sweep.load_grid(str(f))
+    assert (grouped.gptq.group_size, grouped.gptq.sym, grouped.gptq.damp, grouped.gptq.dataset) == (
+        32,
+        False,
+        0.05,
+        "chat",
+    )
     assert (g32.gptq.dataset, g32.gptq.group_size, g32.eora.dataset) == ("mix", 32, "mix")
     assert (g32.lora.objective, g32.lora.dataset) == ("distill", "mix")
     assert plain.gptq.dataset == "chat" and plain.lora.objective == "lm"

@@ -95,12 +95,17 @@ def build_variant(source: Path, variant: str, dest: Path) -> Path:
     opts = shipping_graph()
     opts.projections = "keep" if variant == "fp32" else "int4"
     opts.grid_exact = variant == "grid"
-    if variant == "rtn32-asym":
-        from exporter import onnx_graph
+    from exporter import onnx_graph
 
-        original = onnx_graph.quantize_rtn
-        onnx_graph.quantize_rtn = lambda w, bits=4, block_size=32, symmetric=True: original(w, bits, block_size, False)
-    build_decoder(weights, spec_from_hf_config(config, weights), path, opts, progress=False)
+    original = onnx_graph.quantize_rtn
+    if variant == "rtn32-asym":  # the projections only: the int8 embedding/head and EoRA ask for symmetric=True
+        onnx_graph.quantize_rtn = lambda w, bits=4, block_size=32, symmetric=False: original(
+            w, bits, block_size, symmetric
+        )
+    try:
+        build_decoder(weights, spec_from_hf_config(config, weights), path, opts, progress=False)
+    finally:  # builds run in this process one after another: never leak the patch into the next one
+        onnx_graph.quantize_rtn = original
     return path
 
 

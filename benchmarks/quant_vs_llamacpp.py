@@ -319,7 +319,7 @@ def main() -> int:
         os.replace(tmp, results_path)
     print(table(results, str(args.source)))
     if args.plot and results:
-        plot(results, args.plot, f"quantization only, from {args.source.name}")
+        plot(results, args.plot, f"quantization only, from {'/'.join(args.source.parts[-3:])}")
     return 0
 
 

@@ -13,11 +13,12 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 # scripts/main_job.sh's bundle (EDGEPACK_BUNDLE there and here: a relative path is taken from the repository root)
 BUNDLE = ROOT / os.environ.get("EDGEPACK_BUNDLE", "models/bundles/SmolLM2-135M-Instruct-W1-8-lora-eora")
-# Regression floor for the main job's bundle on SIMPLE_INSTRUCTIONS, NOT issue #18's target (replies close to
-# the source's). Measured on an Intel Xeon (2026-12-02), top-1 / KL: default recipe 0.70 / 0.41,
-# `calib=mix` 0.78 / 0.27, `lora=distill calib=mix` 0.77 / 0.28; the source itself 1 / 0. No bar on first-32
-# match: even the grid-exact raw import (chat KL 0.002) matches only 31-37 % of replies over 32 tokens.
-TOP1_BAR, KL_BAR = 0.65, 0.5
+# Regression floor for the main job's bundle on SIMPLE_INSTRUCTIONS, with room for another CPU's GPTQ rounding.
+# Measured top-1 / KL: the current recipe (`calib=mix group=32a`) 0.83 / 0.13 (AMD EPYC, 2026-12-04); on an
+# Intel Xeon (2026-12-02) the seed's recipe gave 0.70 / 0.41, `calib=mix` 0.78 / 0.27, `lora=distill calib=mix`
+# 0.77 / 0.28; the source itself 1 / 0. No bar on first-32 match: even the grid-exact raw import (chat KL
+# 0.002) matches only 31-37 % of replies over 32 tokens.
+TOP1_BAR, KL_BAR = 0.75, 0.3
 
 
 @pytest.fixture(scope="module")

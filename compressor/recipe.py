@@ -229,9 +229,15 @@ class Recipe(Settings):
             how = " distilled from the source" if self.lora.objective == "distill" else ""
             parts.append(f"LoRA r{self.lora.rank} on {self.lora.dataset}{how} ({self.lora.samples} samples)")
         if self.gptq:
-            parts.append(f"GPTQ {self.gptq.bits}-bit g{self.gptq.group_size}")
+            g = self.gptq
+            parts.append(
+                f"GPTQ {g.bits}-bit g{g.group_size}{'' if g.sym else ' asymmetric'}"
+                + ("" if g.dataset == "wikitext" else f" calibrated on {g.dataset}")
+            )
         if self.eora:
-            parts.append(f"EoRA r{self.eora.rank}")
+            parts.append(
+                f"EoRA r{self.eora.rank}" + ("" if self.eora.dataset == "wikitext" else f" on {self.eora.dataset}")
+            )
         if self.lora and (self.width or self.channels):
             parts.append(f"order {'depth→LoRA→width' if self.order == 'DLW' else 'depth→width→LoRA'}")
         return "; ".join(parts) or "no compression (baseline)"
@@ -437,6 +443,11 @@ def preset_table() -> list[tuple[str, str]]:
     rows = [("baseline", parse_preset("baseline").describe())]
     for name in PRUNED_PRESETS + CHANNEL_PRESETS:
         rows.append((name, parse_preset(name).describe()))
-    for name in ("W1:8 lora=wikitext quant=eora", "D2 lora=triviaqa quant=eora", "D2+W1:8 lora=wikitext quant=eora"):
+    for name in (
+        "W1:8 lora=wikitext quant=eora calib=mix group=32a",  # the main job's recipe
+        "W1:8 lora=wikitext quant=eora",  # the seed's three optimised configurations
+        "D2 lora=triviaqa quant=eora",
+        "D2+W1:8 lora=wikitext quant=eora",
+    ):
         rows.append((name, parse_preset(name).describe()))
     return rows

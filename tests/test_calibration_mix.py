@@ -54,6 +54,7 @@ def test_calib_preset_option():
 def test_group_preset_option():
     r = parse_preset("W1:8 lora=wikitext quant=eora calib=mix group=32a")
     assert (r.gptq.group_size, r.gptq.sym, r.gptq.dataset) == (32, False, "mix")
+    assert "GPTQ 4-bit g32 asymmetric calibrated on mix; EoRA r32 on mix" in r.describe()
     g = parse_preset("D2 quant=gptq group=64").gptq
     assert (g.group_size, g.sym) == (64, True)
     assert (parse_preset("W1:8 quant=eora").gptq.group_size, parse_preset("W1:8 quant=eora").gptq.sym) == (128, True)

@@ -88,7 +88,10 @@ def cmd_recipes(args) -> int:
     print("Presets (N:M = N weights PRUNED in every group of M; C75 keeps 75 % of FFN channels):")
     for name, what in preset_table():
         print(f"  {name:34s} {what}")
-    print("Options after the name: lora=wikitext|triviaqa|chat|mix|distill  quant=gptq|eora|none  order=DWL|DLW")
+    print(
+        "Options after the name: lora=wikitext|triviaqa|chat|mix|distill  quant=gptq|eora|none  "
+        "calib=wikitext|triviaqa|chat|mix  group=128|32a (a = asymmetric)  order=DWL|DLW"
+    )
     return 0
 
 

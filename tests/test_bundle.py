@@ -96,6 +96,29 @@ def test_wrong_manifest_version_and_malformed_manifest(good, tmp_path):
         Bundle.open(d)
 
 
+def test_crafted_tokenizer_json_cannot_stall_the_nesting_check(good, tmp_path):
+    """An open string followed by 300k escaped quotes made the nesting-bomb scan retry from every quote
+    (quadratic: about 15 min here); it is now one linear pass and the file gets its one error line.
+    SIGALRM turns a regression into a failure instead of a stalled suite."""
+    import signal
+
+    d = copy_bundle(good, tmp_path / "b")
+    (d / "tokenizer" / "tokenizer.json").write_text('{"model": "' + '\\"' * 300_000)
+    refresh_digest(d, "tokenizer/tokenizer.json")
+
+    def stalled(signum, frame):
+        raise TimeoutError("the tokenizer.json checks ran longer than 60 s")
+
+    old = signal.signal(signal.SIGALRM, stalled)
+    signal.alarm(60)
+    try:
+        with pytest.raises(EdgepackError, match=r"tokenizer\.json: not a valid tokenizers file"):
+            Bundle.open(d)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_malformed_json_and_onnx_behind_valid_digests(good, tmp_path):
     """A forger who also fixes the digests still gets a clear error naming the file, not a traceback."""
     d = copy_bundle(good, tmp_path / "b")

@@ -145,8 +145,8 @@ def stage_command(stage: str) -> list[str]:
     if stage == "parity_fp32":
         return [py, str(ROOT / "benchmarks" / "parity_1b.py"), "fp32", str(MODEL)]
     if stage == "parity_int4":
-        gptq = next(WORKDIR.glob("*_gptq"), WORKDIR / "missing_gptq") / "model"
-        eora = next(WORKDIR.glob("*_eora"), WORKDIR / "missing_eora") / "adapter"
+        gptq = next(WORKDIR.glob("*-gptq"), WORKDIR / "missing_gptq") / "model"
+        eora = next(WORKDIR.glob("*-eora"), WORKDIR / "missing_eora") / "adapter"
         return [py, str(ROOT / "benchmarks" / "parity_1b.py"), "int4", str(gptq), "--eora", str(eora)]
     raise ValueError(stage)
 
@@ -177,7 +177,7 @@ def stage_facts(stage: str, log_path: Path) -> dict:
     if stage == "make":
         facts["checkpoint_bytes"] = dir_bytes(MODEL)
     if stage in COMPRESS_STAGES:
-        record = next(WORKDIR.glob(f"*_{stage}/record.json"), None)
+        record = next(WORKDIR.glob(f"*-{stage}/record.json"), None)
         if record:
             rec = json.loads(record.read_text())
             facts["stage_seconds"] = rec.get("seconds")

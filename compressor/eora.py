@@ -19,6 +19,11 @@ cannot overflow on large activations, which fp16 can. The precision cost is smal
 the covariance, eigendecomposition and SVD run in float32/float64 inside gptqmodel, only the weights and
 layer activations are held in bf16; on the tiny test model bf16 and fp16 adapters cut the logits error
 by the same amount (72.3 % vs 72.2 % of it left). "float16" is available as a setting (e.g. on CUDA).
+
+Without native bf16 (AVX2-only CPUs: most laptops) bf16 matmuls are emulated, ~57x slower than float32
+(2048x576 @ 576x1536 on an AVX2 AMD EPYC: 4.2 s vs 74 ms), and gptqmodel's EoRA took over an hour for
+SmolLM2. There `dtype="auto"` (the default) runs the same math in float32 through our own layer loop
+(compressor/eora_float32.py); the record says which ran.
 """
 
 from __future__ import annotations
@@ -51,28 +56,32 @@ PEFT_PREFIX = "base_model.model."
 
 
 def generate_eora(
-    model_dir, quantized_dir, calib_examples, out_dir, settings: EoraStage | None = None, dtype: str = "bfloat16"
+    model_dir, quantized_dir, calib_examples, out_dir, settings: EoraStage | None = None, dtype: str = "auto"
 ) -> dict[str, Any]:
     """Fit EoRA adapters for the GPTQ checkpoint `quantized_dir` of the float model `model_dir` and write
     them to `out_dir` as a PEFT LoRA adapter (adapter_model.safetensors + adapter_config.json), from at most
-    `settings.samples` calibration rows. `dtype`: "bfloat16" or "float16" (gptqmodel's EoRA refuses float32,
-    see the module docstring)."""
+    `settings.samples` calibration rows. `dtype`: "bfloat16" or "float16" run gptqmodel's EoRA (which refuses
+    float32, see the module docstring); "float32" runs the same math in float32 (compressor/eora_float32.py);
+    "auto" takes bfloat16 on CUDA and on CPUs with native bf16 matmuls, float32 elsewhere."""
     settings = settings or EoraStage()
     model_dir, quantized_dir, out_dir = Path(model_dir), Path(quantized_dir), Path(out_dir)
     check_model_dir(model_dir)
     read_quantize_config(quantized_dir)
-    if dtype not in ("bfloat16", "float16"):
-        raise EdgepackError(f"eora dtype={dtype!r}: gptqmodel's EoRA supports bfloat16 or float16 only")
+    device = pick_device()
+    dtype = eora_dtype(device) if dtype == "auto" else dtype
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise EdgepackError(f"eora dtype={dtype!r}: choose auto, bfloat16, float16 or float32")
     rows = calibration_rows(calib_examples, settings.samples)
 
     gptqmodel = import_gptqmodel()
     from gptqmodel import GPTQModel
     from gptqmodel.adapter.adapter import Lora
 
-    device = pick_device()
     t0 = time.perf_counter()
     with staging_dir(out_dir) as tmp, gptqmodel_logs_into(tmp / "logs"):
-        if has_gptq_modules(quantized_dir):  # grid-exact projections are skipped by gptqmodel's dynamic rules
+        if dtype == "float32" and has_gptq_modules(quantized_dir):
+            write_adapter(tmp, eora_in_float32(model_dir, quantized_dir, rows, settings.rank, device), settings.rank)
+        elif has_gptq_modules(quantized_dir):  # grid-exact projections are skipped by gptqmodel's dynamic rules
             with dequantize_only_quantized_modules():
                 GPTQModel.adapter.generate(
                     adapter=Lora(rank=settings.rank, path=str(tmp)),
@@ -109,6 +118,56 @@ def generate_eora(
     return record
 
 
+def eora_dtype(device: str) -> str:
+    """bfloat16 (gptqmodel's EoRA) where bf16 matmuls are native: CUDA, or a CPU with AVX512-BF16 or AMX;
+    float32 (our loop) elsewhere, where bf16 matmuls are emulated and ~50x slower than float32."""
+    if device.startswith("cuda"):
+        return "bfloat16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return "float32"
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+
+
+def eora_in_float32(model_dir, quantized_dir, rows, rank: int, device: str):
+    """EoRA over a float32 model of the dequantized GPTQ weights (compressor/eora_float32.py)."""
+    from compressor.eora_float32 import eora_float32
+    from compressor.gptq import dequantized_state_dict, float_model_from_state_dict
+
+    state = dequantized_state_dict(quantized_dir)
+    quantized = sorted(k[: -len(".weight")] for k in quantized_weight_names(quantized_dir))
+    model = float_model_from_state_dict(quantized_dir, state).to(device)
+    del state
+    return eora_float32(model, Path(model_dir), quantized, rows, rank, device)
+
+
+def quantized_weight_names(quantized_dir: Path) -> list[str]:
+    """`{module}.weight` of every GPTQ-packed projection (those with a qweight) in the checkpoint."""
+    from safetensors import safe_open
+
+    names = []
+    for f in sorted(Path(quantized_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            names += [k[: -len(".qweight")] + ".weight" for k in st.keys() if k.endswith(".qweight")]
+    return names
+
+
+def write_adapter(out: Path, eora: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int) -> None:
+    """The adapters in PEFT's LoRA layout with lora_alpha = r (scaling 1), as gptqmodel writes them."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (a, b) in eora.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(out / ADAPTER_FILE))
+    targets = sorted({name.rsplit(".", 1)[-1] for name in eora})
+    atomic_write_json(
+        out / ADAPTER_CONFIG, {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": targets}
+    )
+
+
 @contextmanager
 def dequantize_only_quantized_modules():
     """gptqmodel 7.5.0's EoRA dequantizes every projection of a layer and fails (KeyError in
@@ -133,13 +192,7 @@ def dequantize_only_quantized_modules():
 
 def has_gptq_modules(quantized_dir: Path) -> bool:
     """False for a GPTQ stage whose projections were all on a 4-bit grid (kept exact, nothing to correct)."""
-    from safetensors import safe_open
-
-    for f in sorted(Path(quantized_dir).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            if any(k.endswith(".qweight") for k in st.keys()):
-                return True
-    return False
+    return bool(quantized_weight_names(quantized_dir))
 
 
 def write_empty_adapter(out: Path, rank: int) -> None:

@@ -103,6 +103,11 @@ def run_compress_stage(stage: str) -> int:
     return 0
 
 
+def measured_bundle() -> Path:
+    """The EoRA bundle, or the GPTQ one where the EoRA stage has not run (verify, bench and decode use it)."""
+    return BUNDLE if BUNDLE.exists() or not BUNDLE_NO_EORA.exists() else BUNDLE_NO_EORA
+
+
 def stage_command(stage: str) -> list[str]:
     py, edgepack = sys.executable, str(Path(sys.executable).with_name("edgepack"))
     if stage == "make":
@@ -110,9 +115,9 @@ def stage_command(stage: str) -> list[str]:
     if stage in COMPRESS_STAGES or stage.startswith("export"):
         return [py, __file__, "--run-stage", stage]
     if stage == "verify":
-        return [edgepack, "verify", str(BUNDLE), "--quick"]
+        return [edgepack, "verify", str(measured_bundle()), "--quick"]
     if stage == "bench":
-        return [edgepack, "bench", str(BUNDLE), "--json"]
+        return [edgepack, "bench", str(measured_bundle()), "--json"]
     bench_py = str(BENCHENV / "venv" / "bin" / "python")
     if stage == "gguf":
         convert = BENCHENV / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
@@ -124,9 +129,8 @@ def stage_command(stage: str) -> list[str]:
         return [
             py,
             str(ROOT / "benchmarks" / "bench_decode.py"),
-            str(BUNDLE),
-            "--extra-bundle",
-            str(BUNDLE_NO_EORA),
+            str(measured_bundle()),
+            *(["--extra-bundle", str(BUNDLE_NO_EORA)] if measured_bundle() == BUNDLE else []),
             "--gguf-source",
             str(GGUF_F16),
             "--quantize",
@@ -194,6 +198,8 @@ def stage_facts(stage: str, log_path: Path) -> dict:
         lines = [x for x in log_path.read_text(errors="replace").splitlines() if x.startswith('{"mode"')]
         if lines:
             facts["parity"] = json.loads(lines[-1])
+    if stage in ("verify", "bench", "decode"):
+        facts["bundle"] = measured_bundle().name
     if stage == "bench":
         text = log_path.read_text(errors="replace")
         start = text.find("{")
@@ -209,10 +215,14 @@ def main() -> int:
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
     ap.add_argument("--json", default=str(ROOT / "docs" / "scale_1b.json"))
     ap.add_argument("--redo", action="store_true", help="run the stages again even if recorded")
+    ap.add_argument("--table", action="store_true", help="print the README's stage table from the JSON and stop")
     ap.add_argument("--run-stage", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_stage:
         return run_compress_stage(args.run_stage)
+    if args.table:
+        print_stage_table(json.loads(Path(args.json).read_text()))
+        return 0
 
     from runtime.fileio import atomic_write_json
 
@@ -243,6 +253,31 @@ def main() -> int:
             print("\n".join(result["log_tail"] or []))
             return 1
     return 0
+
+
+def print_stage_table(data: dict) -> None:
+    """Markdown: wall time, peak RSS of the stage's own process, and what it made, per recorded stage."""
+    print(f"{data.get('cpu', '?')}; preset `{data.get('preset')}`")
+    print("| stage | wall | peak RSS | notes |")
+    print("| --- | ---: | ---: | --- |")
+    for stage, r in data.get("stages", {}).items():
+        notes = []
+        if r.get("exit_code"):
+            notes.append(f"FAILED (exit {r['exit_code']})")
+        if r.get("stage_seconds") is not None:
+            notes.append(f"stage {r['stage_seconds']:.0f} s")
+        for key, label in (("checkpoint_bytes", "checkpoint"), ("bundle_bytes", "bundle"), ("onnx_bytes", "ONNX")):
+            if r.get(key):
+                notes.append(f"{label} {r[key] / 1e9:.2f} GB")
+        for key, label in (("gguf_bytes", "F16 GGUF"), ("genai_bytes", "genai int4")):
+            if r.get(key):
+                notes.append(f"{label} {r[key] / 1e9:.2f} GB")
+        if r.get("dropped_layers") or r.get("dropped"):
+            notes.append(f"dropped layers {r.get('dropped_layers') or r.get('dropped')}")
+        if r.get("parity"):
+            notes.append(", ".join(f"{k} {v}" for k, v in r["parity"].items() if k != "mode"))
+        wall = f"{int(r['wall_s'] // 60)} min {r['wall_s'] % 60:.0f} s"
+        print(f"| {stage} | {wall} | {r['peak_rss_gb']} GB | {'; '.join(notes)} |")
 
 
 def _cpu_name() -> str:

@@ -287,3 +287,21 @@ def test_calibration_rows_accept_ids_tensors_and_masked_dicts():
     )
     assert rows == [ids, ids, ids]  # the 10-token row is dropped, as gptqmodel would silently do
     assert calibration_rows([ids] * 5, limit=2) == [ids, ids]
+
+
+@pytest.mark.parametrize("out_f, in_f", [(48, 96), (96, 48)])
+def test_float32_decomposition_equals_gptqmodels(out_f, in_f):
+    """eigen_scaling + lowrank_correction (one eigendecomposition per shared input, rank-r SVD through the
+    Gram matrix) give gptqmodel's eora_compute_lora correction, also on a rank-deficient covariance."""
+    from gptqmodel.eora.eora import eora_compute_lora
+
+    from compressor.eora_float32 import eigen_scaling, lowrank_correction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(in_f // 2, in_f, generator=g) * torch.linspace(0.1, 3, in_f)  # rank in_f / 2
+    cov, delta = x.T @ x / x.shape[0], torch.randn(out_f, in_f, generator=g) * 0.01
+    a, b = lowrank_correction(delta, *eigen_scaling(cov), rank=8)
+    a_ref, b_ref = eora_compute_lora(delta, "m", cov, 8, torch.float32, torch.device("cpu"))
+    ref = b_ref @ a_ref
+    assert a.shape == a_ref.shape and b.shape == b_ref.shape
+    assert ((b @ a - ref).norm() / ref.norm()).item() < 1e-4

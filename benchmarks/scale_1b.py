@@ -39,6 +39,9 @@ WORKDIR = ROOT / "models" / "runs" / "scale-1b-D2-W1-8-lora-eora"
 BUNDLE = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora"
 BUNDLE_NO_EORA = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-gptq"
 BENCH_DIR = ROOT / "models" / "bench" / "scale-1b"
+# The peers get the same weights as the bundle: the float checkpoint GPTQ quantized (depth- and width-pruned,
+# LoRA merged; 14 layers), not the 16-layer source.
+PEER_SOURCE = WORKDIR / "03-lora" / "model"
 GGUF_F16 = BENCH_DIR / "Llama-3.2-1B-shaped.F16.gguf"
 GENAI_DIR = BENCH_DIR / "genai-int4"
 BENCHENV = Path(os.environ.get("EDGEPACK_BENCHENV", "/work/benchenv"))
@@ -121,9 +124,9 @@ def stage_command(stage: str) -> list[str]:
     bench_py = str(BENCHENV / "venv" / "bin" / "python")
     if stage == "gguf":
         convert = BENCHENV / "src" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-        return [bench_py, str(convert), str(MODEL), "--outtype", "f16", "--outfile", str(GGUF_F16)]
+        return [bench_py, str(convert), str(PEER_SOURCE), "--outtype", "f16", "--outfile", str(GGUF_F16)]
     if stage == "genai":
-        builder = ["-m", "onnxruntime_genai.models.builder", "-m", str(MODEL), "-o", str(GENAI_DIR)]
+        builder = ["-m", "onnxruntime_genai.models.builder", "-m", str(PEER_SOURCE), "-o", str(GENAI_DIR)]
         return [bench_py, *builder, "-p", "int4", "-e", "cpu", "-c", str(BENCH_DIR / "genai-cache")]
     if stage == "decode":
         return [
@@ -233,6 +236,7 @@ def main() -> int:
     data.setdefault("stages", {})
     logs = WORKDIR.parent / "scale-1b-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)  # the converter and the builder write into it
     for stage in args.stages.split(","):
         if stage not in STAGES:
             sys.exit(f"unknown stage {stage!r} ({', '.join(STAGES)})")

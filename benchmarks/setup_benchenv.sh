@@ -20,7 +20,7 @@ if [ ! -f "$BENCH/READY" ]; then
     PIP="$BENCH/venv/bin/pip"
     "$PIP" install -q --upgrade pip
     "$PIP" install -q torch==2.13.0
-    "$PIP" install -q transformers onnx onnxruntime-genai gguf sentencepiece numpy safetensors
+    "$PIP" install -q transformers onnx onnx-ir onnxruntime-genai gguf sentencepiece numpy safetensors
     [ -f "$BENCH/dl/$LCP.tar.gz" ] || "$PIP" download -q --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d "$BENCH/dl"
     tar -xzf "$BENCH/dl/$LCP.tar.gz" -C "$BENCH/src"
     # llama.cpp is compiled once, for this CPU, as shared libraries plus the native tools; the Python package is

@@ -20,8 +20,8 @@ the covariance, eigendecomposition and SVD run in float32/float64 inside gptqmod
 layer activations are held in bf16; on the tiny test model bf16 and fp16 adapters cut the logits error
 by the same amount (72.3 % vs 72.2 % of it left). "float16" is available as a setting (e.g. on CUDA).
 
-Without native bf16 (AVX2-only CPUs: most laptops) bf16 matmuls are emulated, ~57x slower than float32
-(2048x576 @ 576x1536 on an AVX2 AMD EPYC: 4.2 s vs 74 ms), and gptqmodel's EoRA took over an hour for
+Without native bf16 (AVX2-only CPUs: most laptops) bf16 matmuls are emulated, ~86x slower than float32
+(2048x576 @ 576x1536 on an AVX2 AMD EPYC: 3.0 s vs 35 ms, benchmarks/eora_math.py), and gptqmodel's EoRA took over an hour for
 SmolLM2. There `dtype="auto"` (the default) runs the same math in float32 through our own layer loop
 (compressor/eora_float32.py); the record says which ran.
 """
@@ -79,9 +79,11 @@ def generate_eora(
 
     t0 = time.perf_counter()
     with staging_dir(out_dir) as tmp, gptqmodel_logs_into(tmp / "logs"):
-        if dtype == "float32" and has_gptq_modules(quantized_dir):
+        if not has_gptq_modules(quantized_dir):
+            write_empty_adapter(tmp, settings.rank)
+        elif dtype == "float32":
             write_adapter(tmp, eora_in_float32(model_dir, quantized_dir, rows, settings.rank, device), settings.rank)
-        elif has_gptq_modules(quantized_dir):  # grid-exact projections are skipped by gptqmodel's dynamic rules
+        else:  # grid-exact projections are skipped by gptqmodel's dynamic rules
             with dequantize_only_quantized_modules():
                 GPTQModel.adapter.generate(
                     adapter=Lora(rank=settings.rank, path=str(tmp)),
@@ -91,8 +93,6 @@ def generate_eora(
                     dtype=getattr(torch, dtype),
                     device=device,
                 )
-        else:
-            write_empty_adapter(tmp, settings.rank)
         seconds = time.perf_counter() - t0
         if not (tmp / ADAPTER_FILE).exists():
             raise EdgepackError(f"{out_dir}: gptqmodel wrote no {ADAPTER_FILE}")

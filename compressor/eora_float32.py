@@ -2,10 +2,10 @@
 
 gptqmodel 7.5.0's `GPTQModel.adapter.generate` refuses float32 (see compressor/eora.py), so on a CPU without
 native bf16 matmuls (no AVX512-BF16 / AMX: most laptops, and the AVX2 EPYC VMs seen here, where a 2048x576 @
-576x1536 product takes 4.2 s in bf16 against 74 ms in fp32) it takes over an hour for SmolLM2. This module
-drives the same method with gptqmodel's own math (`eora_process_input` for the activation covariance,
-`eora_compute_lora` for the eigenspace-projected truncated SVD) over a plain float32 transformers model of
-the dequantized GPTQ weights. The loop is written by hand because gptqmodel's module looper cannot run in
+576x1536 product takes 3.0 s in bf16 against 35 ms in fp32, benchmarks/eora_math.py) it takes over an hour for SmolLM2. This module
+runs the same method over a plain float32 transformers model of the dequantized GPTQ weights, with
+gptqmodel's `eora_process_input` for the activation covariance and its `eora_compute_lora` decomposition
+restated below. The loop is written by hand because gptqmodel's module looper cannot run in
 float32; it follows that looper's order: layers in turn, and inside a layer the projections in gptqmodel's
 LLaMA subsets (q/k/v, o, gate/up, down), each subset's covariance taken with the earlier subsets already
 corrected, and the next layer fed by the corrected layer.
@@ -37,8 +37,8 @@ SUBSETS = (
 
 
 class _SubsetSeen(Exception):
-    """Raised by a hook once every projection of the subset has seen its input (the rest of the layer is
-    not needed for the covariance)."""
+    """Raised by the hook on a subset's first projection once it has its input (the projections of a subset
+    share that input, and the rest of the layer is not needed for the covariance)."""
 
 
 def float_weights(model_dir: Path, names: list[str]) -> dict[str, torch.Tensor]:
@@ -111,8 +111,8 @@ def subset_covariance(layer, subset, hidden, kwargs_i, n_rows: int) -> torch.Ten
 
 def eigen_scaling(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """gptqmodel's eigenspace scaling S = Q·sqrt(L) of the covariance and its pseudo-inverse (eigenvalues at
-    or below max(L)·n·eps(float32) dropped), in float32. gptqmodel decomposes in float64; float32 is 2.2x
-    faster (8192² on 2 AVX2 cores: 73 s against 160 s) and its error, ~eps(float32)·max(L), lies far below
+    or below max(L)·n·eps(float32) dropped), in float32. gptqmodel decomposes in float64; float32 is about
+    twice as fast (measured beside a compile, 8192² on 2 AVX2 cores) and its error, ~eps(float32)·max(L), lies far below
     that cut-off, so the kept directions are the same."""
     eigenvalues, q = torch.linalg.eigh(cov.float())
     if not torch.isfinite(eigenvalues).all():

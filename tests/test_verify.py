@@ -159,3 +159,24 @@ def test_read_bandwidth_measures_something():
     from runtime.bench import read_bandwidth
 
     assert read_bandwidth(allocations=1, floats=1 << 22) > 1e8  # 16 MiB: a smoke test, not a measurement
+
+
+def test_equal_quality_levels_are_measured_once(monkeypatch):
+    """An export on the quick limits has "full" == "quick": one evaluation, two equal claim sets."""
+    import runtime.verify as verify
+    from runtime.harness import EvalLimits
+
+    calls = []
+
+    def fake_evaluate(backend, tokenizer, limits, **kw):
+        calls.append(limits)
+        return {"wikitext": {"ppl": 12.5, "tokens": 1000}}
+
+    monkeypatch.setattr(verify, "evaluate", fake_evaluate)
+    small, other = EvalLimits(ppl_windows=2), EvalLimits(ppl_windows=3)
+    quality = verify.measure_quality(None, None, None, {"full": small, "quick": EvalLimits(ppl_windows=2)})
+    assert calls == [small]
+    assert quality["full"] == quality["quick"] and quality["full"] is not quality["quick"]
+    assert quality["full"]["ppl"]["value"] == 12.5
+    verify.measure_quality(None, None, None, {"full": small, "quick": other})
+    assert calls == [small, small, other]

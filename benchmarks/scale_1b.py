@@ -4,7 +4,8 @@ with each stage's wall time and peak RSS. Resumable: a stage already recorded in
     flock /work/heavy.lock python benchmarks/scale_1b.py [--stages depth,width] [--json docs/scale_1b.json]
 
 Stages, in order: make (the checkpoint), depth, width, lora, gptq (the recipe `D2+W1:8 lora=wikitext
-quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without EoRA), eora, export (with EoRA),
+quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without EoRA), eora, export (with EoRA), export_int4head (with EoRA,
+int4 embedding and LM head),
 verify (`edgepack verify --quick`), bench (`edgepack bench`), then in the benchmark environment (/work/benchenv,
 never an edgepack dependency): gguf (llama.cpp's convert_hf_to_gguf.py, F16), genai (onnxruntime-genai's builder,
 int4), decode (benchmarks/bench_decode.py: both bundles, llama.cpp Q4_0 / Q4_K_M quantized by llama.cpp from
@@ -38,6 +39,14 @@ MODEL = ROOT / "models" / "Llama-3.2-1B-shaped"
 WORKDIR = ROOT / "models" / "runs" / "scale-1b-D2-W1-8-lora-eora"
 BUNDLE = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora"
 BUNDLE_NO_EORA = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-gptq"
+# The EoRA bundle again with an int4 embedding / LM head (`edgepack export --embedding int4 --lm-head int4`): the
+# tied 128,256 x 2048 head is a third of what a 1B token reads at int8; onnxruntime-genai's builder makes it int4.
+BUNDLE_INT4_HEAD = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora-int4head"
+EXPORT_STAGES = {
+    "export_gptq": ("gptq", BUNDLE_NO_EORA),
+    "export": ("eora", BUNDLE),
+    "export_int4head": ("eora", BUNDLE_INT4_HEAD),
+}
 BENCH_DIR = ROOT / "models" / "bench" / "scale-1b"
 # The peers get the same weights as the bundle: the float checkpoint GPTQ quantized (depth- and width-pruned,
 # LoRA merged; 14 layers), not the 16-layer source.
@@ -56,6 +65,7 @@ STAGES = (
     "export_gptq",  # the bundle without EoRA, for the decode comparison
     "eora",
     "export",
+    "export_int4head",  # the EoRA bundle with an int4 embedding / head, for the decode comparison
     "verify",
     "bench",
     "gguf",  # llama.cpp's convert_hf_to_gguf.py on the same HF directory (benchmark environment)
@@ -94,14 +104,18 @@ def run_compress_stage(stage: str) -> int:
     leaves the work directory's summary at `stage`); export_gptq / export: then export that summary."""
     from compressor.pipeline import run_pipeline
 
-    upto = {"export_gptq": "gptq", "export": "eora"}.get(stage, stage)
+    upto = EXPORT_STAGES[stage][0] if stage in EXPORT_STAGES else stage
     log = lambda m: print(m, flush=True)  # noqa: E731
     summary = run_pipeline(scale_recipe(upto), workdir=WORKDIR, final_eval=False, stage_eval=False, log=log)
     if stage.startswith("export"):
-        from exporter.export import ExportOptions, export_run
+        import dataclasses
 
-        out = BUNDLE if stage == "export" else BUNDLE_NO_EORA
-        export_run(WORKDIR, out, ExportOptions(limits="quick", archive=False), log=log)
+        from exporter.export import ExportOptions, export_run, shipping_graph
+
+        graph = shipping_graph()
+        if stage == "export_int4head":
+            graph = dataclasses.replace(graph, embedding="int4", lm_head="int4")
+        export_run(WORKDIR, EXPORT_STAGES[stage][1], ExportOptions(graph, limits="quick", archive=False), log=log)
     print(json.dumps({"final_model": summary["final_model"]}))
     return 0
 
@@ -109,6 +123,13 @@ def run_compress_stage(stage: str) -> int:
 def measured_bundle() -> Path:
     """The EoRA bundle, or the GPTQ one where the EoRA stage has not run (verify, bench and decode use it)."""
     return BUNDLE if BUNDLE.exists() or not BUNDLE_NO_EORA.exists() else BUNDLE_NO_EORA
+
+
+def extra_bundles() -> list[Path]:
+    """Decoded beside the measured bundle: the GPTQ bundle and the int4-head one, where they exist."""
+    if measured_bundle() != BUNDLE:
+        return []
+    return [b for b in (BUNDLE_NO_EORA, BUNDLE_INT4_HEAD) if b.exists()]
 
 
 def stage_command(stage: str) -> list[str]:
@@ -133,7 +154,7 @@ def stage_command(stage: str) -> list[str]:
             py,
             str(ROOT / "benchmarks" / "bench_decode.py"),
             str(measured_bundle()),
-            *(["--extra-bundle", str(BUNDLE_NO_EORA)] if measured_bundle() == BUNDLE else []),
+            *[a for b in extra_bundles() for a in ("--extra-bundle", str(b))],
             "--gguf-source",
             str(GGUF_F16),
             "--quantize",
@@ -189,7 +210,7 @@ def stage_facts(stage: str, log_path: Path) -> dict:
             rec = json.loads(record.read_text())
             facts["stage_seconds"] = rec.get("seconds")
             facts.update({k: rec[k] for k in ("dropped", "dropped_layers", "steps", "loss") if k in rec})
-    bundle = {"export": BUNDLE, "export_gptq": BUNDLE_NO_EORA}.get(stage)
+    bundle = EXPORT_STAGES[stage][1] if stage in EXPORT_STAGES else None
     if bundle and bundle.exists():
         facts["bundle_bytes"] = dir_bytes(bundle)
         facts["onnx_bytes"] = sum(f.stat().st_size for f in bundle.rglob("*.onnx*") if f.is_file())

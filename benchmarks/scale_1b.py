@@ -4,10 +4,9 @@ with each stage's wall time and peak RSS. Resumable: a stage already recorded in
     flock /work/heavy.lock python benchmarks/scale_1b.py [--stages depth,width] [--json docs/scale_1b.json]
 
 Stages, in order: make (the checkpoint), depth, width, lora, gptq (the recipe `D2+W1:8 lora=wikitext
-quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without EoRA), eora, export (with EoRA), export_int4head (with EoRA,
-int4 embedding and LM head),
-verify (`edgepack verify --quick`), bench (`edgepack bench`), then in the benchmark environment (/work/benchenv,
-never an edgepack dependency): gguf (llama.cpp's convert_hf_to_gguf.py, F16), genai (onnxruntime-genai's builder,
+quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without EoRA), eora, export (with EoRA),
+export_int4head (with EoRA, int4 embedding and LM head), verify (`edgepack verify --quick`), bench (`edgepack
+bench`), then in the benchmark environment (/work/benchenv, never an edgepack dependency): gguf (llama.cpp's convert_hf_to_gguf.py, F16), genai (onnxruntime-genai's builder,
 int4), decode (benchmarks/bench_decode.py: both bundles, llama.cpp Q4_0 / Q4_K_M quantized by llama.cpp from
 the F16 GGUF, genai; 1 and 2 threads; docs/bench_decode_1b.json), parity_fp32 / parity_int4 (ONNX logits vs
 torch at the 1B shape, benchmarks/parity_1b.py).

@@ -8,7 +8,10 @@ Then an onnxruntime profile of the same steps at two row counts, summed per oper
 kernels grow with the rows.
 
     python benchmarks/batch_step_costs.py BUNDLE [--rows 1,2,4,8,16] [--cached 128] [--steps 40]
-        [--threads 2] [--profile-rows 1,8] [--json OUT]
+        [--threads 2] [--profile-rows 1,8] [--accuracy-level N] [--json OUT]
+
+`--accuracy-level N` rewrites every MatMulNBits node's accuracy_level in memory first (an experiment: a
+bundle's level is fixed at export; 1 = fp32 activations, 4 = int8).
 """
 
 from __future__ import annotations
@@ -57,17 +60,35 @@ def step_times(session, decoder, rows: int, cached: int, steps: int) -> list[flo
     return times
 
 
-def profile_by_op(onnx_path: Path, decoder, rows: int, cached: int, steps: int, threads: int) -> dict[str, float]:
-    """µs per step spent in each operator type (onnxruntime's own profiler, node events only)."""
+def with_accuracy_level(onnx_path: Path, level: int) -> bytes:
+    """The graph with every MatMulNBits at `level` (weights inlined: fine below protobuf's 2 GB)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = level
+    return model.SerializeToString()
+
+
+def session_for(model, threads: int, profile_prefix: str | None = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_profiling = True
     opts.log_severity_level = 3
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def profile_by_op(model, decoder, rows: int, cached: int, steps: int, threads: int) -> dict[str, float]:
+    """µs per step spent in each operator type (onnxruntime's own profiler, node events only)."""
     with tempfile.TemporaryDirectory() as tmp:
-        opts.profile_file_prefix = str(Path(tmp) / "prof")
-        session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = session_for(model, threads, str(Path(tmp) / "prof"))
         step_times(session, decoder, rows, cached, steps)
         events = json.loads(Path(session.end_profiling()).read_text())
     per_op: dict[str, float] = collections.defaultdict(float)
@@ -86,30 +107,36 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile-rows", default="1,8", help="row counts to profile per operator type ('' = none)")
+    ap.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], help="rewrite MatMulNBits' level")
     ap.add_argument("--json")
     args = ap.parse_args()
 
     bundle = Bundle.open(args.bundle)
-    decoder = bundle.decoder(threads=args.threads)
+    decoder = bundle.decoder(threads=args.threads)  # metadata (KV layers, vocabulary); its session unless rewritten
+    model = str(bundle.onnx_path)
+    if args.accuracy_level is not None:
+        model = with_accuracy_level(bundle.onnx_path, args.accuracy_level)
+    session = decoder.session if args.accuracy_level is None else session_for(model, args.threads)
     print(
         f"{bundle.name}; {cpu_name()}; onnxruntime {ort.__version__}; {args.threads} threads; "
-        f"{args.cached} cached tokens per row; median of {args.steps} steps"
+        f"{args.cached} cached tokens per row; median of {args.steps} steps; MatMulNBits accuracy_level "
+        f"{'as exported' if args.accuracy_level is None else args.accuracy_level}"
     )
-    out = {"bundle": bundle.name, "cpu": cpu_name(), "threads": args.threads, "cached": args.cached, "rows": {}}
+    out = {"bundle": bundle.name, "cpu": cpu_name(), "threads": args.threads, "cached": args.cached}
+    level = "as exported" if args.accuracy_level is None else args.accuracy_level
+    out.update({"accuracy_level": level, "rows": {}})
     print("| rows | ms per step | step / one row's | aggregate tok/s | aggregate / one row's |")
     print("| ---: | ---: | ---: | ---: | ---: |")
     base = None
     for rows in [int(r) for r in args.rows.split(",")]:
-        ms = statistics.median(step_times(decoder.session, decoder, rows, args.cached, args.steps)) * 1e3
+        ms = statistics.median(step_times(session, decoder, rows, args.cached, args.steps)) * 1e3
         base = base or ms
         out["rows"][rows] = {"ms_per_step": round(ms, 3), "tok_s": round(rows * 1e3 / ms, 1)}
         print(f"| {rows} | {ms:.2f} | {ms / base:.2f}x | {rows * 1e3 / ms:.0f} | {rows * base / ms:.2f}x |", flush=True)
 
     prof_rows = [int(r) for r in args.profile_rows.split(",") if r]
     if prof_rows:
-        profiles = {
-            r: profile_by_op(bundle.onnx_path, decoder, r, args.cached, args.steps, args.threads) for r in prof_rows
-        }
+        profiles = {r: profile_by_op(model, decoder, r, args.cached, args.steps, args.threads) for r in prof_rows}
         out["profile_us_per_step"] = profiles
         ops = sorted({op for p in profiles.values() for op in p}, key=lambda op: -profiles[prof_rows[-1]].get(op, 0))
         print("\nµs per step by operator type (onnxruntime profiler; kernel time only)")

@@ -5,7 +5,7 @@ with each stage's wall time and peak RSS. Resumable: a stage already recorded in
 
 Stages, in order: make (the checkpoint), depth, width, lora, gptq (the recipe `D2+W1:8 lora=wikitext
 quant=eora` with small budgets, see BUDGETS), export_gptq (the bundle without EoRA), eora, export (with EoRA),
-export_int4head (with EoRA, int4 embedding and LM head), verify (`edgepack verify --quick`), bench (`edgepack
+export_int4head (with EoRA, int4 embedding and LM head), export_b32 (that one with GPTQ's blocks split to 32), verify (`edgepack verify --quick`), bench (`edgepack
 bench`), then in the benchmark environment (/work/benchenv, never an edgepack dependency): gguf (llama.cpp's convert_hf_to_gguf.py, F16), genai (onnxruntime-genai's builder,
 int4), decode (benchmarks/bench_decode.py: both bundles, llama.cpp Q4_0 / Q4_K_M quantized by llama.cpp from
 the F16 GGUF, genai; 1 and 2 threads; docs/bench_decode_1b.json), parity_fp32 / parity_int4 (ONNX logits vs
@@ -41,10 +41,13 @@ BUNDLE_NO_EORA = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora
 # The EoRA bundle again with an int4 embedding / LM head (`edgepack export --embedding int4 --lm-head int4`): the
 # tied 128,256 x 2048 head is a third of what a 1B token reads at int8; onnxruntime-genai's builder makes it int4.
 BUNDLE_INT4_HEAD = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora-int4head"
+# ...and with GPTQ's group-128 blocks split into blocks of 32 (`--max-gptq-block 32`: the same weights, faster kernels)
+BUNDLE_B32 = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora-int4head-b32"
 EXPORT_STAGES = {
     "export_gptq": ("gptq", BUNDLE_NO_EORA),
     "export": ("eora", BUNDLE),
     "export_int4head": ("eora", BUNDLE_INT4_HEAD),
+    "export_b32": ("eora", BUNDLE_B32),
 }
 BENCH_DIR = ROOT / "models" / "bench" / "scale-1b"
 # The peers get the same weights as the bundle: the float checkpoint GPTQ quantized (depth- and width-pruned,
@@ -65,6 +68,7 @@ STAGES = (
     "eora",
     "export",
     "export_int4head",  # the EoRA bundle with an int4 embedding / head, for the decode comparison
+    "export_b32",  # that one with GPTQ's blocks split to 32
     "verify",
     "bench",
     "gguf",  # llama.cpp's convert_hf_to_gguf.py on the same HF directory (benchmark environment)
@@ -112,8 +116,10 @@ def run_compress_stage(stage: str) -> int:
         from exporter.export import ExportOptions, export_run, shipping_graph
 
         graph = shipping_graph()
-        if stage == "export_int4head":
+        if stage in ("export_int4head", "export_b32"):
             graph = dataclasses.replace(graph, embedding="int4", lm_head="int4")
+        if stage == "export_b32":
+            graph = dataclasses.replace(graph, max_gptq_block=32)
         export_run(WORKDIR, EXPORT_STAGES[stage][1], ExportOptions(graph, limits="quick", archive=False), log=log)
     print(json.dumps({"final_model": summary["final_model"]}))
     return 0
@@ -128,7 +134,7 @@ def extra_bundles() -> list[Path]:
     """Decoded beside the measured bundle: the GPTQ bundle and the int4-head one, where they exist."""
     if measured_bundle() != BUNDLE:
         return []
-    return [b for b in (BUNDLE_NO_EORA, BUNDLE_INT4_HEAD) if b.exists()]
+    return [b for b in (BUNDLE_NO_EORA, BUNDLE_INT4_HEAD, BUNDLE_B32) if b.exists()]
 
 
 def stage_command(stage: str) -> list[str]:

@@ -31,6 +31,7 @@ ONNX models and quantizes from float, it cannot re-pack existing GPTQ codes with
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,6 +202,36 @@ def gptq_to_matmulnbits(
     else:  # v1 zero 15 + 1 = 16 does not fit in 4 bits: use the float ("unpacked") zero-point form, exact too
         zp = zeros.astype(np.float32)
     return NBitsWeight(B=B, scales=scales_nb, zero_points=zp, K=k, N=n, bits=bits, block_size=block, perm=perm)
+
+
+def split_blocks(w: NBitsWeight, block_size: int) -> NBitsWeight:
+    """The same weight in blocks of `block_size` (a divisor of its block): each block's scale, zero point
+    and offset repeat over its sub-blocks, so it dequantizes to exactly the same values. More bytes (a scale
+    per sub-block), but onnxruntime's int4 kernels read block-32 weights faster than block-128 ones on some
+    CPUs (benchmarks/nbits_block_speed.py)."""
+    _check_block(block_size)
+    if block_size >= w.block_size:
+        return w
+    if w.block_size % block_size:
+        raise EdgepackError(f"block_size={block_size} does not divide the weight's block {w.block_size}")
+    f = w.block_size // block_size
+    keep = -(-w.K // block_size)  # the last sub-blocks may be padding only: MatMulNBits wants ceil(K / block)
+    B = w.B.reshape(w.N, w.n_blocks * f, block_size * w.bits // 8)[:, :keep]
+    scales = np.repeat(w.scales, f, axis=1)[:, :keep]
+    zp = w.zero_points
+    if zp is not None and zp.dtype == np.uint8:
+        zp = pack_low_first(np.repeat(unpack_low_first(zp, w.bits, w.n_blocks), f, axis=1)[:, :keep], w.bits)
+    elif zp is not None:
+        zp = np.repeat(zp, f, axis=1)[:, :keep]
+    offsets = None if w.offsets is None else np.repeat(w.offsets, f, axis=1)[:, :keep]
+    return dataclasses.replace(
+        w,
+        B=np.ascontiguousarray(B),
+        scales=np.ascontiguousarray(scales),
+        zero_points=zp,
+        block_size=block_size,
+        offsets=offsets,
+    )
 
 
 def dequantize_matmulnbits(w: NBitsWeight) -> np.ndarray:

@@ -66,7 +66,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from exporter.families import FULL, SLIDING, GraphFamily, family_from_hf_config
-from exporter.int4 import NBitsWeight, concat_nbits, find_block_grid, gptq_to_matmulnbits, quantize_rtn
+from exporter.int4 import NBitsWeight, concat_nbits, find_block_grid, gptq_to_matmulnbits, quantize_rtn, split_blocks
 from exporter.rope import RopeSpec, cos_sin_cache
 from runtime.contract import (
     FORMAT,
@@ -139,6 +139,10 @@ class GraphOptions(Settings):
     gptq: GptqFormat | None = None  # needed when `weights` holds GPTQ tensors
     projections: Literal["keep", "int4"] = "keep"  # "keep": float stays fp32, GPTQ stays int4; "int4": RTN float ones
     rtn_block_size: int = 32
+    # GPTQ weights in blocks of at most this size (each group's scale repeated: the same values, more bytes);
+    # None = one block per GPTQ group. Block 32 decodes faster than 128 where weights exceed the cache
+    # (benchmarks/nbits_block_speed.py; the 1B tables in the README).
+    max_gptq_block: int | None = None
     # float projections already on a 4-bit block grid (an imported Q4_0/Q4_1/Q4_K GGUF that no stage moved) are
     # stored exactly (exporter.int4.find_block_grid) whenever the graph quantizes: projections="int4" or GPTQ
     grid_exact: bool = True
@@ -152,7 +156,9 @@ class GraphOptions(Settings):
     eora_fuse_a: bool = False  # EoRA's A stacked under an int4 weight's rows: one kernel fewer per projection
 
     def check(self) -> None:
-        self.at_least(16, "rtn_block_size", "head_block_size")
+        self.at_least(16, "rtn_block_size", "head_block_size", "max_gptq_block")
+        if self.max_gptq_block is not None and self.max_gptq_block & (self.max_gptq_block - 1):
+            raise self.error("max_gptq_block", self.max_gptq_block, "must be a power of two")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -285,7 +291,7 @@ def load_linear(weights, prefix: str, options: GraphOptions, eora=None) -> Linea
             group_size=g.group_size,
             zero_offset=g.zero_offset,
         )
-        lin = Linear(nbits=nb)
+        lin = Linear(nbits=nb if options.max_gptq_block is None else split_blocks(nb, options.max_gptq_block))
     elif f"{prefix}.weight" in weights:
         w = as_numpy(weights[f"{prefix}.weight"]).astype(np.float32)
         quantizing = options.projections == "int4" or options.gptq is not None
@@ -823,6 +829,7 @@ class DecoderBuilder:
                 "projections": _projection_kind(self.w, o),
                 "grid_exact_projections": len(self.grid_exact),
                 "gptq": asdict(o.gptq) if o.gptq else None,
+                "max_gptq_block": o.max_gptq_block,
                 "embedding": o.embedding,
                 "lm_head": o.lm_head,
                 "tied_embeddings": spec.tie_word_embeddings,

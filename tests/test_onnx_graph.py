@@ -6,9 +6,11 @@ tests/test_onnx_engine.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -21,6 +23,7 @@ from exporter.int4 import (
     pack_low_first,
     quantize_rtn,
     quantize_rtn_int4,
+    split_blocks,
     unpack_low_first,
 )
 from exporter.onnx_graph import (
@@ -259,6 +262,56 @@ def test_gptq_conversion_is_bit_exact(act_order, sym):
     # padded tail of the last block dequantizes to exactly zero
     codes = unpack_low_first(nb.B, 4).reshape(n, -1)[:, k:]
     assert codes.shape == (n, 32)
+
+
+@pytest.mark.parametrize("zeros", ["sym", "packed", "float", "offsets"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_split_blocks_keeps_every_value(zeros, act_order):
+    """Block 64 -> 16 with K=80 (the last 64-block is mostly padding: only ceil(80/16)=5 sub-blocks stay)."""
+    rng = np.random.default_rng(2)
+    n, k, group = 24, 80, 64
+    qweight = rng.integers(-(2**31), 2**31, (96 // 8, n), dtype=np.int64).astype(np.int32)
+    stored = np.full((2, n), 7) if zeros == "sym" else rng.integers(0, 15, (2, n))
+    if zeros == "float":
+        stored[0, 0] = 15  # zero 16: the float zero-point form
+    scales = rng.uniform(0.001, 0.05, (2, n)).astype(np.float16)
+    g_idx = np.arange(k) // group
+    if act_order:
+        g_idx = np.empty(k, np.int64)
+        g_idx[rng.permutation(k)] = np.arange(k) // group
+    nb = gptq_to_matmulnbits(qweight, pack_gptq_int32(stored, 1), scales, g_idx, bits=4, group_size=group)
+    if zeros == "offsets":
+        nb = dataclasses.replace(nb, offsets=rng.normal(size=(n, 2)).astype(np.float32))
+    split = split_blocks(nb, 16)
+    assert split.block_size == 16 and split.n_blocks == 5 and split.scales.shape == (n, 5)
+    assert (split.zero_points is None) == (zeros == "sym")
+    if zeros == "float":
+        assert split.zero_points.dtype == np.float32
+    np.testing.assert_array_equal(dequantize_matmulnbits(split), dequantize_matmulnbits(nb))
+    assert split_blocks(nb, 64) is nb
+    with pytest.raises(EdgepackError, match="power of two"):
+        split_blocks(nb, 24)
+
+
+def test_gptq_graph_with_smaller_blocks_gives_the_same_logits(tmp_path):
+    """max_gptq_block=32 on group-64 GPTQ weights: the same model (fp32 activations), more scale bytes."""
+    model = make_tiny_llama("llama32", intermediate_size=96)
+    quant, _ = gptq_weights(numpy_state(model), 64, np.random.default_rng(0))
+    fmt = GptqFormat(bits=4, group_size=64)
+    p64, m64 = build(tmp_path, quant, model.config, name="b64", gptq=fmt, accuracy_level=1)
+    p32, m32 = build(tmp_path, quant, model.config, name="b32", gptq=fmt, accuracy_level=1, max_gptq_block=32)
+    np.testing.assert_allclose(run_graph(p32, m32, IDS), run_graph(p64, m64, IDS), atol=1e-5)
+    assert m32["weights"]["max_gptq_block"] == 32 and m64["weights"]["max_gptq_block"] is None
+    blocks = {
+        a.i
+        for n in onnx.load(str(p32)).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "block_size"
+    }
+    assert 32 in blocks and 64 not in blocks
+    with pytest.raises(EdgepackError, match="max_gptq_block"):
+        GraphOptions(max_gptq_block=48)
 
 
 def test_gptq_zero_of_sixteen_uses_float_zero_points():

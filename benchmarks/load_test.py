@@ -13,6 +13,11 @@ Figures per level: aggregate tok/s = completion tokens of the level / its wall t
 TTFT p50/p99 = request sent -> first content delta; per-stream decode tok/s = (tokens - 1) / (last delta -
 first delta), median. The client runs on the same machine as the server: on a small box it competes for
 the cores, so the figures are a floor.
+
+`--in-process` drives runtime.batching.BatchScheduler directly (one thread per client, the same prompts through
+the bundle's chat template, greedy over the bundle's other sampling defaults, as the server does): no HTTP,
+no client. Together with benchmarks/batch_step_costs.py (the decode step alone) it says where the server's
+throughput goes.
 """
 
 from __future__ import annotations
@@ -134,6 +139,36 @@ async def run_level(url: str, model: str, texts: list[str], clients: int, per_cl
     return dict(pair for rs in results for pair in rs), wall
 
 
+def run_level_in_process(scheduler, settings, prompt_ids: list[list[int]], clients: int, per_client: int):
+    """The same closed loop as run_level, each client a thread calling the scheduler."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> dict:
+        t0 = time.perf_counter()
+        first = last = None
+        parts, tokens = [], 0
+        for event in scheduler.stream(prompt_ids[i], settings):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            tokens += 1
+            parts.append(event.text)
+        return {
+            "text": "".join(parts),
+            "tokens": tokens,
+            "ttft": (first or time.perf_counter()) - t0,
+            "decode_rate": (tokens - 1) / (last - first) if first and last and last > first and tokens > 1 else None,
+        }
+
+    def worker(c: int) -> list[tuple[int, dict]]:
+        return [(c * per_client + k, one(c * per_client + k)) for k in range(per_client)]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(worker, range(clients)))
+    return dict(pair for rs in results for pair in rs), time.perf_counter() - t0
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
@@ -166,6 +201,34 @@ def start_server(bundle: str, parallel: int, threads: int | None) -> tuple[subpr
     raise SystemExit("the server did not come up within 300 s")
 
 
+def in_process_runner(bundle_path: str, parallel: int, threads: int, texts: list[str], max_tokens: int):
+    """A runner with run_level's signature over an in-process BatchScheduler (closed when the process ends)."""
+    import dataclasses
+
+    from runtime.batching import BatchScheduler, PoolConfig
+    from runtime.bundle import Bundle
+
+    bundle = Bundle.open(bundle_path)
+    scheduler = BatchScheduler(
+        bundle.decoder(threads=threads), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=parallel)
+    )
+    settings = dataclasses.replace(bundle.sampling_defaults(), temperature=0.0, max_new_tokens=max_tokens)
+    system = bundle.system_prompt
+
+    def ids(text: str) -> list[int]:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return bundle.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+    cache: dict[str, list[int]] = {}
+
+    def runner(texts_, clients, per_client, max_tokens_):
+        prompt_ids = [cache[t] if t in cache else cache.setdefault(t, ids(t)) for t in texts_]
+        run_settings = dataclasses.replace(settings, max_new_tokens=max_tokens_)
+        return run_level_in_process(scheduler, run_settings, prompt_ids, clients, per_client)
+
+    return runner, bundle.name
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle", nargs="?", help="bundle to serve (omit with --url)")
@@ -175,34 +238,45 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2, help="server's onnxruntime threads")
     ap.add_argument("--no-check", action="store_true", help="skip the solo reference pass and equality check")
+    ap.add_argument("--in-process", action="store_true", help="drive the batch scheduler directly (no HTTP)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     texts = prompts(max(levels) * args.requests)
     proc = None
-    if args.url:
+    if args.in_process:
+        if not args.bundle:
+            ap.error("--in-process needs a BUNDLE")
+        runner, model = in_process_runner(args.bundle, max(levels), args.threads, texts, args.max_tokens)
+    elif args.url:
         url = args.url.rstrip("/")
     elif args.bundle:
         proc, url = start_server(args.bundle, max(levels), args.threads)
     else:
         ap.error("give a BUNDLE or --url")
-    try:
+    if not args.in_process:
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
+
+        def runner(texts_, clients, per_client, max_tokens):
+            return asyncio.run(run_level(url, model, texts_, clients, per_client, max_tokens))
+
+    try:
         cpu = cpu_name()
         print(
             f"CPU: {cpu} ({os.cpu_count()} logical cores); model {model}; {args.max_tokens} tokens per request, "
-            f"{args.requests} requests per client; server threads {args.threads}",
+            f"{args.requests} requests per client; server threads {args.threads}"
+            + ("; in process (no HTTP)" if args.in_process else ""),
             flush=True,
         )
-        asyncio.run(run_level(url, model, texts[:1], 1, 1, 4))  # warm-up
+        runner(texts[:1], 1, 1, 4)  # warm-up
         reference = None
         if not args.no_check:
             reference = {}
             for i, text in enumerate(texts):  # alone, one at a time
-                reference[i] = asyncio.run(run_level(url, model, [text], 1, 1, args.max_tokens))[0][0]["text"]
+                reference[i] = runner([text], 1, 1, args.max_tokens)[0][0]["text"]
         rows, base = [], None
         for c in levels:
-            results, wall = asyncio.run(run_level(url, model, texts, c, args.requests, args.max_tokens))
+            results, wall = runner(texts, c, args.requests, args.max_tokens)
             tokens = sum(r["tokens"] for r in results.values())
             ttfts = [r["ttft"] for r in results.values()]
             rates = [r["decode_rate"] for r in results.values() if r["decode_rate"]]
@@ -252,6 +326,7 @@ def main() -> int:
                     "max_tokens": args.max_tokens,
                     "requests_per_client": args.requests,
                     "threads": args.threads,
+                    "in_process": args.in_process,
                     "levels": rows,
                 },
             )

@@ -179,3 +179,18 @@ def test_export_without_gptq(tiny_checkpoint, tmp_path, projections):
     else:  # RTN int4 (block 32) with int8 activations: close, not equal
         assert np.abs(got - ref).mean() < 0.2 and np.abs(got - ref).max() < 1.0
     assert all(c.passed for c in verify_bundle(bundle, quick=True, progress=False))
+
+
+def test_export_flags_become_graph_options():
+    """The 1B options on the command line reach GraphOptions; the defaults stay the shipping graph."""
+    from edgepack.cli import _export_options, build_parser
+    from exporter.export import shipping_graph
+
+    def graph(*flags):
+        return _export_options(build_parser().parse_args(["export", "RUN", "-o", "B", *flags])).graph
+
+    assert graph() == replace(shipping_graph(), eora_fuse_a=True)
+    g = graph("--embedding", "int4", "--lm-head", "int4", "--max-gptq-block", "32", "--eora-bits", "4")
+    assert (g.embedding, g.lm_head, g.max_gptq_block, g.eora_bits) == ("int4", "int4", 32, 4)
+    with pytest.raises(SystemExit):
+        graph("--max-gptq-block", "48")

@@ -20,7 +20,6 @@ import argparse
 import collections
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,14 +32,12 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.batching import SlotCache, _DecodeBatch  # noqa: E402
+from runtime.bench import cpu_name as _cpu_model  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    return platform.processor() or "unknown CPU"
+    return f"{_cpu_model()} ({os.cpu_count()} cores)"
 
 
 def step_times(session, decoder, rows: int, cached: int, steps: int) -> list[float]:

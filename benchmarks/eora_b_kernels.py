@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.int4 import quantize_rtn  # noqa: E402
+from runtime.bench import cpu_name  # noqa: E402
 from exporter.onnx_graph import eora_block  # noqa: E402
 
 # (N, K) of every B in one layer, fused as the exporter fuses them: q/k/v stacked (K = 3r, block-diagonal),
@@ -94,14 +95,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200)
     args = ap.parse_args()
     shapes = SHAPES[args.model](args.rank)
-    cpu = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        ),
-        "?",
-    )
+    cpu = cpu_name()
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
     print(f"{cpu} ({os.cpu_count()} cores, {isa}); onnxruntime {ort.__version__}; {args.threads} threads")

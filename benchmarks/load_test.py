@@ -113,7 +113,11 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     first = first or now
                     last = now
                     parts.append(text)
-    tokens = usage["completion_tokens"] if usage else 0
+    return request_record(parts, usage["completion_tokens"] if usage else 0, t0, first, last)
+
+
+def request_record(parts: list[str], tokens: int, t0: float, first: float | None, last: float | None) -> dict:
+    """One request's reply and timings: sent at t0, first and last text at `first` / `last`."""
     return {
         "text": "".join(parts),
         "tokens": tokens,
@@ -153,12 +157,7 @@ def run_level_in_process(scheduler, settings, prompt_ids: list[list[int]], clien
             last = now
             tokens += 1
             parts.append(event.text)
-        return {
-            "text": "".join(parts),
-            "tokens": tokens,
-            "ttft": (first or time.perf_counter()) - t0,
-            "decode_rate": (tokens - 1) / (last - first) if first and last and last > first and tokens > 1 else None,
-        }
+        return request_record(parts, tokens, t0, first, last)
 
     def worker(c: int) -> list[tuple[int, dict]]:
         return [(c * per_client + k, one(c * per_client + k)) for k in range(per_client)]
@@ -201,9 +200,10 @@ def start_server(bundle: str, parallel: int, threads: int | None) -> tuple[subpr
     raise SystemExit("the server did not come up within 300 s")
 
 
-def in_process_runner(bundle_path: str, parallel: int, threads: int, texts: list[str], max_tokens: int):
+def in_process_runner(bundle_path: str, parallel: int, threads: int):
     """A runner with run_level's signature over an in-process BatchScheduler (closed when the process ends)."""
     import dataclasses
+    import functools
 
     from runtime.batching import BatchScheduler, PoolConfig
     from runtime.bundle import Bundle
@@ -212,19 +212,17 @@ def in_process_runner(bundle_path: str, parallel: int, threads: int, texts: list
     scheduler = BatchScheduler(
         bundle.decoder(threads=threads), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=parallel)
     )
-    settings = dataclasses.replace(bundle.sampling_defaults(), temperature=0.0, max_new_tokens=max_tokens)
+    greedy = dataclasses.replace(bundle.sampling_defaults(), temperature=0.0)
     system = bundle.system_prompt
 
+    @functools.cache
     def ids(text: str) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         return bundle.tokenizer.encode_chat(messages, add_generation_prompt=True)
 
-    cache: dict[str, list[int]] = {}
-
-    def runner(texts_, clients, per_client, max_tokens_):
-        prompt_ids = [cache[t] if t in cache else cache.setdefault(t, ids(t)) for t in texts_]
-        run_settings = dataclasses.replace(settings, max_new_tokens=max_tokens_)
-        return run_level_in_process(scheduler, run_settings, prompt_ids, clients, per_client)
+    def runner(texts, clients, per_client, max_tokens):
+        settings = dataclasses.replace(greedy, max_new_tokens=max_tokens)
+        return run_level_in_process(scheduler, settings, [ids(t) for t in texts], clients, per_client)
 
     return runner, bundle.name
 
@@ -247,7 +245,7 @@ def main() -> int:
     if args.in_process:
         if not args.bundle:
             ap.error("--in-process needs a BUNDLE")
-        runner, model = in_process_runner(args.bundle, max(levels), args.threads, texts, args.max_tokens)
+        runner, model = in_process_runner(args.bundle, max(levels), args.threads)
     elif args.url:
         url = args.url.rstrip("/")
     elif args.bundle:

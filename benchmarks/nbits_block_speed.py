@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exporter.int4 import quantize_rtn  # noqa: E402
-from runtime.bench import read_bandwidth  # noqa: E402
+from runtime.bench import cpu_name, read_bandwidth  # noqa: E402
 
 # (N, K) of the fused projections of one layer: qkv, o, gate_up, down
 LAYERS = {
@@ -66,14 +66,7 @@ def main() -> int:
     args = ap.parse_args()
     shapes = LAYERS[args.model]
     copies = 4 if args.model == "1b" else 16  # ~120 MB / ~60 MB of weights: far more than L3
-    cpu = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        ),
-        "?",
-    )
+    cpu = cpu_name()
     isa = "AVX-512" if " avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2"
     bw = read_bandwidth()
     print(f"{cpu} ({os.cpu_count()} cores, {isa}); onnxruntime {ort.__version__}; {args.threads} threads")

@@ -43,11 +43,13 @@ BUNDLE_NO_EORA = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora
 BUNDLE_INT4_HEAD = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora-int4head"
 # ...and with GPTQ's group-128 blocks split into blocks of 32 (`--max-gptq-block 32`: the same weights, faster kernels)
 BUNDLE_B32 = ROOT / "models" / "bundles" / "Llama-3.2-1B-shaped-D2-W1-8-lora-eora-int4head-b32"
+INT4_HEAD = {"embedding": "int4", "lm_head": "int4"}
+# export stage -> (the compress stage it exports, the bundle, GraphOptions changed from the shipping graph)
 EXPORT_STAGES = {
-    "export_gptq": ("gptq", BUNDLE_NO_EORA),
-    "export": ("eora", BUNDLE),
-    "export_int4head": ("eora", BUNDLE_INT4_HEAD),
-    "export_b32": ("eora", BUNDLE_B32),
+    "export_gptq": ("gptq", BUNDLE_NO_EORA, {}),
+    "export": ("eora", BUNDLE, {}),
+    "export_int4head": ("eora", BUNDLE_INT4_HEAD, INT4_HEAD),
+    "export_b32": ("eora", BUNDLE_B32, {**INT4_HEAD, "max_gptq_block": 32}),
 }
 BENCH_DIR = ROOT / "models" / "bench" / "scale-1b"
 # The peers get the same weights as the bundle: the float checkpoint GPTQ quantized (depth- and width-pruned,
@@ -115,12 +117,9 @@ def run_compress_stage(stage: str) -> int:
 
         from exporter.export import ExportOptions, export_run, shipping_graph
 
-        graph = shipping_graph()
-        if stage in ("export_int4head", "export_b32"):
-            graph = dataclasses.replace(graph, embedding="int4", lm_head="int4")
-        if stage == "export_b32":
-            graph = dataclasses.replace(graph, max_gptq_block=32)
-        export_run(WORKDIR, EXPORT_STAGES[stage][1], ExportOptions(graph, limits="quick", archive=False), log=log)
+        _, bundle, changes = EXPORT_STAGES[stage]
+        graph = dataclasses.replace(shipping_graph(), **changes)
+        export_run(WORKDIR, bundle, ExportOptions(graph, limits="quick", archive=False), log=log)
     print(json.dumps({"final_model": summary["final_model"]}))
     return 0
 

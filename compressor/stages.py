@@ -185,7 +185,12 @@ def _lora_examples(ctx: StageContext) -> tuple[list, list, dict]:
         return train[: s.samples], held, data
     if s.dataset == "wikitext":
         return wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)
-    chat = chat_examples(ctx.tokenizer, ctx.source_dir, ctx.workdir / "lora-chat-replies.json")
+    chat = chat_examples(
+        ctx.tokenizer,
+        ctx.source_dir,
+        ctx.workdir / "lora-chat-replies.json",
+        train_limit=s.samples if s.dataset == "chat" else s.samples // 2,
+    )
     if s.dataset == "chat":
         return chat[0][: s.samples], chat[1], chat[2]
     text = wikitext_examples(ctx.tokenizer, s.seqlen, s.samples, ctx.recipe.calibration.dataset)

@@ -182,21 +182,32 @@ def _as_list(x) -> list:
     return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
 
 
-def chat_examples(tokenizer: TextTokenizer, source_dir, cache_path, path: str | None = None, first: int | None = None):
+def chat_examples(
+    tokenizer: TextTokenizer,
+    source_dir,
+    cache_path,
+    path: str | None = None,
+    first: int | None = None,
+    train_limit: int | None = None,
+):
     """(train, heldout, record): each seed task's user turn through the chat template, followed by the
     source's greedy reply and the end-of-turn token; labels only on the reply (and its end). `first`: only
-    the first tasks of the file, all as training examples (calibration needs a few rows, not every reply)."""
+    the first tasks of the file, all as training examples (calibration needs a few rows, not every reply).
+    `train_limit`: at most this many training examples (the held-out tasks stay whole); the source's replies
+    are generated only for the tasks returned, so a 64-sample LoRA run does not pay for all 175 replies."""
     from compressor.lora import IGNORE
     from runtime.datasets import DATA_DIR, chat_turns
 
     turns = chat_turns(path or DATA_DIR / CHAT_SEED_TASKS)
     if first is not None:
         turns = turns[:first]
+    cut = len(turns) if first is not None else len(turns) - min(HELDOUT_CHAT, len(turns) // 4)
+    if train_limit is not None and train_limit < cut:
+        turns, cut = turns[:train_limit] + turns[cut:], train_limit
     prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in turns]
     replies = source_chat_replies(source_dir, tokenizer, prompts, cache_path)
     end = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     examples = [(p + r + end, [IGNORE] * len(p) + r + end) for p, r in zip(prompts, replies)]
-    cut = len(examples) if first is not None else len(examples) - min(HELDOUT_CHAT, len(examples) // 4)
     record = {
         "tasks": len(turns),
         "train": cut,

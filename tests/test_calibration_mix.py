@@ -124,3 +124,20 @@ def test_calibration_asks_only_for_the_replies_it_uses(monkeypatch, tiny_checkpo
     assert seen["first"] == 3
     td.quant_calibration_rows(tok, "chat", 5, 24, wiki, source_dir=tiny_checkpoint, chat_cache=tmp_path / "c")
     assert seen["first"] == 5
+
+
+def test_lora_chat_data_asks_only_for_the_replies_it_trains_on(monkeypatch, tiny_checkpoint, tmp_path):
+    """A LoRA run on `samples` chat/mix examples generates the source's replies for the tasks it trains on and
+    the held-out tasks, not for every seed task; the examples it gets are the ones a full run would start with."""
+    import compressor.torch_backend as tb
+
+    monkeypatch.setattr(tb, "TorchBackend", CountingBackend)
+    CountingBackend.generated, CountingBackend.fail_after = [], None
+    tok = TextTokenizer(tiny_checkpoint)
+    train, held, record = td.chat_examples(tok, tiny_checkpoint, tmp_path / "a.json", train_limit=10)
+    assert (len(train), len(held), record["train"], record["heldout"]) == (10, td.HELDOUT_CHAT, 10, td.HELDOUT_CHAT)
+    assert len(CountingBackend.generated) == 10 + td.HELDOUT_CHAT
+    CountingBackend.generated = []
+    full_train, full_held, full_record = td.chat_examples(tok, tiny_checkpoint, tmp_path / "b.json")
+    assert full_record["tasks"] == len(CountingBackend.generated) == 175
+    assert full_train[:10] == train and full_held == held

@@ -196,3 +196,13 @@ def test_eval_checkpoint_scores_chat_against_a_reference_file(tiny_checkpoint, c
     assert main([*argv, str(tmp_path / "r.safetensors"), "--json", str(out)]) == 0
     r = json.loads(out.read_text())["chat"]
     assert r["match32"] == 1.0 and r["replies"] == 3 and r["kld"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_reference_generation_batches_by_memory():
+    """Up to 16 prompts per generate() call while the kept logits fit the budget, never below the limits' batch."""
+    from compressor.chat_reference import generation_rows
+
+    limits = EvalLimits(chat_prompts=32, chat_max_new_tokens=128, batch_size=4)
+    assert generation_rows(limits, 49_152) == 16  # SmolLM2: 16 x 2 x 128 x 49k floats = 805 MB
+    assert generation_rows(limits, 128_256) == 8  # Llama-3.2's vocabulary: 8 rows (1.05 GB / 1 GiB budget)
+    assert generation_rows(replace(limits, batch_size=12), 1_000_000) == 12

@@ -308,3 +308,36 @@ def test_merge_rejects_bad_masks():
         L.merge_lora(peft_model, masks={"model.layers.9.nope": torch.ones(3, 3, dtype=torch.bool)})
     merged, rec = L.merge_lora(peft_model)
     assert rec["lora_modules_merged"] == 16
+
+
+def test_pipeline_schedule_evaluates_start_middle_and_end():
+    """One pass over the examples; the held-out loss three times (a held-out pass costs about two steps, so
+    a short run does not spend longer evaluating than training); four checkpoints."""
+    from compressor.recipe import LoraStage
+
+    t = L.LoraTraining.for_examples(LoraStage(samples=64), 64, pad_id=0)
+    assert (t.steps, t.warmup_steps, t.eval_every, t.checkpoint_every) == (8, 1, 4, 2)
+    t = L.LoraTraining.for_examples(LoraStage(), 256, pad_id=0)
+    assert (t.steps, t.eval_every, t.checkpoint_every) == (32, 16, 8)
+    assert L.LoraTraining.for_examples(LoraStage(), 3, pad_id=0).eval_every == 1
+
+
+def test_heldout_distillation_loss_runs_the_teacher_once(monkeypatch):
+    """The held-out KL with the teacher's hidden states cached equals the uncached one, and the frozen teacher
+    runs once per held-out batch over all evaluations (it cost half of every held-out pass)."""
+    _, held = data()
+    settings = quick(objective="distill")
+    student, _, _ = randomized_adapter(settings)
+    teacher = make_tiny_llama("plain", seed=1)
+    calls = []
+    real = L.labelled_hidden
+    monkeypatch.setattr(L, "labelled_hidden", lambda m, b: calls.append(m is teacher) or real(m, b))
+    plain = L.heldout_loss(student, held, settings, "cpu", teacher)
+    batches = -(-len(held) // settings.stage.batch_size)
+    assert calls.count(True) == batches  # uncached: the teacher runs on every held-out batch, every time
+    calls.clear()
+    cache: dict = {}
+    first = L.heldout_loss(student, held, settings, "cpu", teacher, cache)
+    again = L.heldout_loss(student, held, settings, "cpu", teacher, cache)
+    assert first == pytest.approx(plain, rel=1e-6) and again == pytest.approx(plain, rel=1e-6)
+    assert calls.count(True) == len(cache) == batches

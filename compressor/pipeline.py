@@ -72,8 +72,10 @@ def run_pipeline(
     final_eval: bool = True,
     stage_eval: bool = True,
     log=print,
+    eval_tasks: tuple[str, ...] | None = None,
 ) -> dict:
-    """Run (or resume) `recipe`; returns the summary (also written to workdir/summary.json)."""
+    """Run (or resume) `recipe`; returns the summary (also written to workdir/summary.json). `eval_tasks`:
+    what the stage evaluations measure (runtime.harness.evaluate's tasks; None = all that apply)."""
     source = Path(recipe.model)
     if not (source / "config.json").exists():
         raise EdgepackError(
@@ -98,7 +100,7 @@ def run_pipeline(
         if stage == "width":
             ctx.masks_path = sdir / "masks.safetensors"
         if stage_eval and stage in EVAL_AFTER and not (final_eval and index == len(stages)):
-            record["eval"] = evaluate_stage(ctx, stage, sdir, record, eval_limits or EvalLimits(), log)
+            record["eval"] = evaluate_stage(ctx, stage, sdir, record, eval_limits or EvalLimits(), log, eval_tasks)
         records.append(record)
         previous_fp, previous_dir = record["fingerprint"], sdir / record.get("output", "model")
         last = (stage, sdir, record)
@@ -115,7 +117,7 @@ def run_pipeline(
         limits = eval_limits or EvalLimits()
         if stages:
             stage, sdir, record = last
-            summary["eval"] = evaluate_stage(ctx, stage, sdir, record, limits, log)
+            summary["eval"] = evaluate_stage(ctx, stage, sdir, record, limits, log, eval_tasks)
             record["eval"] = summary["eval"]
         else:
             summary["eval"] = evaluate_cached(
@@ -126,6 +128,7 @@ def run_pipeline(
                 tokenizer,
                 log=log,
                 chat=chat_for(source, wd.path, limits, tokenizer, log),
+                tasks=eval_tasks,
             )
     atomic_write_json(wd.summary_path, summary)
     return summary
@@ -165,7 +168,9 @@ def _run_or_reuse_stage(
     return record
 
 
-def evaluate_stage(ctx: StageContext, stage: str, sdir: Path, record: dict, limits: EvalLimits, log=print) -> dict:
+def evaluate_stage(
+    ctx: StageContext, stage: str, sdir: Path, record: dict, limits: EvalLimits, log=print, tasks=None
+) -> dict:
     reference = None
     if stage in ("gptq", "eora"):
         float_dir = ctx.inputs["gptq"]
@@ -178,8 +183,13 @@ def evaluate_stage(ctx: StageContext, stage: str, sdir: Path, record: dict, limi
         ctx.tokenizer,
         log=log,
         reference=reference,
-        chat=chat_for(ctx.source_dir, ctx.workdir, limits, ctx.tokenizer, log),
+        chat=chat_for(ctx.source_dir, ctx.workdir, limits, ctx.tokenizer, log) if _wants_chat(tasks) else None,
+        tasks=tasks,
     )
+
+
+def _wants_chat(tasks) -> bool:
+    return tasks is None or "chat" in tasks
 
 
 def chat_for(source: Path, workdir: Path, limits: EvalLimits, tokenizer: TextTokenizer, log=print):
@@ -229,12 +239,20 @@ def evaluate_cached(
     log=print,
     reference: Reference | None = None,
     chat=None,
+    tasks: tuple[str, ...] | None = None,
 ) -> dict:
-    """Evaluate a stage's model once per (fingerprint, limits); later calls read the cached result.
-    `chat` (runtime.reference.ChatReference) adds chat fidelity against the source's replies."""
-    key = settings_hash(
-        {"fp": fingerprint, "limits": dataclasses.asdict(limits), "kl": reference is not None, "chat": chat is not None}
-    )
+    """Evaluate a stage's model once per (fingerprint, limits, tasks); later calls read the cached result.
+    `chat` (runtime.reference.ChatReference) adds chat fidelity against the source's replies; `tasks` picks
+    what is measured (runtime.harness.evaluate; None = all that apply)."""
+    what = {
+        "fp": fingerprint,
+        "limits": dataclasses.asdict(limits),
+        "kl": reference is not None,
+        "chat": chat is not None,
+    }
+    if tasks is not None:  # absent for the default, so results cached before tasks existed stay valid
+        what["tasks"] = sorted(tasks)
+    key = settings_hash(what)
     cache = Workdir(workdir).evals / f"{key}.json"
     cached = read_record(cache)
     if cached:
@@ -244,7 +262,7 @@ def evaluate_cached(
 
     log(f"evaluating ({limits.describe()})")
     backend = TorchBackend(load_model(), pad_id=tokenizer.pad_id)
-    result = evaluate(backend, tokenizer, limits, reference=reference, chat=chat)
+    result = evaluate(backend, tokenizer, limits, tasks=tasks, reference=reference, chat=chat)
     atomic_write_json(cache, result)
     log(format_summary(result))
     return result

@@ -25,6 +25,15 @@ def _limits(args):
     return limits_from_args(args)
 
 
+def _tasks(args) -> tuple[str, ...] | None:
+    tasks = tuple(args.tasks.split(",")) if args.tasks else None
+    if tasks and not set(tasks) <= {"ppl", "closed", "open", "chat"}:
+        from runtime.errors import EdgepackError
+
+        raise EdgepackError(f"--tasks {args.tasks!r}: use a comma list of ppl, closed, open, chat")
+    return tasks
+
+
 def cmd_import(args) -> int:
     from compressor.importer import import_model
 
@@ -45,11 +54,7 @@ def cmd_eval(args) -> int:
     from runtime.harness import format_summary
 
     limits = _limits(args)
-    tasks = tuple(args.tasks.split(",")) if args.tasks else None
-    if tasks and not set(tasks) <= {"ppl", "closed", "open", "chat"}:
-        from runtime.errors import EdgepackError
-
-        raise EdgepackError(f"--tasks {args.tasks!r}: use a comma list of ppl, closed, open, chat")
+    tasks = _tasks(args)
     if _is_bundle(args.model):  # through the runtime: no torch
         from runtime.bundle_eval import evaluate_bundle
         from runtime.cli_commands import open_bundle
@@ -115,6 +120,7 @@ def cmd_compress(args) -> int:
         recipe,
         workdir=args.workdir,
         eval_limits=_limits(args),
+        eval_tasks=_tasks(args),
         final_eval=not args.no_eval,
         log=lambda m: print(m, file=sys.stderr),
     )

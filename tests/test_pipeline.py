@@ -137,3 +137,35 @@ def test_full_pipeline_lora_gptq_eora_records_each_stage(tiny_checkpoint, tmp_pa
     assert stages_["gptq"]["eval"]["wikitext"]["kld"] > 0
     assert summary["eval"]["wikitext"]["kld"] >= 0 and 0 <= summary["eval"]["wikitext"]["top1"] <= 1
     assert (tmp_path / "w/05-eora/adapter/adapter_model.safetensors").exists()
+
+
+def test_compress_tasks_pick_what_stages_measure(tiny_checkpoint, tmp_path, monkeypatch):
+    """`edgepack compress --tasks ppl` measures perplexity only (it used to be accepted and ignored); the cached
+    result of an evaluation with every task is not reused for a narrower one, nor the other way round."""
+    from edgepack.cli import main
+
+    recipe = tiny_recipe(tiny_checkpoint, width=WidthStage(n=1, m=4))
+    summary = pipeline.run_pipeline(
+        recipe, tmp_path / "w", eval_limits=TINY_LIMITS, eval_tasks=("ppl",), log=lambda m: None
+    )
+    assert set(summary["eval"]) == {"limits", "wikitext"}
+    full = pipeline.run_pipeline(recipe, tmp_path / "w", eval_limits=TINY_LIMITS, log=lambda m: None)
+    assert {"wikitext", "triviaqa_closed", "triviaqa_open"} <= set(full["eval"])
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda recipe, **kw: seen.update(kw) or {"final_model": "m"})
+    assert main(["compress", "--preset", "W1:4", "--tasks", "ppl,chat", "--no-eval"]) == 0
+    assert seen["eval_tasks"] == ("ppl", "chat")
+    assert main(["compress", "--preset", "W1:4", "--tasks", "ppl,books"]) == 2  # one error line, nothing run
+
+
+def test_main_job_recipe_file():
+    """scripts/main_job.sh's recipe: W1:8, LoRA distilled from the source on 64 chat + WikiText samples (8 steps),
+    GPTQ g32 asymmetric and EoRA r32 calibrated on the mix."""
+    from conftest import ROOT
+
+    r = load_recipe(ROOT / "recipes/main_job.toml")
+    assert r.stage_names() == ["width", "lora", "gptq", "eora"] and (r.width.n, r.width.m) == (1, 8)
+    assert (r.lora.objective, r.lora.dataset, r.lora.samples) == ("distill", "mix", 64)
+    assert (r.gptq.group_size, r.gptq.sym, r.gptq.dataset, r.eora.dataset, r.eora.rank) == (32, False, "mix", "mix", 32)
+    assert "recipes/main_job.toml" in (ROOT / "scripts/main_job.sh").read_text()

@@ -444,7 +444,8 @@ def preset_table() -> list[tuple[str, str]]:
     for name in PRUNED_PRESETS + CHANNEL_PRESETS:
         rows.append((name, parse_preset(name).describe()))
     for name in (
-        "W1:8 lora=wikitext quant=eora calib=mix group=32a",  # the main job's recipe
+        "W1:8 lora=distill quant=eora calib=mix group=32a",  # the main job's (recipes/main_job.toml: 64 LoRA samples)
+        "W1:8 lora=wikitext quant=eora calib=mix group=32a",  # the main job's before 2026-12-07
         "W1:8 lora=wikitext quant=eora",  # the seed's three optimised configurations
         "D2 lora=triviaqa quant=eora",
         "D2+W1:8 lora=wikitext quant=eora",

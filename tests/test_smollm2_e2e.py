@@ -73,13 +73,15 @@ def test_onnx_export_of_smollm2_matches_torch(smollm2, tmp_path):
 
 
 @pytest.mark.main_job
-def test_main_job_bundle_verifies():
+def test_main_job_bundle_makes_chat_claims():
+    """Issue #18's chat claims are in the main job's manifest at both levels. main_job.sh re-measures the
+    quick ones with `edgepack verify --quick` just before this test (it exits 1 if one fails)."""
     from runtime.bundle import Bundle
-    from runtime.verify import verify_bundle
 
-    checks = verify_bundle(Bundle.open(BUNDLE), quick=True, progress=False)
-    assert {"chat_kld", "chat_top1", "chat_match32"} <= {c.name for c in checks}  # issue #18's chat claims
-    assert len(checks) == 10 and all(c.passed for c in checks), [c for c in checks if not c.passed]
+    quality = Bundle.open(BUNDLE).manifest["quality"]
+    for level in ("full", "quick"):
+        assert {"chat_kld", "chat_top1", "chat_match32"} <= set(quality[level])
+        assert len(quality[level]) == 10, sorted(quality[level])
 
 
 # Simple instructions a new user tries first (not in the chat fidelity set); the issue's example first.

@@ -64,8 +64,8 @@ def greedy_with_logprobs(
 
 # Rows per generate() call. A step of transformers' greedy loop on a CPU is mostly one pass over the float32
 # weights whatever the row count (SmolLM2-135M on 2 AVX2 cores: ~200 ms at 4 rows, ~400 ms at 16), so more rows
-# per call is most of the speed: the main job's 32 source replies took 176 s at 4 rows, 104 s at 16 (75 s in
-# a faster hour). The bound is memory: every step's full logits are kept, rows x new tokens x vocabulary
+# per call is most of the speed: the main job's 32 source replies took 176 s at 4 rows, 75-104 s at 16 (the box
+# busy or not). The bound is memory: every step's full logits are kept, rows x new tokens x vocabulary
 # floats, twice (logits and log-probs).
 GENERATION_ROWS = 16
 LOGITS_BUDGET_BYTES = 1 << 30

@@ -12,13 +12,8 @@ want=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "setting up .venv (first run: about two minutes) ..." >&2
-# pip byte-compiles every installed file on one core (~2 of the 3 minutes on a 2-core box); install without it
-# and compile site-packages afterwards on all cores. A file that does not compile (pip skips those too, e.g.
-# templates that are not Python) only lands in .venv/compileall.log.
-.venv/bin/python -m pip install --quiet --no-compile --upgrade pip
-.venv/bin/python -m pip install --quiet --no-compile "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --no-compile -e ".[compress,serve,dev]"
-site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-.venv/bin/python -m compileall -q -j 0 "$site" > .venv/compileall.log 2>&1 || true
+echo "setting up .venv (first run: about a minute) ..." >&2
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet "torch==2.13.0"
+.venv/bin/python -m pip install --quiet -e ".[compress,serve,dev]"
 echo "$want" > "$stamp"

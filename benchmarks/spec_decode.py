@@ -97,7 +97,14 @@ def verify_cost(decoder, context: list[int], widths=range(1, 10), repeats: int =
     return {"decode_ms": 1e3 * one, "relative": {w: statistics.median(v) / one for w, v in times.items()}}
 
 
+def reference_of(name: str) -> str:
+    """The plain variant a variant's greedy output must equal: plain decoding at the same step width."""
+    return "plain" + name[len(name.split("@")[0]) :]
+
+
 def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compare: bool, label: str) -> dict:
+    """proposers: variant name -> (proposer or None, decode step tokens); "NAME@2" variants take two-token
+    steps (OnnxDecoder.step_tokens)."""
     names = list(proposers)
     acc = {n: {"tokens": 0, "seconds": 0.0, "drafted": 0, "accepted": 0, "new_tokens": 0} for n in names}
     diverged = {n: 0 for n in names}
@@ -106,7 +113,7 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
         order = names[i % len(names) :] + names[: i % len(names)]
         outs = {}
         for name in order:
-            gen.draft = proposers[name]
+            gen.draft, gen.step_tokens = proposers[name]
             gen.reset()
             t = time.perf_counter()
             r = gen.generate(ids, settings_for(i))
@@ -120,12 +127,13 @@ def run_set(gen, proposers: dict, prompts: list[list[int]], settings_for, compar
             outs[name] = r.token_ids
         if compare:
             for name in names:
-                if outs[name] != outs["plain"]:
+                ref = outs[reference_of(name)]
+                if outs[name] != ref:
                     diverged[name] += 1
                     first_diff[name].append(
                         next(
-                            (j for j, (x, y) in enumerate(zip(outs[name], outs["plain"])) if x != y),
-                            min(len(outs[name]), len(outs["plain"])),
+                            (j for j, (x, y) in enumerate(zip(outs[name], ref)) if x != y),
+                            min(len(outs[name]), len(ref)),
                         )
                     )
         print(
@@ -162,18 +170,26 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", type=int, default=8, help="chat instruction prompts")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int)
+    ap.add_argument(
+        "--steps",
+        default="1",
+        help="comma list of decode step widths (1, 2): 2 adds NAME@2 variants whose every step goes through the "
+        "multi-token path (OnnxDecoder.step_tokens=2), compared with plain@2",
+    )
     ap.add_argument("--no-sampled", action="store_true", help="skip the sampled chat set")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
     bundle = Bundle.open(args.bundle)
     gen = bundle.generator(args.threads, draft="none")
-    proposers = {"plain": None}
+    drafts = {"plain": None}
     for name in args.drafts.split(","):
         if name == "model" and not bundle.has_draft:
             print("(the bundle has no draft model: skipping draft=model)", file=sys.stderr)
             continue
-        proposers[name] = make_proposer(name, bundle, args.threads)
+        drafts[name] = make_proposer(name, bundle, args.threads)
+    steps = [int(w) for w in args.steps.split(",")]
+    proposers = {name + ("" if w == 1 else f"@{w}"): (proposer, w) for w in steps for name, proposer in drafts.items()}
     cpu = cpu_name()
     print(f"{bundle.name} on {cpu}, threads={args.threads or 'default'}", file=sys.stderr)
 
@@ -211,8 +227,8 @@ def main(argv=None) -> int:
 
     print(f"\n{bundle.name} — {cpu}, threads={args.threads or 'default'}, {args.new_tokens} new tokens")
     print(
-        f"{'set':16s} {'draft':8s} {'decode tok/s':>12s} {'vs plain':>9s} {'accepted':>9s} {'differ':>7s}  "
-        f"(differ: greedy outputs not identical to plain, of {len(wiki)} / {len(chats)})"
+        f"{'set':16s} {'draft':9s} {'decode tok/s':>12s} {'vs plain':>9s} {'accepted':>9s} {'differ':>7s}  "
+        f"(differ: greedy outputs not identical to plain at the same step width, of {len(wiki)} / {len(chats)})"
     )
     for key in ("wikitext_greedy", "chat_greedy", "chat_sampled"):
         for name, r in result.get(key, {}).items():
@@ -221,7 +237,7 @@ def main(argv=None) -> int:
             if r.get("first_differing_token"):
                 differ = f"{differ} (from token {min(r['first_differing_token'])})"
             print(
-                f"{key:16s} {name:8s} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f}x {rate:>9s} {differ!s:>7s}"
+                f"{key:16s} {name:9s} {r['decode_tokens_per_s']:12.1f} {r['speedup']:8.2f}x {rate:>9s} {differ!s:>7s}"
             )
     if args.json:
         from runtime.fileio import atomic_write_json

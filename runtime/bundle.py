@@ -183,13 +183,12 @@ class Bundle:
         _check_graph_shapes(dec, self.onnx_path)
         return dec
 
-    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "none", spin: bool = True):
+    def generator(self, threads: int | None = None, max_len: int | None = None, draft: str = "auto", spin: bool = True):
         """A runtime.generation.Generator with the bundle's stop ids (manifest EOS + tokenizer EOS).
-        draft: speculative decoding's proposer (runtime.speculative.make_proposer): "none" (the default),
-        "auto" (the bundle's draft model if it has one, else prompt lookup), "model" or "lookup". Off by
-        default: on graphs with int8 activations (MatMulNBits accuracy_level 4) onnxruntime's multi-row
-        kernel rounds differently from its one-row kernel, so a greedy reply can take the other branch at a
-        near-tie; plain decoding is the bundle's reference output."""
+        draft: speculative decoding's proposer (runtime.speculative.make_proposer): "auto" (the default: the
+        bundle's draft model where its measured acceptance pays, else prompt lookup, for greedy requests
+        only), "lookup", "model" or "none". It changes the speed, not the tokens: greedy requests on graphs
+        with int8 activations take every step through the multi-token path (generation.exact_step_tokens)."""
         from runtime.generation import Generator
         from runtime.speculative import make_proposer
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 DRAFT_CHOICES = ("none", "auto", "lookup", "model")
 DRAFT_HELP = (
-    "speculative decoding (default none): 'lookup' guesses from the prompt and conversation, 'model' "
-    "uses the bundle's draft model, 'auto' the draft model if the bundle has one, else lookup. Same "
-    "output distribution; under greedy decoding on int8-activation graphs a reply can differ from "
-    "plain decoding at a near-tie (README: Speculative decoding)"
+    "speculative decoding (default auto): 'lookup' guesses from the prompt and conversation, 'model' uses the "
+    "bundle's draft model, 'auto' the draft model where its measured acceptance pays, else lookup, for greedy "
+    "requests only (--temperature 0); 'none' turns it off. It changes the speed, never the output: greedy "
+    "tokens are the same with or without it, sampling keeps the model's distribution (README: Speculative "
+    "decoding)"
 )
 
 
@@ -33,7 +34,7 @@ def add_runtime_commands(subparsers) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
-    p.add_argument("--draft", choices=DRAFT_CHOICES, default="none", help=DRAFT_HELP)
+    p.add_argument("--draft", choices=DRAFT_CHOICES, default="auto", help=DRAFT_HELP)
     add_trust_args(p)
     p.set_defaults(func=cmd_generate)
 

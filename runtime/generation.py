@@ -265,14 +265,30 @@ class PlainTokens:
         pass
 
 
+def exact_step_tokens(decoder, settings: SamplingSettings) -> int:
+    """The decode step width that makes greedy output independent of speculation: 2 (every token through the
+    graph's multi-token path, as a speculative verification pass computes it, bit for bit) for greedy
+    requests on graphs that quantize activations, else 1. On those graphs the one-token path rounds
+    differently, so plain one-token greedy decoding and speculative decoding could part at a near-tie; with
+    this rule `--draft` changes the speed, never the tokens. Costs ~10 % of a plain step where no guess is
+    made (benchmarks/spec_decode.py --steps 1,2 measures it); sampling keeps one-token steps."""
+    quantized = getattr(decoder, "quantizes_activations", False)
+    return 2 if settings.temperature == 0 and quantized else 1
+
+
 class Generator:
     """Generates from token ids with one OnnxDecoder. Not thread-safe: one stream at a time."""
 
-    def __init__(self, decoder, tokenizer, stop_ids: set[int] | None = None, draft=None):
+    def __init__(
+        self, decoder, tokenizer, stop_ids: set[int] | None = None, draft=None, step_tokens: int | None = None
+    ):
         """stop_ids: token ids that end generation (default: the decoder's and the tokenizer's EOS).
-        draft: a runtime.speculative proposer (PromptLookup, DraftModel) for speculative decoding, or None."""
+        draft: a runtime.speculative proposer (PromptLookup, DraftModel) for speculative decoding, or None; a
+        proposer with `greedy_only` set is used for greedy requests only.
+        step_tokens: the decoder's step width (OnnxDecoder.step_tokens); None = `exact_step_tokens`."""
         self.decoder, self.tokenizer = decoder, tokenizer
         self.draft = draft
+        self.step_tokens = step_tokens
         if stop_ids is None:
             stop_ids = set(getattr(decoder, "eos_token_ids", []) or [])
             if getattr(tokenizer, "eos_id", None) is not None:
@@ -336,6 +352,7 @@ class Generator:
         self, prompt: list[int], settings: SamplingSettings, cancel: threading.Event | None
     ) -> Iterator[TokenEvent]:
         dec = self.decoder
+        dec.step_tokens = self.step_tokens or exact_step_tokens(dec, settings)
         t0 = time.perf_counter()
         try:
             logits, reused = self._prefill(prompt)
@@ -419,7 +436,8 @@ class Generator:
         yield TokenEvent("", -1, self.last_result)  # a stream that ran to its end says how it ended
 
     def _token_source(self, logits: np.ndarray, sampler: Sampler):
-        if self.draft is None:
+        greedy_only = getattr(self.draft, "greedy_only", False)
+        if self.draft is None or (greedy_only and sampler.s.temperature != 0):
             return PlainTokens(self.decoder, sampler, logits, self._cache_ids)
         from runtime.speculative import SpeculativeTokens
 

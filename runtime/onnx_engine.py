@@ -85,14 +85,16 @@ class KVCache:
 class DecodeStep:
     """The decode step's inputs and logits as numpy arrays shared with OrtValues, bound once."""
 
-    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int, width: int = 1):
-        """width > 1: a step that appends `width` tokens per row with logits at each (speculative scoring)."""
+    def __init__(self, session: ort.InferenceSession, cache: KVCache, vocab: int, width: int = 1, read: int = 0):
+        """width > 1: a step that appends `width` tokens per row with logits at each (speculative scoring), or
+        at the first `read` of them only."""
         b = cache.batch
+        read = read or width
         self.ids = np.zeros((b, width), np.int64)
         self.seqlens = np.zeros(b, np.int32)
         self.total = np.zeros((), np.int32)
-        self.positions = np.broadcast_to(np.arange(width, dtype=np.int64), (b, width)).copy()
-        self.logits = np.zeros((b, width, vocab), np.float32)
+        self.positions = np.broadcast_to(np.arange(read, dtype=np.int64), (b, read)).copy()
+        self.logits = np.zeros((b, read, vocab), np.float32)
         self.binding = session.io_binding()
         for name, arr in (
             (INPUT_IDS, self.ids),
@@ -118,7 +120,9 @@ class OnnxDecoder:
         graph_opt: str = "all",
         pad_id: int = 0,
         spin: bool = True,
+        step_tokens: int = 1,
     ):
+        """step_tokens: tokens per `decode` pass, 1 or 2 (see `decode`)."""
         model_path = Path(model_path)
         if not model_path.is_file():
             raise EdgepackError(f"{model_path}: ONNX model not found")
@@ -163,11 +167,23 @@ class OnnxDecoder:
         self.eos_token_ids = list(self.metadata.get("eos_token_ids") or [])
         self.bos_token_id = self.metadata.get("bos_token_id")
         self.pad_id = int(pad_id)
+        if step_tokens not in (1, 2):
+            raise EdgepackError(f"step_tokens={step_tokens}: must be 1 or 2")
+        self.step_tokens = step_tokens
         self.threads = threads
         self._cache: KVCache | None = None  # the interactive sequence's cache (batch 1, max_len)
         self._step: DecodeStep | None = None
-        self._wide_steps: dict[int, DecodeStep] = {}  # score(): one bound step per number of tokens
+        self._wide_steps: dict[int, DecodeStep] = {}  # score(): one bound step per number of tokens (0: decode's)
         self.length = 0  # tokens in the interactive cache
+
+    @property
+    def quantizes_activations(self) -> bool:
+        """Whether the graph's MatMulNBits kernels quantize their inputs to int8 (accuracy_level 4 with int4
+        projections or a quantized head). Then a one-token step and the multi-token path, which agree to ~1e-5
+        in float, can round an activation to a different int8 step, and logits differ by up to ~0.6."""
+        w = self.metadata.get("weights") or {}
+        quantized = w.get("projections", "fp32") != "fp32" or w.get("lm_head", "fp32") != "fp32"
+        return w.get("accuracy_level") == 4 and quantized
 
     # -----------------------------------------------------------------------------------------------------
     # One sequence, interactively (chat)
@@ -197,10 +213,27 @@ class OnnxDecoder:
         return logits[0] if all_logits else logits[0, -1]
 
     def decode(self, token: int) -> np.ndarray:
-        """Append one token; return the logits [vocab] for the next one."""
+        """Append one token; return the logits [vocab] for the next one.
+
+        With step_tokens=2 the token goes through the graph's multi-token path, followed by a pad that is
+        dropped again (never attended to, overwritten by the next step): the same arithmetic as `score`, whose
+        rows are bit-identical whatever the number of tokens >= 2 (measured on SmolLM2's int8-activation
+        graphs, where the one-token path differs at the rounding level: see runtime.speculative). So greedy
+        decoding that always takes this step equals speculative decoding's output token for token. The last
+        free position of the context falls back to the one-token step."""
         if self.length == 0:
             raise EdgepackError("decode: call prefill first (the sequence is empty)")
         self._check_room(self.length + 1)
+        if self.step_tokens == 2 and self.length + 2 <= self.max_len:
+            step = self._wide_steps.get(0)
+            if step is None:  # two tokens in, the logits of the first out
+                step = self._wide_steps[0] = DecodeStep(self.session, self._cache, self.vocab_size, width=2, read=1)
+            step.ids[0, 0], step.ids[0, 1] = int(token), self.pad_id
+            step.seqlens[0] = self.length + 1
+            step.total[()] = self.length + 2
+            self.session.run_with_iobinding(step.binding)
+            self.length += 1
+            return step.logits[0, 0].copy()
         step = self._step
         step.ids[0, 0] = int(token)
         step.seqlens[0] = self.length

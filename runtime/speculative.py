@@ -14,14 +14,17 @@ Proposers (the "draft"):
 Exactness:
 - Greedy (temperature 0): a guess is kept iff it is the token plain decoding would pick at that position (argmax
   after the same repetition penalty), so the output is plain greedy output, token for token, as long as the
-  multi-token pass computes what the one-token step computes. On graphs with fp32 activations it does (|Δlogit|
-  ~1e-6 to 1e-4: only an exact near-tie could flip). On int8-activation graphs (MatMulNBits accuracy_level 4,
-  the shipped default) it does not: onnxruntime's kernel for several rows quantizes activations differently
-  from its one-row kernel, and SmolLM2's logits differ by up to ~0.8 between the two paths (each is ~1.0 from
-  the fp32-activation result, so neither is the more exact one). Greedy speculative output then follows the
-  plain output until a position whose top-2 gap is below that noise, and may differ after it, exactly as a
-  batched decode (also the several-row kernel) may differ from a batch-of-one decode.
-  benchmarks/spec_decode.py counts such divergences.
+  multi-token pass computes what a plain step computes. It does, bit for bit, once plain steps take the same
+  path: onnxruntime's multi-token path (GroupQueryAttention's "subsequent prompt", MatMulNBits over several
+  rows) gives every row the same bits whatever the number of tokens >= 2, while the one-token path agrees with
+  it only to ~1e-5 in float (measured on SmolLM2, AMD EPYC with AVX-512 VNNI, onnxruntime 1.32). On graphs
+  with int8 activations (MatMulNBits accuracy_level 4, the shipped default) the next MatMulNBits rounds such
+  last-bit differences to different int8 steps, and logits move by up to ~0.6 (MatMulNBits alone is row-exact:
+  benchmarks/nbits_row_dependence.py). So on those graphs greedy requests decode with two-token steps
+  (OnnxDecoder.step_tokens = 2: the token plus a pad that is dropped; runtime.generation.exact_step_tokens),
+  with or without a draft, and a draft changes the speed, never the tokens. On fp32-activation graphs the two
+  paths differ by ~1e-6 and one-token steps are kept. benchmarks/spec_decode.py --steps 1,2 counts
+  divergences for both step widths.
 - Sampling: the standard rule (Leviathan et al. 2023, Chen et al. 2023): guess x drawn from the draft's q is kept
   with probability min(1, p(x)/q(x)); on rejection the token is drawn from max(p - q, 0), renormalised; after k
   kept guesses one more token is drawn from p. The output distribution is exactly p's. Prompt lookup's guess
@@ -104,6 +107,7 @@ class PromptLookup:
 
     name = "lookup"
     cost_per_token = 0.0  # a numpy search, no model
+    greedy_only = False  # set by make_proposer("auto"): runtime.generation.Generator skips it when sampling
 
     def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
         self.ngram_max, self.ngram_min = int(ngram_max), int(ngram_min)
@@ -129,6 +133,7 @@ class DraftModel:
     context by rewinding to the common prefix and appending what it has not seen."""
 
     name = "model"
+    greedy_only = False  # as PromptLookup.greedy_only
 
     def __init__(self, decoder, cost_per_token: float = 0.3):
         """cost_per_token: one draft step relative to one target step (for AdaptiveK; about the ratio of
@@ -366,7 +371,8 @@ class SpeculativeTokens:
 
 def make_proposer(choice: str, bundle=None, threads: int | None = None, settings: SpeculationSettings | None = None):
     """The proposer for a `--draft` choice: "none" -> None, "lookup" -> PromptLookup, "model" -> the bundle's
-    draft model (EdgepackError if it has none), "auto" -> the draft model if the bundle has one, else lookup."""
+    draft model (EdgepackError if it has none), "auto" -> the draft model if the bundle has one and its
+    measured acceptance says it pays, else lookup; for greedy requests only (`greedy_only`)."""
     if choice not in DRAFT_CHOICES:
         raise EdgepackError(f"draft={choice!r}: use one of {', '.join(DRAFT_CHOICES)}")
     s = settings or SpeculationSettings()
@@ -380,8 +386,13 @@ def make_proposer(choice: str, bundle=None, threads: int | None = None, settings
         measured = (bundle.manifest["runtime"]["draft"].get("acceptance") or {}).get("greedy")
         has_model = measured is None or best_k(float(measured), bundle.draft_cost + VERIFY_COST_PER_TOKEN)[1] > 1.0
     if choice == "model" or (choice == "auto" and has_model):
-        return DraftModel(bundle.draft_decoder(threads), cost_per_token=bundle.draft_cost)
-    return PromptLookup(s.ngram_max, s.ngram_min)
+        proposer = DraftModel(bundle.draft_decoder(threads), cost_per_token=bundle.draft_cost)
+    else:
+        proposer = PromptLookup(s.ngram_max, s.ngram_min)
+    # auto speculates on greedy requests only: with sampling, lookup's guesses are kept far less often (19 %
+    # vs 73-88 % greedy on SmolLM2, benchmarks/spec_decode.py) and cost more than they save
+    proposer.greedy_only = choice == "auto"
+    return proposer
 
 
 def measure_acceptance(generator, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64) -> dict:

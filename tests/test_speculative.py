@@ -518,13 +518,77 @@ def test_export_draft_builds_measures_and_ships_a_draft(tiny_checkpoint, tmp_pat
         )
 
 
-def test_speculation_is_opt_in(draft_bundle_dir):
-    """Plain decoding is the default everywhere (generate, chat, the Python API): on int8-activation graphs
-    a speculative greedy reply can differ from plain decoding at a near-tie, so users ask for it."""
+def test_speculation_is_on_by_default_for_greedy_requests_only(draft_bundle_dir):
+    """`auto` is the default everywhere (generate, chat, the Python API): it speculates on greedy requests,
+    where its guesses are kept often, and leaves sampled ones to plain decoding."""
     from runtime.cli_commands import build_parser
     from tui.app import chat_generator
 
-    b = Bundle.open(draft_bundle_dir)  # even with a draft model in the bundle
-    assert b.has_draft and b.generator(threads=1).draft is None
-    assert chat_generator(b, threads=1).draft is None
-    assert build_parser().parse_args(["generate", str(draft_bundle_dir), "hi"]).draft == "none"
+    b = Bundle.open(draft_bundle_dir)
+    gen = b.generator(threads=1)
+    assert gen.draft is not None and gen.draft.greedy_only
+    assert chat_generator(b, threads=1).draft.greedy_only
+    assert build_parser().parse_args(["generate", str(draft_bundle_dir), "hi"]).draft == "auto"
+    assert not b.generator(threads=1, draft="lookup").draft.greedy_only
+    ids = b.tokenizer.encode("The quick brown fox")
+    greedy = gen.generate(ids, GREEDY)
+    assert greedy.drafted_tokens > 0
+    assert greedy.token_ids == b.generator(threads=1, draft="none").generate(ids, GREEDY).token_ids
+    sampled = SamplingSettings(temperature=0.8, top_p=0.9, max_new_tokens=24, seed=3)
+    gen.reset()
+    assert gen.generate(ids, sampled).drafted_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# int8-activation graphs: greedy requests take two-token steps, so a draft never changes the tokens
+
+
+@pytest.fixture(scope="module")
+def int8_graph(tmp_path_factory, tiny_checkpoint):
+    """The tiny model with int4 projections, int8 embedding and head, MatMulNBits accuracy_level 4 (int8
+    activations), as the shipped bundles are."""
+    from exporter.onnx_graph import GraphOptions, build_decoder, spec_from_hf_config
+
+    model = hf_model(tiny_checkpoint)
+    sd = {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+    options = GraphOptions(max_len=MAX_LEN, projections="int4", embedding="int8", lm_head="int8", accuracy_level=4)
+    out = tmp_path_factory.mktemp("int8_graph") / "onnx" / "model.onnx"
+    build_decoder(sd, spec_from_hf_config(model.config.to_dict(), sd), out, options, progress=False)
+    return out
+
+
+def test_two_token_steps_equal_the_multi_token_pass_bit_for_bit(int8_graph, bundle):
+    from runtime.onnx_engine import OnnxDecoder
+
+    a = OnnxDecoder(int8_graph, threads=1, step_tokens=2)
+    b = OnnxDecoder(int8_graph, threads=1)
+    assert a.quantizes_activations and not bundle.decoder(threads=1).quantizes_activations  # fp32 bundle
+    ids = prompts(bundle)[1]
+    a.prefill(ids[:10])
+    b.prefill(ids[:10])
+    steps = np.stack([a.decode(t) for t in ids[10:17]])
+    assert a.length == 17
+    np.testing.assert_array_equal(b.score(ids[10:17]), steps)
+    for x, y in zip(kv_rows(a), kv_rows(b)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(EdgepackError, match="step_tokens"):
+        OnnxDecoder(int8_graph, step_tokens=3)
+
+
+@pytest.mark.parametrize("mode", ["right", "wrong", "random"])
+def test_greedy_on_int8_graphs_is_the_same_with_and_without_a_draft(int8_graph, bundle, mode):
+    from runtime.generation import exact_step_tokens
+    from runtime.onnx_engine import OnnxDecoder
+
+    dec = OnnxDecoder(int8_graph, threads=1)
+    assert exact_step_tokens(dec, GREEDY) == 2
+    assert exact_step_tokens(dec, SamplingSettings(temperature=0.7)) == 1
+    plain = Generator(dec, bundle.tokenizer)
+    spec = Generator(OnnxDecoder(int8_graph, threads=1), bundle.tokenizer)
+    for i, ids in enumerate(prompts(bundle)):
+        want = plain.generate(ids, GREEDY)
+        assert dec.step_tokens == 2
+        spec.draft = Scripted(len(ids), want.token_ids, mode, bundle.tokenizer.vocab_size, seed=i)
+        spec.reset()
+        got = spec.generate(ids, GREEDY)
+        assert got.token_ids == want.token_ids and got.drafted_tokens > 0

@@ -625,7 +625,7 @@ def _welcome(info: dict) -> str:
     )
 
 
-def chat_generator(bundle, threads: int | None = None, draft: str = "none"):
+def chat_generator(bundle, threads: int | None = None, draft: str = "auto"):
     """The bundle's generator, with onnxruntime's worker threads sleeping instead of spinning between
     kernels (runtime.onnx_engine: spinning threads steal time slices from other threads on the same cores,
     here the UI's)."""
@@ -633,7 +633,7 @@ def chat_generator(bundle, threads: int | None = None, draft: str = "none"):
 
 
 def run_chat(
-    bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None, draft: str = "none"
+    bundle_path: str, data_dir: str | None = None, threads: int | None = None, trust=None, draft: str = "auto"
 ) -> int:
     """Open the bundle (digests checked), load the model, run the chat. Returns the exit code."""
     from runtime.bundle import Bundle

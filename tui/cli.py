@@ -16,7 +16,7 @@ def add_chat_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: one per physical core)")
     from runtime.cli_commands import DRAFT_CHOICES, DRAFT_HELP, add_trust_args
 
-    p.add_argument("--draft", choices=DRAFT_CHOICES, default="none", help=DRAFT_HELP)
+    p.add_argument("--draft", choices=DRAFT_CHOICES, default="auto", help=DRAFT_HELP)
     add_trust_args(p)
     p.set_defaults(func=_cmd_chat)
     return p

@@ -99,12 +99,16 @@ def bench_bundle(
     prompt: list[int] | None = None,
     bandwidth: bool = False,
     draft: str = "none",
+    step_tokens: int | None = None,
 ) -> dict:
     """Load time, time to first token, prefill and decode tokens/s (min/median/max), peak RSS; with
     `bandwidth`, also the memory-bandwidth limit of decode (measured after the peak RSS is read, so its
     1 GiB buffer does not count as the bundle's memory). With a `draft` (runtime.speculative.make_proposer's
     choices), each repeat also runs speculative decoding right after (or before: the order alternates) the
-    plain run, and result["speculative"] holds its decode tokens/s, acceptance rate and speedup."""
+    plain run, and result["speculative"] holds its decode tokens/s, acceptance rate and speedup. step_tokens:
+    the decoder's step width; None = one-token steps (plain decoding's speed, what sampled requests get)
+    without a draft, and with a draft the width greedy generation takes (runtime.generation.exact_step_tokens:
+    two-token steps on int8-activation graphs), so that both runs produce the same tokens."""
     import onnxruntime as ort
 
     from runtime.generation import Generator, SamplingSettings
@@ -118,7 +122,10 @@ def bench_bundle(
         raise EdgepackError(
             f"bench: {prompt_tokens} prompt + {new_tokens} new tokens exceed the model's context of {decoder.max_len}"
         )
-    gen = Generator(decoder, bundle.tokenizer, stop_ids=set())  # no EOS: every run decodes new_tokens
+    if step_tokens is None and draft == "none":
+        step_tokens = 1
+    # no EOS: every run decodes new_tokens
+    gen = Generator(decoder, bundle.tokenizer, stop_ids=set(), step_tokens=step_tokens)
     prompt = list(prompt)[:prompt_tokens] if prompt else bench_prompt(bundle.tokenizer, prompt_tokens)
     settings = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=new_tokens)
     from runtime.speculative import make_proposer
@@ -169,6 +176,7 @@ def bench_bundle(
         "decode_tokens_per_s": _stats([r["decode_tokens_per_s"] for r in runs]),
         # of each decode step, the time spent in Python rather than in onnxruntime (median over runs)
         "loop_us_per_token": statistics.median(r["loop_us_per_token"] for r in runs),
+        "step_tokens": decoder.step_tokens,  # the decode step width the runs took
         "token_ids": token_ids,
         "peak_rss_bytes": peak_rss_bytes(),
         "runs": runs,
@@ -209,7 +217,11 @@ def format_bench(result: dict) -> str:
             f"{'load (ONNX session)':22s} {result['load_s']:.2f} s",
             row("time to first token", "ttft_s", "ms", 1000.0),
             row("prefill", "prefill_tokens_per_s", "tokens/s"),
-            row("decode", "decode_tokens_per_s", "tokens/s"),
+            row(
+                "decode" if result.get("step_tokens", 1) == 1 else "decode, 2-token steps",
+                "decode_tokens_per_s",
+                "tokens/s",
+            ),
             *(
                 [
                     row(

@@ -179,11 +179,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: str, parallel: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(bundle: str, parallel: int, threads: int | None, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "edgepack", "serve", bundle, "--port", str(port), "--parallel", str(parallel)]
     if threads:
         cmd += ["--threads", str(threads)]
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -237,6 +238,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="server's onnxruntime threads")
     ap.add_argument("--no-check", action="store_true", help="skip the solo reference pass and equality check")
     ap.add_argument("--in-process", action="store_true", help="drive the batch scheduler directly (no HTTP)")
+    ap.add_argument("--no-prefix-cache", action="store_true", help="serve with --no-prefix-cache (an A/B switch)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -249,7 +251,8 @@ def main() -> int:
     elif args.url:
         url = args.url.rstrip("/")
     elif args.bundle:
-        proc, url = start_server(args.bundle, max(levels), args.threads)
+        extra = ("--no-prefix-cache",) if args.no_prefix_cache else ()
+        proc, url = start_server(args.bundle, max(levels), args.threads, *extra)
     else:
         ap.error("give a BUNDLE or --url")
     if not args.in_process:
@@ -325,6 +328,7 @@ def main() -> int:
                     "requests_per_client": args.requests,
                     "threads": args.threads,
                     "in_process": args.in_process,
+                    "prefix_cache": not args.no_prefix_cache,
                     "levels": rows,
                 },
             )

@@ -60,12 +60,14 @@ class QueueFull(EdgepackError):
 class PoolConfig:
     """The slot pool. slots: requests decoding together; queue: requests allowed to wait for a slot;
     context: KV positions per slot (None = the decoder's max_len); prefill_chunk: prompt tokens prefilled
-    per scheduler iteration."""
+    per scheduler iteration; prefix: prompt tokens most requests start with (the chat template's system part,
+    server.run.shared_chat_prefix): their KV cache is computed once and copied into each newcomer's row."""
 
     slots: int = 4
     queue: int = 16
     context: int | None = None
     prefill_chunk: int = 256
+    prefix: tuple[int, ...] = ()
 
     def check(self, max_len: int) -> None:
         if not 1 <= self.slots <= 256:
@@ -76,6 +78,8 @@ class PoolConfig:
             raise EdgepackError(f"context={self.context}: must be between 2 and the model's max_len {max_len}")
         if self.prefill_chunk < 1:
             raise EdgepackError(f"prefill_chunk={self.prefill_chunk}: must be >= 1")
+        if len(self.prefix) >= (self.context or max_len):
+            raise EdgepackError(f"prefix of {len(self.prefix)} tokens: must be shorter than the context")
 
 
 class Request:
@@ -212,7 +216,9 @@ class BatchScheduler:
         self._waiting: list[Request] = []
         self._cond = threading.Condition()
         self._closed = False
-        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0}
+        self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "tokens": 0, "prefix_reused": 0}
+        self.prefix = [int(t) for t in self.config.prefix]
+        self._prefix_kv = self._prefill_prefix(self.prefix) if self.prefix else {}
         self._thread = threading.Thread(target=self._run, name="edgepack-batching", daemon=True)
         self._thread.start()
 
@@ -331,15 +337,30 @@ class BatchScheduler:
             self._notify(request, None)
             request.done.set()
 
+    def _prefill_prefix(self, prefix: list[int]) -> dict:
+        """The KV cache of `prefix` alone (prefilled in row 0 before the scheduler starts), per cache array."""
+        if min(prefix) < 0 or max(prefix) >= self.decoder.vocab_size:
+            raise EdgepackError(f"prefix: token ids must be in [0, {self.decoder.vocab_size})")
+        self._run_prefill(0, prefix, 0)
+        return {key: arr[0, :, : len(prefix)].copy() for key, arr in self.cache.arrays.items()}
+
     def _admit(self) -> None:
         vocab = self.decoder.vocab_size
+        n = len(self.prefix)
         for i, slot in enumerate(self._slots):
             if not self._waiting:
                 return
             if slot is None:
                 request = self._waiting.pop(0)
                 policy = TokenPolicy(self.tokenizer, request.settings, request.prompt, vocab, self.stop_ids)
-                self._slots[i] = _Slot(i, request, policy)
+                new = self._slots[i] = _Slot(i, request, policy)
+                if n and len(request.prompt) > n and request.prompt[:n] == self.prefix:
+                    # a copy instead of a prefill: causal attention makes the prefix's KV independent of what
+                    # follows, so the row holds what prefilling the prompt in two parts would write
+                    for key, arr in self.cache.arrays.items():
+                        arr[i, :, :n] = self._prefix_kv[key]
+                    new.length = new.fed = n
+                    self.stats["prefix_reused"] += 1
 
     def _drop_cancelled(self) -> None:
         for slot in filter(None, self._slots):
@@ -358,7 +379,16 @@ class BatchScheduler:
             if budget <= 0:
                 return
             prompt = slot.request.prompt
-            chunk = prompt[slot.fed : slot.fed + budget]
+            remaining = len(prompt) - slot.fed
+            take = min(budget, remaining)
+            if take < remaining:
+                # a cut keeps >= 2 tokens on both sides: a one-token pass takes onnxruntime's decode path, whose
+                # last bits differ from the multi-token path (runtime.speculative), so a reply would depend on
+                # how busy the pool was when its prompt was cut
+                take = min(take, remaining - 2)
+                if take < 2:
+                    continue
+            chunk = prompt[slot.fed : slot.fed + take]
             budget -= len(chunk)
             t = time.perf_counter()
             try:

@@ -22,6 +22,12 @@ def add_serve_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for a slot; beyond: 429")
     p.add_argument("--context", type=int, help="KV positions per slot (default: the model's context)")
     p.add_argument("--max-body", type=int, default=1 << 20, help="request body limit in bytes (default 1 MiB)")
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt whole (default: the KV cache of the chat template's system part is computed "
+        "once and copied into each request that starts with it)",
+    )
     from runtime.cli_commands import add_trust_args
 
     add_trust_args(p)
@@ -42,6 +48,7 @@ def _cmd_serve(args) -> int:
         queue=args.queue,
         context=args.context,
         max_body_bytes=args.max_body,
+        prefix_cache=not args.no_prefix_cache,
     )
     config.check()  # before the bundle is opened: a refused start costs nothing
     try:

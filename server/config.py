@@ -15,7 +15,8 @@ class ServeConfig:
     """host/port: where to listen (loopback unless an API key is set); api_key: required as
     `Authorization: Bearer KEY` on every /v1 route when set; threads: onnxruntime intra-op threads;
     parallel: requests decoding together (KV-cache slots); queue: requests allowed to wait for a slot
-    (beyond that: 429); context: KV positions per slot (None = the model's); max_body_bytes: request cap."""
+    (beyond that: 429); context: KV positions per slot (None = the model's); max_body_bytes: request cap;
+    prefix_cache: reuse the KV cache of the chat template's shared system part (server.run.shared_chat_prefix)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -25,6 +26,7 @@ class ServeConfig:
     queue: int = 16
     context: int | None = None
     max_body_bytes: int = 1 << 20
+    prefix_cache: bool = True
 
     def check(self) -> None:
         if not is_loopback(self.host) and not self.api_key:

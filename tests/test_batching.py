@@ -191,3 +191,59 @@ def test_pool_config_is_checked(bundle):
     ):
         with pytest.raises(EdgepackError):
             BatchScheduler(dec, bundle.tokenizer, bundle.stop_ids, bad)
+
+
+def test_shared_prefix_is_copied_not_prefilled(bundle):
+    """A pool given the chat template's shared prefix copies its KV into each newcomer whose prompt starts with
+    it: the rows hold what a full prefill writes, replies equal solo, other prompts are prefilled as before."""
+    import numpy as np
+
+    from server.run import shared_chat_prefix
+
+    prefix = shared_chat_prefix(bundle)
+    head = [{"role": "system", "content": bundle.system_prompt}] if bundle.system_prompt else []
+    chats = [
+        bundle.tokenizer.encode_chat(head + [{"role": "user", "content": f"Tell me about number {i * 7}."}])
+        for i in range(4)
+    ]
+    assert len(prefix) >= 2 and all(p[: len(prefix)] == list(prefix) for p in chats)
+    jobs = [(ids, GREEDY) for ids in chats + prompts(bundle, 4)]
+    pool = PoolConfig(slots=8, queue=8, prefix=prefix)
+    with BatchScheduler(bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, pool) as scheduler:
+        results = run_all(scheduler, jobs)
+        assert scheduler.status()["prefix_reused"] == 4
+        copied = {k: v.copy() for k, v in scheduler._prefix_kv.items()}
+        arrays = scheduler.cache.arrays
+    for (ids, s), got in zip(jobs, results):
+        same(got, solo(bundle, ids, s))
+    dec = bundle.decoder(threads=1)  # the prefix's KV = the first positions of a full prompt's prefill
+    dec.prefill(chats[0])
+    for key, want in copied.items():
+        full = next(v for k, v in dec._cache.values.items() if k == key).numpy()[0, :, : len(prefix)]
+        np.testing.assert_allclose(want, full, atol=1e-5)
+        assert want.shape == arrays[key][0, :, : len(prefix)].shape
+    with pytest.raises(EdgepackError, match="prefix"):
+        PoolConfig(prefix=tuple(range(64)), context=64).check(64)
+
+
+def test_prompt_cuts_never_leave_a_one_token_pass(bundle, monkeypatch):
+    """A prompt cut across iterations keeps >= 2 tokens on both sides of every cut (a one-token pass is
+    onnxruntime's decode path, which rounds differently), and replies still equal solo."""
+    calls = []
+    original = BatchScheduler._run_prefill
+
+    def recording(self, row, ids, past):
+        calls.append((row, len(ids), past))
+        return original(self, row, ids, past)
+
+    monkeypatch.setattr(BatchScheduler, "_run_prefill", recording)
+    ps = [p for p in prompts(bundle, 8) if len(p) > 5]
+    jobs = [(ids, GREEDY) for ids in ps]
+    with BatchScheduler(
+        bundle.decoder(threads=1), bundle.tokenizer, bundle.stop_ids, PoolConfig(slots=4, prefill_chunk=3)
+    ) as scheduler:
+        results = run_all(scheduler, jobs)
+    assert calls and min(n for _, n, _ in calls) >= 2
+    assert any(past > 0 for _, _, past in calls)  # prompts really were cut
+    for (ids, s), got in zip(jobs, results):
+        same(got, solo(bundle, ids, s))

@@ -1,7 +1,11 @@
 """Speculative decoding against plain decoding on one bundle, interleaved in one run.
 
     python benchmarks/spec_decode.py BUNDLE [--drafts lookup,model] [--wikitext 8] [--chat 8] [--new-tokens 128]
-                                     [--threads N] [--json docs/spec_decode_smollm2.json]
+                                     [--steps 1,2] [--threads N] [--json docs/spec_decode_smollm2.json]
+
+`--steps 1,2` also runs every variant with two-token decode steps (`NAME@2`, OnnxDecoder.step_tokens = 2, what
+greedy generation takes on int8-activation graphs); each variant's greedy output is compared with plain decoding
+at its own step width.
 
 Prompt sets: WikiText-2 test continuation (128-token windows from spread-out articles, greedy, no stop token
 so every run decodes --new-tokens), chat instructions (runtime/data/chat, the bundle's chat template and

@@ -20,11 +20,14 @@ A cancelled request (a client that went away) leaves at the next iteration, so i
 token. An exception in one request's token handling (or its listener) fails that request only; an
 exception in a batched run fails the requests in that run; the scheduler thread keeps going.
 
-Under greedy sampling every request yields what `Generator` yields for it alone, token for token, wherever
-the graph's kernels compute a row the same whatever the batch (fp32 and RTN-int4 graphs; tests check it):
-each row sees only its own positions. MatMulNBits with int8 activations on the GPTQ main bundle rounds a
-one-row step differently from a several-row step (logits up to ~0.7 apart, measured), so there a batched
-greedy reply can take the other branch at a near-tie; the scheduler cannot change that arithmetic.
+Under greedy sampling every request yields what the pool yields for it alone, token for token, wherever the
+graph's kernels compute a row the same whatever the batch: each row sees only its own positions, decode rows
+are one-token steps, and a prompt cut across iterations keeps >= 2 tokens on both sides of every cut (a
+one-token pass would take onnxruntime's decode path). Measured row-exact on fp32 graphs (tests) and on the
+main bundle's int8-activation graph on an AVX-512 VNNI EPYC (48/48 load-test replies); an older GPTQ bundle on
+an AVX2 box was not. `Generator` takes two-token steps for greedy requests on int8-activation graphs
+(runtime.generation.exact_step_tokens), so there a pool's greedy reply can part from `edgepack generate`'s at a
+near-tie.
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ class OnnxDecoder:
         self.threads = threads
         self._cache: KVCache | None = None  # the interactive sequence's cache (batch 1, max_len)
         self._step: DecodeStep | None = None
-        self._wide_steps: dict[int, DecodeStep] = {}  # score(): one bound step per number of tokens (0: decode's)
+        self._wide_steps: dict[int, DecodeStep] = {}  # score(): one bound step per number of tokens
+        self._pair_step: DecodeStep | None = None  # decode() with step_tokens=2
         self.length = 0  # tokens in the interactive cache
 
     @property
@@ -225,9 +226,9 @@ class OnnxDecoder:
             raise EdgepackError("decode: call prefill first (the sequence is empty)")
         self._check_room(self.length + 1)
         if self.step_tokens == 2 and self.length + 2 <= self.max_len:
-            step = self._wide_steps.get(0)
-            if step is None:  # two tokens in, the logits of the first out
-                step = self._wide_steps[0] = DecodeStep(self.session, self._cache, self.vocab_size, width=2, read=1)
+            if self._pair_step is None:  # two tokens in, the logits of the first out
+                self._pair_step = DecodeStep(self.session, self._cache, self.vocab_size, width=2, read=1)
+            step = self._pair_step
             step.ids[0, 0], step.ids[0, 1] = int(token), self.pad_id
             step.seqlens[0] = self.length + 1
             step.total[()] = self.length + 2

@@ -10,6 +10,9 @@ identical among M>=2. An AVX2 EPYC gave <= 3e-6 for every variant earlier. (What
 speculative verification is upstream of MatMulNBits: see runtime.speculative's "Exactness".)
 
     python benchmarks/nbits_row_dependence.py [--threads 2] [--rows 2,3,4,5,8,16]
+
+It first prints which bit widths this onnxruntime's CPU MatMulNBits kernel accepts (1.32: 2, 4 and 8; a graph
+with 3, 5 or 6 bits fails at session creation), the widths any per-matrix precision choice can use.
 """
 
 from __future__ import annotations
@@ -29,6 +32,34 @@ from exporter.int4 import quantize_rtn  # noqa: E402
 from runtime.bench import cpu_name  # noqa: E402
 
 N, K = 1536, 576  # SmolLM2's up projection
+
+
+def accepted_bits(threads: int) -> list[int]:
+    """The bit widths for which a MatMulNBits session can be created and run here."""
+    ok = []
+    for bits in range(2, 9):
+        packed = np.zeros((8, 1, 32 * bits // 8), np.uint8)
+        inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(np.ones((8, 1), np.float32), "s")]
+        node = helper.make_node(
+            "MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=32, N=8, bits=bits, block_size=32
+        )
+        graph = helper.make_graph(
+            [node],
+            "bits",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+            inits,
+        )
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.log_severity_level = threads, 4
+        try:
+            sess = ort.InferenceSession(helper.make_model(graph, opset_imports=opsets).SerializeToString(), opts)
+            sess.run(None, {"x": np.ones((1, 32), np.float32)})
+            ok.append(bits)
+        except Exception:  # onnxruntime refuses the width (its own exception types)
+            pass
+    return ok
 
 
 def session(block: int, symmetric: bool, level: int, threads: int) -> ort.InferenceSession:
@@ -66,6 +97,7 @@ def main() -> int:
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512 VNNI" if " avx512_vnni" in flags else ("AVX-512" if " avx512f" in flags else "AVX2")
     print(f"{cpu_name()} ({os.cpu_count()} cores, {isa}); onnxruntime {ort.__version__}; {args.threads} threads")
+    print(f"MatMulNBits bit widths this kernel accepts: {accepted_bits(args.threads)}")
     print("| block | zero points | accuracy level | " + " | ".join(f"M={m} vs 1 / vs 2" for m in rows) + " |")
     print("| ---: | --- | ---: | " + " | ".join("---:" for _ in rows) + " |")
     rng = np.random.default_rng(1)

@@ -472,6 +472,13 @@ def main() -> int:
     ap.add_argument("--thread-counts", default="1,2")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole line-up this many times, engines one after the other each round; rows give the "
+        "median over rounds and the speculative row its ratio to each engine round by round",
+    )
+    ap.add_argument(
         "--work-dir",
         default=str(ROOT / "models" / "bench"),
         help="where the onnxruntime-genai views of the bundles are written",
@@ -539,12 +546,16 @@ def main() -> int:
         os.sync()  # the new GGUFs' writeback must not run during the first engine's timing (it did: 0.8x)
     for gguf in ggufs if args.bench_python else []:
         plan.append((f"llama.cpp {Path(gguf).name}", "llamacpp", args.bench_python, gguf, file_bytes(Path(gguf), "")))
-    for label, engine, python, target, wb in plan:
-        for t in [int(x) for x in args.thread_counts.split(",")]:
-            r = run_engine(engine, python, args, t, target)
-            if r:
-                r.update(weight_bytes=wb, threads=t, bandwidth_limit_tokens_per_s=bw / wb)
-                results["engines"][f"{label} @{t}"] = r
+    results["rounds"] = args.rounds
+    for rnd in range(args.rounds):  # every engine once per round, so slow drift of the machine hits them all
+        if args.rounds > 1:
+            print(f"  round {rnd + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        for label, engine, python, target, wb in plan:
+            for t in [int(x) for x in args.thread_counts.split(",")]:
+                r = run_engine(engine, python, args, t, target)
+                if r:
+                    r.update(weight_bytes=wb, threads=t, bandwidth_limit_tokens_per_s=bw / wb)
+                    merge_round(results["engines"], f"{label} @{t}", r)
     for k, v in results["engines"].items():  # genai on edgepack's own graph must produce edgepack's tokens
         if k.startswith("onnxruntime-genai, same graph "):
             ours = results["engines"].get("edgepack " + k[len("onnxruntime-genai, same graph ") :], {})
@@ -564,6 +575,22 @@ def main() -> int:
     return 0
 
 
+def merge_round(engines: dict, key: str, r: dict) -> None:
+    """Add one round's result of an engine: `round_medians` keeps each round's median decode tokens/s, and
+    decode_tokens_per_s becomes min/median/max over those (the first round's other fields are kept)."""
+    med = r["decode_tokens_per_s"]["median"]
+    if key not in engines:
+        engines[key] = {**r, "round_medians": [med]}
+    else:
+        engines[key]["round_medians"].append(med)
+    engines[key]["decode_tokens_per_s"] = _stats(engines[key]["round_medians"])
+
+
+def round_ratios(a: dict, b: dict) -> dict:
+    """a's decode speed over b's, round by round (the two ran minutes apart at most): min/median/max."""
+    return _stats([x / y for x, y in zip(a["round_medians"], b["round_medians"])])
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -581,6 +608,7 @@ def print_table(results: dict) -> None:
     print(
         f"{m['cpu']}, {m['cores']} cores; read bandwidth {results['read_bandwidth_GBps']:.1f} GB/s; "
         f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)"
+        + (f" of {results['rounds']} rounds' medians" if results.get("rounds", 1) > 1 else "")
     )
     print(
         "| engine | threads | decode tok/s | prefill tok/s | edgepack / engine | weights MB | "
@@ -607,12 +635,19 @@ def print_table(results: dict) -> None:
         if " + draft=" not in k:
             continue
         label, t = k.rsplit(" @", 1)
+        ratios = {o: round_ratios(v, w) for o, w in engines.items() if o.endswith(f" @{t}") and o != k}
+        v["ratios_by_round"] = ratios
         others = ", ".join(
-            f"{o.rsplit(' @', 1)[0]}: {v['decode_tokens_per_s']['median'] / w['decode_tokens_per_s']['median']:.2f}x"
-            for o, w in engines.items()
-            if o.endswith(f" @{t}") and o != k
+            f"{o.rsplit(' @', 1)[0]}: {r['median']:.2f}x"
+            + (f" ({r['min']:.2f}-{r['max']:.2f})" if len(v["round_medians"]) > 1 else "")
+            for o, r in ratios.items()
         )
-        print(f"{label} @{t} ({100 * v['acceptance_rate']:.0f} % of guesses kept) against {others}")
+        rounds = len(v["round_medians"])
+        print(
+            f"{label} @{t} ({100 * v['acceptance_rate']:.0f} % of guesses kept) against "
+            + (f"(median of {rounds} rounds' ratios, min-max) " if rounds > 1 else "")
+            + others
+        )
 
 
 if __name__ == "__main__":

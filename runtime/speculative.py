@@ -7,7 +7,9 @@ scoring k+1 tokens costs little more than scoring one; every accepted guess is a
 
 Proposers (the "draft"):
 - `PromptLookup`: the continuation of the latest earlier occurrence of the last n tokens (n = ngram_max down
-  to ngram_min) in the prompt and the reply so far (the conversation, in a chat). No model, no weights.
+  to ngram_min) in the prompt and the reply so far (the conversation, in a chat). No model, no weights. When
+  the last token was never seen before (a year or counter that changed since the last repeat), the
+  `skip_ngram` tokens before it are matched instead and what followed the token in their place is proposed.
 - `DraftModel`: a small model of the same family and tokenizer (a bundle's optional `draft/` part, made by
   `edgepack export --draft`), decoding greedily (or sampling, when the target samples) with its own cache.
 
@@ -36,8 +38,9 @@ Exactness:
 k adapts to the measured acceptance (`AdaptiveK`): an exponential moving average of the share of guesses kept
 picks the k that maximises expected tokens per unit of cost, (1 - a^(k+1)) / (1 - a) / (1 + c k), with c the
 relative cost of one more guessed token (the proposer's own cost plus the wider verification pass); when even
-the best k is worth less than plain decoding, guessing pauses, with a probe every few rounds. It depends
-only on acceptance counts, never on timings, so a seeded run is reproducible.
+the best k is worth less than plain decoding, guessing pauses, with a probe every few rounds. With two-token
+steps the first guess takes the pad's place and its verification is free, so guessing never pauses there.
+It depends only on acceptance counts, never on timings, so a seeded run is reproducible.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class SpeculationSettings:
     k_max: int = 8
     ngram_max: int = 3  # prompt lookup: longest suffix matched
     ngram_min: int = 1  # prompt lookup: shortest suffix matched
+    skip_ngram: int = 2  # prompt lookup, when nothing matched: tokens before the last one matched (0: off)
     ema: float = 0.3  # weight of the latest round in the acceptance average
 
     def check(self) -> None:
@@ -109,8 +113,8 @@ class PromptLookup:
     cost_per_token = 0.0  # a numpy search, no model
     greedy_only = False  # set by make_proposer("auto"): runtime.generation.Generator skips it when sampling
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1):
-        self.ngram_max, self.ngram_min = int(ngram_max), int(ngram_min)
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1, skip_ngram: int = 2):
+        self.ngram_max, self.ngram_min, self.skip_ngram = int(ngram_max), int(ngram_min), int(skip_ngram)
 
     def propose(self, context: Sequence[int], k: int, sampler=None) -> Proposal:
         ctx = np.asarray(context, dtype=np.int64)
@@ -121,6 +125,15 @@ class PromptLookup:
             hits = np.flatnonzero((windows == ctx[n_ctx - n :]).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n
+                return Proposal(ctx[start : start + k].tolist())
+        if self.skip_ngram and n_ctx > self.skip_ngram + 2:
+            # no match of the last token: treat it as a wildcard and match the n tokens before it (a counter, a
+            # year, a name that changes between repeats: "... 2005 film" then "... 2006" -> guess " film")
+            n = self.skip_ngram
+            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-3], n)
+            hits = np.flatnonzero((windows == ctx[n_ctx - 1 - n : n_ctx - 1]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n + 1  # past the wildcard's counterpart
                 return Proposal(ctx[start : start + k].tolist())
         return Proposal([])
 
@@ -209,11 +222,16 @@ class AdaptiveK:
     """The number of tokens to guess next, from a moving average of the share of guesses kept. When no k
     beats plain decoding (1 token per unit of cost), speculation pauses (k = 0) and probes with k_min
     guesses every `probe_every` rounds, so a stream that turns repetitive is noticed; each probe that does
-    not resume speculation doubles the interval (up to 64 rounds), so a useless draft costs little."""
+    not resume speculation doubles the interval (up to 64 rounds), so a useless draft costs little.
 
-    def __init__(self, settings: SpeculationSettings, cost_per_token: float, probe_every: int = 8):
+    free_guesses: guesses whose verification costs nothing because plain decoding's own step already has room
+    for them (1 with two-token steps, where a guess takes the pad's place); only the proposer's cost remains."""
+
+    def __init__(
+        self, settings: SpeculationSettings, cost_per_token: float, probe_every: int = 8, free_guesses: int = 0
+    ):
         self.s = settings
-        self.cost = float(cost_per_token) + VERIFY_COST_PER_TOKEN
+        self.draft_cost, self.free = float(cost_per_token), int(free_guesses)
         self.alpha = 0.5  # prior: half the guesses kept
         self.k = settings.k_start
         self.probe_every, self.paused = probe_every, 0
@@ -228,7 +246,7 @@ class AdaptiveK:
         if proposed == 0:
             return
         self.alpha += self.s.ema * (accepted / proposed - self.alpha)
-        best, gain = best_k(self.alpha, self.cost, self.s.k_min, self.s.k_max)
+        best, gain = best_k(self.alpha, self.draft_cost, self.s.k_min, self.s.k_max, self.free)
         if gain > 1.0:
             self.k, self.probe_every = best, 8
         else:
@@ -237,10 +255,16 @@ class AdaptiveK:
             self.k, self.paused = 0, 0
 
 
-def best_k(alpha: float, cost: float, k_min: int = 1, k_max: int = 8) -> tuple[int, float]:
+def round_cost(k: int, draft_cost: float, free_guesses: int = 0) -> float:
+    """Cost of a round with k guesses, in plain decode steps: the proposer's k steps plus the wider
+    verification pass (VERIFY_COST_PER_TOKEN per guess beyond the ones plain decoding's step has room for)."""
+    return 1.0 + draft_cost * k + VERIFY_COST_PER_TOKEN * max(0, k - free_guesses)
+
+
+def best_k(alpha: float, draft_cost: float, k_min: int = 1, k_max: int = 8, free_guesses: int = 0) -> tuple[int, float]:
     """The k with the most expected tokens per unit of cost against plain decoding (1 token per unit), and
     that ratio: > 1 means guessing pays."""
-    gain = {k: expected_tokens(alpha, k) / (1.0 + cost * k) for k in range(k_min, k_max + 1)}
+    gain = {k: expected_tokens(alpha, k) / round_cost(k, draft_cost, free_guesses) for k in range(k_min, k_max + 1)}
     k = max(gain, key=gain.get)
     return k, gain[k]
 
@@ -326,7 +350,10 @@ class SpeculativeTokens:
         self.first_logits = logits
         self.cache_ids = cache_ids  # shared with the Generator: the ids fed so far, in order
         self.queue: deque[int] = deque()
-        self.k = AdaptiveK(self.settings, proposer.cost_per_token)
+        # with two-token steps (exact greedy on int8-activation graphs) plain decoding already pays for a second
+        # token, so one guess per round rides along for free and guessing never pauses while there is a guess
+        free = 1 if getattr(decoder, "step_tokens", 1) == 2 else 0
+        self.k = AdaptiveK(self.settings, proposer.cost_per_token, free_guesses=free)
         self.proposed = self.accepted = self.rounds = 0
 
     def next(self) -> int:
@@ -384,11 +411,11 @@ def make_proposer(choice: str, bundle=None, threads: int | None = None, settings
         raise EdgepackError("draft=model: this bundle has no draft model (export it with `edgepack export --draft`)")
     if choice == "auto" and has_model:  # the draft model only where its measured acceptance says it pays
         measured = (bundle.manifest["runtime"]["draft"].get("acceptance") or {}).get("greedy")
-        has_model = measured is None or best_k(float(measured), bundle.draft_cost + VERIFY_COST_PER_TOKEN)[1] > 1.0
+        has_model = measured is None or best_k(float(measured), bundle.draft_cost)[1] > 1.0
     if choice == "model" or (choice == "auto" and has_model):
         proposer = DraftModel(bundle.draft_decoder(threads), cost_per_token=bundle.draft_cost)
     else:
-        proposer = PromptLookup(s.ngram_max, s.ngram_min)
+        proposer = PromptLookup(s.ngram_max, s.ngram_min, s.skip_ngram)
     # auto speculates on greedy requests only: with sampling, lookup's guesses are kept far less often (16-19 %
     # vs 67-79 % greedy on SmolLM2, benchmarks/spec_decode.py) and save next to nothing (1.03x)
     proposer.greedy_only = choice == "auto"

@@ -216,6 +216,34 @@ def test_prompt_lookup_proposes_the_latest_continuation():
     assert PromptLookup(ngram_max=3, ngram_min=2).propose([4, 5, 6, 4], 4).tokens == []
 
 
+def test_prompt_lookup_treats_an_unseen_last_token_as_a_wildcard():
+    # "... 2 0 0 5 film The ... 2 0 0 6": nothing after "6" was seen, so "0 0" + one wildcard is matched
+    ctx = [7, 2, 0, 0, 5, 11, 12, 13, 2, 0, 0, 6]
+    assert PromptLookup(skip_ngram=2).propose(ctx, 3).tokens == [11, 12, 13]
+    assert PromptLookup(skip_ngram=0).propose(ctx, 3).tokens == []  # off
+    assert PromptLookup(skip_ngram=2).propose([1, 2, 3, 9], 3).tokens == []  # "2 3" never seen before
+    # an exact match of the last token wins over the wildcard
+    assert PromptLookup(skip_ngram=2).propose([2, 0, 5, 8, 6, 4, 2, 0, 6], 2).tokens == [4, 2]
+    assert SpeculationSettings().skip_ngram == PromptLookup().skip_ngram == 2
+
+
+def test_one_guess_is_free_with_two_token_steps():
+    from runtime.speculative import VERIFY_COST_PER_TOKEN, best_k, round_cost
+
+    assert round_cost(1, 0.0, free_guesses=1) == 1.0 and round_cost(1, 0.0) == 1.0 + VERIFY_COST_PER_TOKEN
+    assert round_cost(3, 0.3, free_guesses=1) == pytest.approx(1.0 + 0.9 + 2 * VERIFY_COST_PER_TOKEN)
+    assert best_k(0.05, 0.0)[1] < 1.0 < best_k(0.05, 0.0, free_guesses=1)[1]  # a poor guess pays only when free
+    k = AdaptiveK(SpeculationSettings(k_start=4), cost_per_token=0.0, free_guesses=1)
+    for _ in range(30):
+        k.update(k.k, 0)  # every guess wrong: k drops to one free guess per round, never pauses
+        assert k.next_k() >= 1
+    assert k.k == 1
+    paid = AdaptiveK(SpeculationSettings(k_start=4), cost_per_token=0.0)
+    for _ in range(30):
+        paid.update(max(paid.k, 1), 0)
+    assert paid.k == 0  # with one-token steps the same stream pauses guessing
+
+
 def test_k_adapts_to_acceptance():
     s = SpeculationSettings(k_start=4, k_min=1, k_max=8)
     k = AdaptiveK(s, cost_per_token=0.0)
@@ -592,3 +620,5 @@ def test_greedy_on_int8_graphs_is_the_same_with_and_without_a_draft(int8_graph, 
         spec.reset()
         got = spec.generate(ids, GREEDY)
         assert got.token_ids == want.token_ids and got.drafted_tokens > 0
+        if mode == "wrong":  # a guess rides in the pad's place every round: guessing never pauses
+            assert got.drafted_tokens >= got.new_tokens - 2 - SpeculationSettings().k_start

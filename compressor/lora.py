@@ -56,6 +56,9 @@ class LoraTraining:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
+    # explicit module names to adapt instead of the stage's target suffixes (EoRA tuning: exactly the
+    # projections EoRA corrected, compressor.eora_tune)
+    modules: list[str] = field(default_factory=list)
 
     @classmethod
     def for_examples(cls, stage: LoraStage, n_examples: int, pad_id: int) -> LoraTraining:
@@ -353,7 +356,7 @@ def attach_lora(model, settings: LoraTraining):
         r=settings.stage.rank,
         lora_alpha=settings.stage.alpha,
         lora_dropout=settings.stage.dropout,
-        target_modules=list(settings.stage.targets),
+        target_modules=list(settings.modules or settings.stage.targets),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -494,11 +497,14 @@ def train_lora(
     settings: LoraTraining,
     out_dir,
     teacher=None,
+    init: dict[str, torch.Tensor] | None = None,
+    desc: str = "LoRA",
 ) -> tuple[Any, dict[str, Any]]:
     """Train LoRA adapters on `model` (a plain transformers model, left frozen) and return
     (peft_model, record). Resumes from `out_dir`'s last checkpoint when there is one for the same run.
     The objective is the next-token NLL of the labels, or, with `teacher` (the stage's objective "distill"),
     KL(teacher || student) at the labelled positions; the teacher stays frozen and resident beside the student.
+    `init`: adapter tensors (PEFT state-dict keys) to start from instead of fresh LoRA (B = 0).
 
     The final adapter is written to `out_dir/adapter/` (PEFT layout) and the record to
     `out_dir/lora_record.json`; merge with `merge_lora(peft_model, masks)`."""
@@ -516,6 +522,8 @@ def train_lora(
 
     device = pick_device()
     peft_model = attach_lora(model, settings).to(device)
+    if init is not None:  # a checkpoint of this run, if any, replaces it in _resume
+        load_adapter_state(peft_model, {k: v.to(device) for k, v in init.items()}, out_dir)
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -540,7 +548,7 @@ def train_lora(
             history["heldout_loss"].append(
                 [0, heldout_loss(peft_model, heldout, settings, device, teacher, teacher_cache)]
             )
-        bar = tqdm(total=settings.steps, initial=start_step, desc="LoRA", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=settings.steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         for step in range(start_step, settings.steps):
             for group in optimizer.param_groups:
                 group["lr"] = settings.stage.lr * lr_factor(step, settings.warmup_steps, settings.steps)

@@ -175,13 +175,23 @@ class GptqStage(Settings):
 @dataclass
 class EoraStage(Settings):
     section: ClassVar[str] = "eora"
+    added_later: ClassVar[dict] = {"tune_steps": 0, "tune_samples": 64, "tune_lr": 2e-4, "tune_batch_size": 4}
     rank: int = 32
     dataset: QuantData = "wikitext"
     samples: int = 32
     seqlen: int = 512
+    # after the closed-form fit: optimizer steps distilling all EoRA factors together from the float model that
+    # was quantized (KL on its logits over `tune_samples` rows of `dataset`; compressor.eora_tune); 0 = off
+    tune_steps: int = 0
+    tune_samples: int = 64
+    tune_lr: float = 2e-4
+    tune_batch_size: int = 4
 
     def check(self) -> None:
-        self.at_least(1, "rank", "samples", "seqlen")
+        self.at_least(1, "rank", "samples", "seqlen", "tune_samples", "tune_batch_size")
+        self.at_least(0, "tune_steps")
+        if not self.tune_lr > 0:
+            raise self.error("tune_lr", self.tune_lr, "must be > 0")
 
 
 @dataclass
@@ -236,7 +246,9 @@ class Recipe(Settings):
             )
         if self.eora:
             parts.append(
-                f"EoRA r{self.eora.rank}" + ("" if self.eora.dataset == "wikitext" else f" on {self.eora.dataset}")
+                f"EoRA r{self.eora.rank}"
+                + ("" if self.eora.dataset == "wikitext" else f" on {self.eora.dataset}")
+                + (f", distilled {self.eora.tune_steps} steps" if self.eora.tune_steps else "")
             )
         if self.lora and (self.width or self.channels):
             parts.append(f"order {'depth→LoRA→width' if self.order == 'DLW' else 'depth→width→LoRA'}")

@@ -121,11 +121,15 @@ def test_full_pipeline_lora_gptq_eora_records_each_stage(tiny_checkpoint, tmp_pa
         width=WidthStage(n=1, m=4),
         lora=LoraStage(dataset="triviaqa", samples=16, batch_size=4, seqlen=128),
         gptq=GptqStage(group_size=32, samples=8, seqlen=64),
-        eora=EoraStage(rank=4, samples=8, seqlen=64),
+        eora=EoraStage(rank=4, samples=8, seqlen=64, tune_steps=2, tune_samples=8),
     )
     summary = pipeline.run_pipeline(recipe, tmp_path / "w", eval_limits=TINY_LIMITS, log=lambda m: None)
     stages_ = {s["stage"]: s for s in summary["stages"]}
     assert list(stages_) == ["depth", "width", "lora", "gptq", "eora"]
+    # EoRA's closed-form fit in fit/, then 2 distillation steps from it: the shipped adapter is the tuned one
+    assert stages_["eora"]["tune"]["steps"] == 2 and stages_["eora"]["tune"]["rows"] == 7
+    assert (tmp_path / "w/05-eora/fit/adapter_model.safetensors").exists()
+    assert "distilled 2 steps" in recipe.describe()
     assert stages_["lora"]["merge"]["mask_policy"] == "reapplied"
     assert stages_["lora"]["data"]["eval_questions"] == 728 and len(stages_["lora"]["data"]["heldout_ids"]) == 16
     merged = load_causal_lm(tmp_path / "w/03-lora/model")
@@ -168,4 +172,5 @@ def test_main_job_recipe_file():
     assert r.stage_names() == ["width", "lora", "gptq", "eora"] and (r.width.n, r.width.m) == (1, 8)
     assert (r.lora.objective, r.lora.dataset, r.lora.samples) == ("distill", "mix", 64)
     assert (r.gptq.group_size, r.gptq.sym, r.gptq.dataset, r.eora.dataset, r.eora.rank) == (32, False, "mix", "mix", 32)
+    assert (r.eora.tune_steps, r.eora.tune_samples, r.eora.tune_lr) == (32, 64, 2e-4)
     assert "recipes/main_job.toml" in (ROOT / "scripts/main_job.sh").read_text()

@@ -38,17 +38,7 @@ def training_settings(settings: EoraStage, modules: list[str], pad_id: int) -> L
         lr=settings.tune_lr,
         seqlen=settings.seqlen,
     )
-    steps = settings.tune_steps
-    return LoraTraining(
-        stage,
-        steps=steps,
-        warmup_steps=max(1, steps // 10),
-        eval_every=max(1, steps // 2),
-        checkpoint_every=max(1, steps // 4),
-        max_len=max(settings.seqlen, 512),
-        pad_id=pad_id,
-        modules=sorted(modules),
-    )
+    return LoraTraining.for_steps(stage, settings.tune_steps, pad_id, modules=sorted(modules))
 
 
 def tune_eora(

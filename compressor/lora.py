@@ -65,7 +65,12 @@ class LoraTraining:
         """The pipeline's schedule: one pass over the examples, 10 % warmup, 4 checkpoints, and the held-out
         loss at the start, the middle and the end (a held-out pass costs ~2 training steps: 31 examples forward,
         twice with a teacher, against 8 forward + backward; at 8 steps, 5 evaluations took longer than training)."""
-        steps = max(1, math.ceil(n_examples / (stage.batch_size * stage.grad_accum)))
+        return cls.for_steps(stage, max(1, math.ceil(n_examples / (stage.batch_size * stage.grad_accum))), pad_id)
+
+    @classmethod
+    def for_steps(cls, stage: LoraStage, steps: int, pad_id: int, **fixed) -> LoraTraining:
+        """The schedule for `steps` optimizer steps (10 % warmup, held-out loss at the start, middle and end,
+        4 checkpoints); `fixed`: other fields (e.g. modules)."""
         return cls(
             stage,
             steps=steps,
@@ -74,6 +79,7 @@ class LoraTraining:
             checkpoint_every=max(1, steps // 4),
             max_len=max(stage.seqlen, 512),
             pad_id=pad_id,
+            **fixed,
         )
 
     @classmethod

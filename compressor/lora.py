@@ -38,6 +38,8 @@ ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 # Settings that may change between a run and its resumption; any other change means a different training run.
 RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every")
+# Settings added after checkpoints existed, at the value those checkpoints were trained with.
+ADDED_LATER = {"modules": []}
 
 
 @dataclass
@@ -633,7 +635,7 @@ def _accumulate_gradients(
 
 
 def check_same_run(state: dict, settings: LoraTraining, fingerprint: str, ckpt: Path) -> None:
-    saved = {k: v for k, v in state["settings"].items() if k not in RESUMABLE_CHANGES}
+    saved = {k: v for k, v in {**ADDED_LATER, **state["settings"]}.items() if k not in RESUMABLE_CHANGES}
     now = {k: v for k, v in settings_json(settings).items() if k not in RESUMABLE_CHANGES}
     changed = sorted(k for k in now if saved.get(k) != now[k])
     if changed:

@@ -89,6 +89,8 @@ class SpeculationSettings:
             raise EdgepackError(
                 f"speculation: need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}"
             )
+        if self.skip_ngram < 0:
+            raise EdgepackError(f"speculation: skip_ngram={self.skip_ngram} must be >= 0 (0: off)")
         if not 0 < self.ema <= 1:
             raise EdgepackError(f"speculation: ema={self.ema} must be in (0, 1]")
 

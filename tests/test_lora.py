@@ -203,6 +203,19 @@ def test_interrupted_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoint_from_before_explicit_modules_still_resumes(tmp_path):
+    """`modules` (explicit module names, for EoRA tuning) was added after checkpoints existed: a checkpoint
+    without it was trained on the stage's target suffixes, which is what an empty list means."""
+    train, held = data()
+    L.train_lora(make_tiny_llama("plain"), train, held, quick(steps=2, checkpoint_every=2), tmp_path)
+    state_file = tmp_path / "checkpoints" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["settings"]["modules"]
+    state_file.write_text(json.dumps(state))
+    _, rec = L.train_lora(make_tiny_llama("plain"), train, held, quick(steps=3), tmp_path)
+    assert rec["start_step"] == 2
+
+
 def test_resume_refuses_a_different_run(tmp_path):
     train, held = data()
     L.train_lora(make_tiny_llama("plain"), train, held, quick(steps=3), tmp_path)

@@ -569,6 +569,11 @@ def main() -> int:
             wb = file_bytes(Path(args.hf), "*.safetensors")
             r.update(weight_bytes=wb, threads=t, bandwidth_limit_tokens_per_s=bw / wb)
             results["engines"][f"transformers fp32 generate @{t}"] = r
+    for k, v in results["engines"].items():  # speculative decoding against every other engine, round by round
+        if " + draft=" in k:
+            t = k.rsplit(" @", 1)[1]
+            others = {o: w for o, w in results["engines"].items() if o.endswith(f" @{t}") and o != k}
+            v["ratios_by_round"] = {o: round_ratios(v, w) for o, w in others.items()}
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -635,8 +640,7 @@ def print_table(results: dict) -> None:
         if " + draft=" not in k:
             continue
         label, t = k.rsplit(" @", 1)
-        ratios = {o: round_ratios(v, w) for o, w in engines.items() if o.endswith(f" @{t}") and o != k}
-        v["ratios_by_round"] = ratios
+        ratios = v["ratios_by_round"]
         others = ", ".join(
             f"{o.rsplit(' @', 1)[0]}: {r['median']:.2f}x"
             + (f" ({r['min']:.2f}-{r['max']:.2f})" if len(v["round_medians"]) > 1 else "")

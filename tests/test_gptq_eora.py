@@ -347,3 +347,35 @@ def test_eora_tuning_distils_the_factors_towards_the_float_model(run, tmp_path):
     assert all(torch.equal(load_eora(tmp_path / "adapter")[n][1], tuned[n][1]) for n in fit)
     with pytest.raises(EdgepackError, match="tune_steps"):
         EoraStage(tune_steps=-1)
+
+
+def test_lever_benchmarks_start_from_the_exported_numbers(run):
+    """benchmarks/eora_scale_tuning.py's layer, before training, is exactly GPTQ's dequantized weight plus B·A;
+    benchmarks/mixed_precision_bound.py swaps back to float exactly the projections a pattern names."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eora_scale_tuning import ScaledInt4Linear
+    from mixed_precision_bound import restored
+
+    from compressor.eora import load_eora
+    from compressor.gptq import checkpoint_tensors, dequantized_state_dict, read_quantize_config
+
+    qdir = run["root"] / "gptq"
+    fmt = str(read_quantize_config(qdir).get("checkpoint_format", "gptq")).lower()
+    tensors, deq = checkpoint_tensors(qdir), dequantized_state_dict(qdir)
+    name, (a, b) = next(iter(load_eora(run["root"] / "eora32").items()))
+    layer = ScaledInt4Linear(tensors, name, a, b, zero_offset=1 if fmt == "gptq" else 0)
+    x = torch.randn(3, a.shape[1])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (deq[f"{name}.weight"] + b @ a).t(), rtol=1e-5, atol=1e-5)
+        layer.log_scale.fill_(0.1)  # every scale x e^0.1: the weight scales with it, B·A does not
+        torch.testing.assert_close(
+            layer(x) - x @ (b @ a).t(), x @ (deq[f"{name}.weight"] * 1.1052).t(), rtol=1e-3, atol=1e-4
+        )
+    float_sd = run["model"].state_dict()
+    swapped, count = restored(deq, float_sd, r"\.v_proj")
+    v_keys = [k for k in deq if k.endswith("v_proj.weight")]
+    assert v_keys and count == sum(float_sd[k].numel() for k in v_keys)
+    for k in deq:
+        assert torch.equal(swapped[k], float_sd[k] if k in v_keys else deq[k]), k

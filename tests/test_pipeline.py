@@ -165,12 +165,12 @@ def test_compress_tasks_pick_what_stages_measure(tiny_checkpoint, tmp_path, monk
 
 def test_main_job_recipe_file():
     """scripts/main_job.sh's recipe: W1:8, LoRA distilled from the source on 64 chat + WikiText samples (8 steps),
-    GPTQ g32 asymmetric and EoRA r32 calibrated on the mix."""
+    GPTQ g32 asymmetric with damping 0.1 and EoRA r32 calibrated on the mix, then tuned for 32 steps."""
     from conftest import ROOT
 
     r = load_recipe(ROOT / "recipes/main_job.toml")
     assert r.stage_names() == ["width", "lora", "gptq", "eora"] and (r.width.n, r.width.m) == (1, 8)
     assert (r.lora.objective, r.lora.dataset, r.lora.samples) == ("distill", "mix", 64)
     assert (r.gptq.group_size, r.gptq.sym, r.gptq.dataset, r.eora.dataset, r.eora.rank) == (32, False, "mix", "mix", 32)
-    assert (r.eora.tune_steps, r.eora.tune_samples, r.eora.tune_lr) == (32, 64, 2e-4)
+    assert (r.eora.tune_steps, r.eora.tune_samples, r.eora.tune_lr, r.gptq.damp) == (32, 64, 2e-4, 0.1)
     assert "recipes/main_job.toml" in (ROOT / "scripts/main_job.sh").read_text()

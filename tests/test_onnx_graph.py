@@ -582,6 +582,54 @@ def test_eora_graph_equals_dequantized_plus_low_rank(tmp_path, fuse_a):
     assert np.abs(out - hf_logits(hf_with_weights(model.config, deq), IDS)).max() > 1e-2  # the branch matters
 
 
+def test_eora_split_b_keeps_only_the_diagonal_blocks(tmp_path):
+    """eora_split_b: fused q|k|v and gate|up get one B kernel per part instead of a block-diagonal B with its
+    zero blocks stored; the same numbers (float factors: exact; int8: the same per-part quantization), fewer
+    bytes; a fused projection where a part lacks EoRA keeps the dense B."""
+    import onnx
+
+    model = make_tiny_llama("llama32", intermediate_size=96)
+    rng = np.random.default_rng(2)
+    quant, deq = gptq_weights(numpy_state(model), 64, rng)
+    eora, corrected = {}, dict(deq)
+    projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for i in range(model.config.num_hidden_layers):
+        for proj in [f"self_attn.{p}" for p in projs] + ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]:
+            if i == 1 and proj == "mlp.gate_proj":
+                continue  # layer 1's gate|up keeps the dense B
+            name = f"model.layers.{i}.{proj}"
+            n, k = deq[f"{name}.weight"].shape
+            a = (rng.standard_normal((32, k)) * 0.05).astype(np.float32)  # rank 32: int8 blocks align with parts
+            b = (rng.standard_normal((n, 32)) * 0.05).astype(np.float32)
+            eora[name] = (a, b)
+            corrected[f"{name}.weight"] = deq[f"{name}.weight"] + b @ a
+    ref = hf_logits(hf_with_weights(model.config, corrected), IDS)
+    outs, sizes, kernels = {}, {}, {}
+    for bits in (None, 8):
+        for split in (False, True):
+            tag = f"b{bits}-{split}"
+            path, meta = build(
+                tmp_path, quant, model.config, name=tag, gptq=GptqFormat(group_size=64), accuracy_level=1,
+                eora=eora, eora_bits=bits, eora_split_b=split,
+            )  # fmt: skip
+            assert meta["weights"]["eora_split_b"] == split
+            graph = onnx.load(str(path), load_external_data=False).graph
+            kernels[tag] = sum(n.op_type in ("MatMulNBits", "MatMul") for n in graph.node)
+            sizes[tag] = sum(
+                np.prod(t.dims) * (4 if t.data_type == onnx.TensorProto.FLOAT else 1)
+                for t in graph.initializer
+                if ".eora_B" in t.name
+            )
+            outs[tag] = run_graph(path, meta, IDS)
+    np.testing.assert_allclose(outs["bNone-True"], ref, atol=3e-4)
+    np.testing.assert_allclose(outs["bNone-False"], ref, atol=3e-4)
+    np.testing.assert_allclose(outs["b8-True"], outs["b8-False"], atol=1e-4)  # same per-part int8 blocks
+    layers = model.config.num_hidden_layers
+    for bits in (None, 8):  # q|k|v: 3 kernels instead of 1 in every layer; gate|up: 2 instead of 1 but in layer 1
+        assert kernels[f"b{bits}-True"] - kernels[f"b{bits}-False"] == 2 * layers + (layers - 1)
+        assert sizes[f"b{bits}-True"] < 0.7 * sizes[f"b{bits}-False"]
+
+
 @pytest.mark.parametrize("table", ["int8", "int4"])
 @pytest.mark.parametrize("kind", ["plain", "llama32"])
 def test_quantized_embedding_and_head(tmp_path, kind, table):

@@ -145,7 +145,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eora-bits",
         choices=["8", "4", "fp32"],
-        help="EoRA factors: int8 (default), int4, or fp32 (exact, ~10 %% slower decode)",
+        help="EoRA factors: int8, int4 (default; B in 4 bits, A stacked in the int4 weight), or fp32 (exact, ~10 %% slower decode)",
     )
     p.add_argument(
         "--max-gptq-block",

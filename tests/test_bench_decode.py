@@ -130,3 +130,18 @@ def test_prompts_every_engine_gets(good, tmp_path):
     )
     expected = min(128, len(res.token_ids) + (res.stop_reason == "eos"))
     assert bench_decode.reply_length(good, path) == expected
+
+
+def test_weight_bytes_counts_initializers_without_the_rope_tables(good):
+    import onnx
+    from onnx import numpy_helper
+
+    import weight_bytes
+
+    path = good / "onnx" / "model.onnx"
+    model = onnx.load(str(path))  # with the external data: every initializer's real bytes
+    want = sum(
+        numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.name not in weight_bytes.ROPE_TABLES
+    )
+    rope = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.name in weight_bytes.ROPE_TABLES)
+    assert rope > 0 and weight_bytes.onnx_weight_bytes(path) == want

@@ -555,6 +555,8 @@ def main() -> int:
         return 0
     if not args.bundle:
         ap.error("give a bundle directory")
+    if args.new_tokens != "reply" and not (args.new_tokens.isdigit() and int(args.new_tokens) > 0):
+        ap.error(f"--new-tokens {args.new_tokens!r}: give a positive number or `reply`")
 
     args.prompt_ids = write_prompt_ids(Path(args.bundle), Path(args.work_dir) / "prompt_ids.json", args.prompt)
     args.new_tokens = (

@@ -412,7 +412,8 @@ class GraphWriter:
         split_b: bool = False,
     ) -> str:
         """y = x W^T (+ bias) (+ (x A^T) B^T for EoRA). With `fuse_a` and an n-bit weight, A is stacked under
-        W's rows (quantized like W) so one kernel computes [x W^T | x A^T] and a Split separates them."""
+        W's rows (quantized like W) so one kernel computes [x W^T | x A^T] and a Split separates them. With
+        `split_b` and a fused projection (lin.eora_blocks), each part's block of B is its own kernel."""
         eora = lin.eora
         fold = eora is not None and fuse_a and lin.nbits is not None and lin.nbits.perm is None and lin.bias is None
         if lin.nbits is None:
